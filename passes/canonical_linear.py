@@ -1,0 +1,83 @@
+"""canonical-linear: every `Gemm` with a constant weight becomes ``MatMul`` (+ ``Add``).
+
+Exporters write linears as MatMul+Add (3-D activations) or Gemm (2-D, GPT-2's Conv1D,
+``transB=1`` nn.Linear); one form lets every pass find a linear with one matcher:
+``Gemm(A, B, C, alpha, beta, transB) = MatMul(A, alpha * B^T?) + beta * C``. The
+weight is transposed and scaled offline, into a new initializer when the original is
+used by other nodes too.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.analysis.linears import constant_array
+from qcompiler.registry import Pass, PassOutcome, register
+
+
+def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    """Register ``array`` as a new initializer with a name not yet used in ``graph``."""
+    existing = graph.initializers
+    unique, suffix = name, 1
+    while unique in existing:
+        unique, suffix = f"{name}_{suffix}", suffix + 1
+    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+                     const_value=ir.tensor(array, name=unique))
+    graph.register_initializer(value)
+    return value
+
+
+@register
+class CanonicalLinear(Pass):
+    name = "canonical-linear"
+    summary = "Rewrite Gemm with a constant weight as MatMul (+ Add), the one linear form later passes match."
+
+    def run(self, model: ir.Model, ctx) -> PassOutcome:
+        graph = model.graph
+        rewritten, kept = 0, []
+        for node in list(graph):
+            if node.op_type != "Gemm" or node.domain not in ("", "ai.onnx"):
+                continue
+            reason = self._rewrite(graph, node)
+            if reason is None:
+                rewritten += 1
+            else:
+                kept.append(f"{node.name}: {reason}")
+        return PassOutcome(bool(rewritten), {"gemm_rewritten": rewritten, "gemm_kept": kept})
+
+    def _rewrite(self, graph: ir.Graph, node: ir.Node) -> str | None:
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        if attrs.get("transA", 0):
+            return "transA=1 is not a linear on the activation"
+        weight = constant_array(node.inputs[1])
+        if weight is None or weight.ndim != 2:
+            return "weight is not a constant matrix"
+        alpha, beta = float(attrs.get("alpha", 1.0)), float(attrs.get("beta", 1.0))
+        weight = weight.T if attrs.get("transB", 0) else weight
+        weight = np.ascontiguousarray(weight * np.asarray(alpha, weight.dtype) if alpha != 1.0 else weight)
+        bias_value = node.inputs[2] if len(node.inputs) > 2 else None
+        bias = constant_array(bias_value)
+        if bias_value is not None and bias is None and beta != 1.0:
+            return "bias is not constant and beta != 1"
+
+        base = node.inputs[1].name or node.name
+        weight_value = add_initializer(graph, f"{base}_matmul", weight)
+        matmul = ir.node("MatMul", [node.inputs[0], weight_value], name=f"{node.name}_matmul")
+        new_nodes = [matmul]
+        result = matmul.outputs[0]
+        if bias_value is not None:
+            if bias is not None and beta != 1.0:
+                bias_value = add_initializer(graph, f"{bias_value.name}_scaled", (bias * np.asarray(beta, bias.dtype)))
+            add = ir.node("Add", [result, bias_value], name=f"{node.name}_bias")
+            new_nodes.append(add)
+            result = add.outputs[0]
+        graph.insert_before(node, new_nodes)
+        output = node.outputs[0]
+        name, result.shape, result.type = output.name, output.shape, output.type
+        ir.convenience.replace_all_uses_with(output, result)
+        if output.is_graph_output():
+            graph.outputs[graph.outputs.index(output)] = result
+        graph.remove(node, safe=True)
+        result.name = name
+        return None

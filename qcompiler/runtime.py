@@ -1,0 +1,85 @@
+"""Run an `onnx_ir.Model` in onnxruntime, optionally exposing intermediate tensors.
+
+Intermediate tensors are exposed by appending them to the graph outputs only while the
+model is serialized, so the caller's model is never copied or left changed. Models whose
+weights would push a single protobuf past its 2 GB limit are written with external
+data to a temporary folder and opened from there, so no oversized ModelProto is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from qcompiler.errors import QCompilerError
+
+# Stay well below protobuf's 2 GB ceiling: above this, weights go to external data.
+INLINE_LIMIT_BYTES = 1_500_000_000
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Total bytes of the model's initializers (without loading lazy external data)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if tensor is not None:
+            total += tensor.nbytes
+    return total
+
+
+@contextlib.contextmanager
+def exposed_outputs(model: ir.Model, names: Sequence[str]) -> Iterator[list[str]]:
+    """Temporarily add the values called ``names`` to the graph outputs."""
+    graph = model.graph
+    values = {v.name: v for node in graph for v in node.outputs if v.name}
+    values.update({v.name: v for v in graph.inputs})
+    present = {v.name for v in graph.outputs}
+    added = []
+    for name in names:
+        if name in present:
+            continue
+        if name not in values:
+            raise QCompilerError(f"The model has no tensor named '{name}'.")
+        graph.outputs.append(values[name])
+        added.append(values[name])
+        present.add(name)
+    try:
+        yield [v.name for v in graph.outputs]
+    finally:
+        for value in added:
+            graph.outputs.remove(value)
+
+
+def make_session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``model`` that also returns ``extra_outputs``."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    with exposed_outputs(model, extra_outputs):
+        try:
+            if initializer_bytes(model) < INLINE_LIMIT_BYTES:
+                data = ir.to_proto(model).SerializeToString()
+                return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+            with tempfile.TemporaryDirectory(prefix="qcompiler-session-") as folder:
+                path = Path(folder) / "model.onnx"
+                ir.save(model, path, external_data="model.onnx.data")
+                return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except QCompilerError:
+            raise
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise QCompilerError(f"onnxruntime cannot run this model: {first}") from exc
+
+
+def run_batches(session: ort.InferenceSession, batches: Sequence[Mapping[str, np.ndarray]],
+                names: Sequence[str] | None = None) -> list[dict[str, np.ndarray]]:
+    """Run every batch, returning ``{output name: array}`` per batch."""
+    output_names = list(names) if names is not None else [o.name for o in session.get_outputs()]
+    return [dict(zip(output_names, session.run(output_names, dict(feeds)))) for feeds in batches]
