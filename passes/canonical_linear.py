@@ -1,10 +1,12 @@
-"""canonical-linear: every `Gemm` with a constant weight becomes ``MatMul`` (+ ``Add``).
+"""canonical-linear: every linear becomes ``MatMul(x, W)`` (+ ``Add``) with ``W`` an initializer.
 
 Exporters write linears as MatMul+Add (3-D activations) or Gemm (2-D, GPT-2's Conv1D,
 ``transB=1`` nn.Linear); one form lets every pass find a linear with one matcher:
 ``Gemm(A, B, C, alpha, beta, transB) = MatMul(A, alpha * B^T?) + beta * C``. The
-weight is transposed and scaled offline, into a new initializer when the original is
-used by other nodes too.
+weight is transposed and scaled offline into a new initializer. A ``MatMul`` that reads
+``Transpose(W)`` of a constant (a tied LM head reading the embedding table) gets its own
+transposed copy too: the head becomes a linear that later passes may rewrite without
+touching the embedding.
 """
 
 from __future__ import annotations
@@ -44,7 +46,21 @@ class CanonicalLinear(Pass):
                 rewritten += 1
             else:
                 kept.append(f"{node.name}: {reason}")
-        return PassOutcome(bool(rewritten), {"gemm_rewritten": rewritten, "gemm_kept": kept})
+        untied = sum(self._untranspose(graph, node) for node in list(graph) if node.op_type == "MatMul")
+        return PassOutcome(bool(rewritten or untied),
+                           {"gemm_rewritten": rewritten, "gemm_kept": kept, "transposed_weights_materialized": untied})
+
+    def _untranspose(self, graph: ir.Graph, node: ir.Node) -> bool:
+        producer = node.inputs[1].producer() if len(node.inputs) == 2 else None
+        if producer is None or producer.op_type != "Transpose" or producer.domain not in ("", "ai.onnx"):
+            return False
+        weight = constant_array(producer.inputs[0])
+        perm = producer.attributes.get("perm")
+        if weight is None or weight.ndim != 2 or (perm is not None and list(perm.value) != [1, 0]):
+            return False
+        base = producer.inputs[0].name or node.name
+        node.replace_input_with(1, add_initializer(graph, f"{base}_transposed", np.ascontiguousarray(weight.T)))
+        return True
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node) -> str | None:
         attrs = {k: a.value for k, a in node.attributes.items()}
@@ -75,9 +91,7 @@ class CanonicalLinear(Pass):
         graph.insert_before(node, new_nodes)
         output = node.outputs[0]
         name, result.shape, result.type = output.name, output.shape, output.type
-        ir.convenience.replace_all_uses_with(output, result)
-        if output.is_graph_output():
-            graph.outputs[graph.outputs.index(output)] = result
+        ir.convenience.replace_all_uses_with(output, result, replace_graph_outputs=True)
         graph.remove(node, safe=True)
         result.name = name
         return None

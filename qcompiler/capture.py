@@ -95,7 +95,7 @@ def load_onnx_file(path: Path) -> ir.Model:
     if len(model.graph) == 0:
         raise QCompilerError(f"'{path}' is not a usable ONNX model: its graph has no nodes.")
     _check_external_data(model, path)
-    model.metadata_props.setdefault(SOURCE_KEY, str(path.resolve()))
+    model.metadata_props[SOURCE_KEY] = str(path.resolve())
     return model
 
 
@@ -161,7 +161,10 @@ def export_torch(
 @contextlib.contextmanager
 def _quiet():
     """Silence the exporter's progress prints and warnings: they are not the user's business."""
+    import transformers
+
     logging.getLogger("torch").setLevel(logging.ERROR)
+    transformers.utils.logging.disable_progress_bar()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         yield
@@ -204,10 +207,10 @@ def load_hf_folder(folder: Path, *, opset: int = 18, batch: int = 2, seq_len: in
 
 
 def _auto_class_for(config: Any, transformers: Any) -> Any:
+    """The exact class the folder declares (keeps LM heads), else the bare AutoModel."""
     architectures = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") for a in architectures):
-        return transformers.AutoModelForCausalLM
-    return transformers.AutoModel
+    declared = getattr(transformers, architectures[0], None) if architectures else None
+    return declared if declared is not None else transformers.AutoModel
 
 
 def _accepted_inputs(module: Any) -> set[str]:

@@ -2,8 +2,9 @@
 
 Intermediate tensors are exposed by appending them to the graph outputs only while the
 model is serialized, so the caller's model is never copied or left changed. Models whose
-weights would push a single protobuf past its 2 GB limit are written with external
-data to a temporary folder and opened from there, so no oversized ModelProto is built.
+weights would push a single protobuf past its 2 GB limit, or whose weights still live
+in external files, are written with external data to a temporary folder and opened from
+there, so no oversized ModelProto is built.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ def initializer_bytes(model: ir.Model) -> int:
         if tensor is not None:
             total += tensor.nbytes
     return total
+
+
+def has_external_data(model: ir.Model) -> bool:
+    """Whether any initializer still lives in an external file (a session from bytes cannot find it)."""
+    return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
 
 
 @contextlib.contextmanager
@@ -64,7 +70,7 @@ def make_session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads:
         options.intra_op_num_threads = threads
     with exposed_outputs(model, extra_outputs):
         try:
-            if initializer_bytes(model) < INLINE_LIMIT_BYTES:
+            if initializer_bytes(model) < INLINE_LIMIT_BYTES and not has_external_data(model):
                 data = ir.to_proto(model).SerializeToString()
                 return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
             with tempfile.TemporaryDirectory(prefix="qcompiler-session-") as folder:

@@ -1,0 +1,164 @@
+"""The ``qcompile`` command.
+
+    qcompile MODEL [--passes P] [--calib FILE] -o DIR     compile (the default command)
+    qcompile passes                                        list passes and presets
+    qcompile inspect MODEL [--calib FILE]                  ops, linears, outliers
+
+User errors print one sentence and exit with status 2; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import traceback
+import typing
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+
+from qcompiler.errors import QCompilerError
+
+console = Console(stderr=True)
+# Reports are tables; when piped (CI logs, files) do not squeeze them to 80 columns.
+stdout = Console() if sys.stdout.isatty() else Console(width=140)
+COMMANDS = ("compile", "passes", "inspect")
+
+
+class DefaultToCompile(click.Group):
+    """``qcompile MODEL ...`` means ``qcompile compile MODEL ...``."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in COMMANDS and args[0] not in ("--help", "-h", "--version"):
+            args = ["compile", *args]
+        return super().parse_args(ctx, args)
+
+
+def _guard(debug: bool, action: Callable[[], Any]) -> Any:
+    """Run ``action``; user errors become one sentence and exit status 2."""
+    logging.getLogger("onnxscript").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return action()
+    except QCompilerError as exc:
+        if debug:
+            traceback.print_exc()
+        console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # a bug in qcompiler, not the user's input
+        if debug:
+            traceback.print_exc()
+        console.print(f"[bold red]internal error:[/] {type(exc).__name__}: {exc} (run with --debug for the traceback)",
+                      highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+@click.group(cls=DefaultToCompile, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="qcompiler")
+def main() -> None:
+    """qcompiler: capture a model, run quantization passes, write a deployable model."""
+
+
+def _calibration_options(func):
+    func = click.option("--calib", type=click.Path(dir_okay=False), help="Calibration data: .npz of named arrays, or a text file (one sample per line).")(func)
+    func = click.option("--tokenizer", help="Tokenizer for text calibration: a Hugging Face tokenizer folder or 'minilm'.")(func)
+    func = click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)(func)
+    func = click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True, help="Token limit per text sample.")(func)
+    func = click.option("--debug", is_flag=True, help="Show tracebacks.")(func)
+    return func
+
+
+@main.command("compile")
+@click.argument("model")
+@click.option("--passes", "passes", default="", help="Pipeline, e.g. 'normalize' or 'smooth(alpha=0.6),rotate,w4a8'.")
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory (model.onnx, report.json).")
+@click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
+@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max relative output error allowed per function-preserving pass.")
+@click.option("--no-verify", is_flag=True, help="Skip output verification after passes.")
+@click.option("--no-normalize", is_flag=True, help="Do not prepend the normalize preset.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@_calibration_options
+def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, calib, tokenizer,
+                    batch_size, max_length, debug) -> None:
+    """Compile MODEL (ONNX file, Hugging Face folder, or 'minilm') through a pass pipeline."""
+    from qcompiler.compiler import compile as run_compile
+
+    def action():
+        log = (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False))
+        result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
+                             normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,
+                             batch_size=batch_size, max_length=max_length, progress=not quiet, log=log)
+        if not quiet:
+            result.report.print(stdout)
+            stdout.print(f"wrote {result.output}/model.onnx and {result.output}/report.json")
+
+    _guard(debug, action)
+
+
+@main.command("passes")
+def passes_command() -> None:
+    """List every pass with its options, and the presets."""
+    from qcompiler.registry import PASSES, PRESET_SUMMARIES, PRESETS, ensure_loaded
+
+    ensure_loaded()
+    for name in sorted(PASSES):
+        cls = PASSES[name]
+        options = ", ".join(f"{f.name}: {_type_name(f.type)} = {f.default!r}" for f in dataclasses.fields(cls.Options))
+        preserving = "function-preserving" if cls.preserves_function else "changes the function"
+        stdout.print(f"[bold]{name}[/]  ({preserving}) {cls.summary}", highlight=False)
+        if options:
+            stdout.print(f"    options: {options}", highlight=False)
+    stdout.print("\n[bold]presets[/]", highlight=False)
+    for name in sorted(PRESETS):
+        stdout.print(f"[bold]{name}[/] = {PRESETS[name]}\n    {PRESET_SUMMARIES[name]}", highlight=False)
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, str):
+        return hint
+    if typing.get_origin(hint) is typing.Literal:
+        return "|".join(map(str, typing.get_args(hint)))
+    return getattr(hint, "__name__", str(hint))
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--no-normalize", is_flag=True, help="Inspect the model as captured, before normalization.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@_calibration_options
+def inspect_command(model, no_normalize, as_json, calib, tokenizer, batch_size, max_length, debug) -> None:
+    """Op summary, linears with shapes, and (with calibration data) the outlier table."""
+
+    def action():
+        from qcompiler import inspection
+        from qcompiler.calibration.engine import CalibrationEngine
+        from qcompiler.capture import load
+        from qcompiler.compiler import NORMALIZE, resolve_calibration
+        from qcompiler.pass_manager import PassManager
+        from qcompiler.pipeline import parse_pipeline
+
+        ir_model = load(model)
+        if not no_normalize:
+            PassManager(parse_pipeline(NORMALIZE), verify=False, progress=False).run(ir_model)
+        data = resolve_calibration(calib, ir_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        rows = inspection.outlier_rows(ir_model, CalibrationEngine(data, progress=not as_json)) if data else None
+        if as_json:
+            stdout.print_json(json.dumps(inspection.inspection_dict(ir_model, rows)))
+            return
+        stdout.print(inspection.op_table(ir_model))
+        stdout.print(inspection.linear_table(ir_model))
+        if rows is None:
+            stdout.print("no calibration data: give --calib (and --tokenizer for text) for the outlier table")
+        else:
+            stdout.print(inspection.outlier_table(rows))
+            stdout.print(f"calibration: {data.source}")
+
+    _guard(debug, action)

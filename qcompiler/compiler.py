@@ -1,0 +1,161 @@
+"""The end-to-end job: load, calibrate, run the pipeline, write the output directory.
+
+`compile` is what ``qcompile MODEL ...`` calls. The output directory is written
+atomically: everything goes to a temporary sibling directory that is renamed into place
+only when complete, so a failure never leaves a partial result, and an existing
+directory is refused unless ``force`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import onnx_ir as ir
+
+from qcompiler.calibration import data as calib_data
+from qcompiler.calibration.data import CalibrationData
+from qcompiler.capture import TOKENIZER_KEY, load, load_tokenizer
+from qcompiler.errors import CalibrationError, QCompilerError
+from qcompiler.pass_manager import DEFAULT_TOLERANCE, PassManager
+from qcompiler.pipeline import parse_pipeline
+from qcompiler.registry import Pass
+from qcompiler.report import Report
+from qcompiler.runtime import INLINE_LIMIT_BYTES, initializer_bytes
+
+NORMALIZE = "normalize"
+
+
+def builtin_sentences(name: str = "calibration") -> list[str]:
+    """Sentences shipped with the package: ``calibration`` or ``heldout`` (disjoint sets)."""
+    text = resources.files("qcompiler").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def model_inputs(model: ir.Model) -> list[str]:
+    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+
+def resolve_calibration(
+    calib: str | os.PathLike | CalibrationData | Iterable[dict[str, Any]] | None,
+    model: ir.Model,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    max_length: int = 128,
+) -> CalibrationData | None:
+    """Turn whatever the user gave as calibration data into validated batches.
+
+    With nothing given, a model that carries a tokenizer is calibrated on the sentences
+    shipped with qcompiler; any other model gets no calibration (and no verification).
+    """
+    if batch_size < 1:
+        raise CalibrationError(f"Batch size must be at least 1, not {batch_size}.")
+    if calib is None:
+        tokenizer_dir = tokenizer or model.metadata_props.get(TOKENIZER_KEY)
+        if tokenizer_dir is None:
+            return None
+        data = calib_data.from_sentences(builtin_sentences(), load_tokenizer(tokenizer_dir), model_inputs(model),
+                                         batch_size, max_length, source="built-in calibration sentences")
+    elif isinstance(calib, CalibrationData):
+        data = calib
+    elif isinstance(calib, (str, os.PathLike)):
+        path = Path(calib)
+        if not path.is_file():
+            raise CalibrationError(f"Calibration file '{path}' does not exist.")
+        if path.suffix == ".npz":
+            data = calib_data.from_npz(path, batch_size)
+        else:
+            tokenizer_dir = tokenizer or model.metadata_props.get(TOKENIZER_KEY)
+            if tokenizer_dir is None:
+                raise CalibrationError(
+                    f"Text calibration file '{path.name}' needs a tokenizer and the model carries none; "
+                    "name one with --tokenizer (a Hugging Face tokenizer folder, or 'minilm')."
+                )
+            data = calib_data.from_text(path, load_tokenizer(tokenizer_dir), model_inputs(model), batch_size, max_length)
+    else:
+        data = calib_data.from_iterable(calib)
+    calib_data.validate(data, model)
+    return data
+
+
+@dataclass
+class CompileResult:
+    model: ir.Model
+    report: Report
+    output: Path | None
+
+
+def compile(
+    model: Any,
+    passes: str | Sequence[Pass | str] | None = None,
+    *,
+    calib: Any = None,
+    tokenizer: str | os.PathLike | None = None,
+    output: str | os.PathLike | None = None,
+    force: bool = False,
+    normalize: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    verify: bool = True,
+    batch_size: int = 8,
+    max_length: int = 128,
+    progress: bool = False,
+    log: Callable[[str], None] = lambda message: None,
+) -> CompileResult:
+    """Load ``model``, run ``passes`` (after normalization), and write ``output`` if given."""
+    target = Path(output) if output is not None else None
+    if target is not None:
+        _check_output_dir(target, force)
+    pipeline = parse_pipeline(passes)
+    if normalize and not (pipeline and pipeline[0].name == "convert-opset"):
+        pipeline = parse_pipeline(NORMALIZE) + pipeline
+    source = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
+    ir_model = load(model)
+    data = resolve_calibration(calib, ir_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+    manager = PassManager(pipeline, calibration=data, tolerance=tolerance, verify=verify, progress=progress, log=log)
+    report = manager.run(ir_model, source=str(source))
+    if data is not None and calib is None:
+        report.notes.append("calibrated on qcompiler's built-in sentences (no --calib given)")
+    if target is not None:
+        write_output(ir_model, report, target, force)
+    return CompileResult(ir_model, report, target)
+
+
+def _check_output_dir(target: Path, force: bool) -> None:
+    if target.exists() and not target.is_dir():
+        raise QCompilerError(f"Output '{target}' exists and is not a directory; qcompiler will not overwrite it.")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise QCompilerError(f"Output directory '{target}' is not empty; choose another or pass --force to replace it.")
+
+
+def save_model(model: ir.Model, path: Path) -> None:
+    """Save with external data once the weights approach protobuf's 2 GB limit."""
+    if initializer_bytes(model) >= INLINE_LIMIT_BYTES:
+        ir.save(model, path, external_data=path.name + ".data")
+    else:
+        ir.save(model, path)
+
+
+def write_output(model: ir.Model, report: Report, target: Path, force: bool) -> None:
+    """Write ``model.onnx`` and ``report.json`` into ``target`` atomically."""
+    _check_output_dir(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_model(model, staging / "model.onnx")
+        report.write_json(staging / "report.json")
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,88 @@
+"""`qcompile inspect`: what is in a model and where its activation outliers are.
+
+Three tables: op counts, every linear with its shapes, and (given calibration data) one
+row per distinct linear input with the max/median ratio of per-channel absmax and the
+kurtosis of its values: the two numbers that say whether per-tensor activation
+quantization will struggle there.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+
+import onnx_ir as ir
+from rich.table import Table
+
+from qcompiler.analysis.linears import Linear, find_linears
+from qcompiler.calibration.engine import CalibrationEngine
+from qcompiler.calibration.stats import TensorStats
+
+
+@dataclass
+class OutlierRow:
+    tensor: str
+    sinks: list[str]
+    stats: TensorStats
+
+
+def op_summary(model: ir.Model) -> collections.Counter:
+    return collections.Counter(
+        node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}" for node in model.graph
+    )
+
+
+def linear_inputs(linears: list[Linear]) -> dict[str, list[Linear]]:
+    """Linears grouped by the activation tensor they read, in graph order."""
+    groups: dict[str, list[Linear]] = {}
+    for linear in linears:
+        groups.setdefault(linear.input.name, []).append(linear)
+    return groups
+
+
+def outlier_rows(model: ir.Model, engine: CalibrationEngine) -> list[OutlierRow]:
+    groups = linear_inputs(find_linears(model.graph))
+    stats = engine.collect(model, list(groups))
+    return [OutlierRow(name, [l.name for l in sinks], stats[name]) for name, sinks in groups.items()]
+
+
+def op_table(model: ir.Model) -> Table:
+    table = Table(title="ops", title_justify="left")
+    table.add_column("op")
+    table.add_column("count", justify="right")
+    for op, count in op_summary(model).most_common():
+        table.add_row(op, str(count))
+    return table
+
+
+def linear_table(model: ir.Model) -> Table:
+    table = Table(title="linears (y = x W + b)", title_justify="left")
+    for header in ("linear", "input", "in", "out", "bias"):
+        table.add_column(header, justify="right" if header in ("in", "out") else "left")
+    for linear in find_linears(model.graph):
+        table.add_row(linear.name, linear.input.name, str(linear.in_features), str(linear.out_features),
+                      "yes" if linear.bias is not None else "no")
+    return table
+
+
+def outlier_table(rows: list[OutlierRow]) -> Table:
+    table = Table(title="linear inputs: activation outliers", title_justify="left")
+    for header in ("tensor", "sinks", "channels", "absmax", "max/median ch", "kurtosis", "p99.9 |x|"):
+        table.add_column(header, justify="left" if header in ("tensor",) else "right")
+    for row in rows:
+        s = row.stats
+        table.add_row(row.tensor, str(len(row.sinks)), str(s.channels), f"{float(s.absmax.max()):.3g}",
+                      f"{s.channel_outlier_ratio:.1f}", f"{s.kurtosis:.1f}", f"{s.percentile(99.9):.3g}")
+    return table
+
+
+def inspection_dict(model: ir.Model, rows: list[OutlierRow] | None) -> dict:
+    """The same content as the tables, for ``--json``."""
+    return {
+        "ops": dict(op_summary(model)),
+        "linears": [
+            {"name": l.name, "input": l.input.name, "in": l.in_features, "out": l.out_features, "bias": l.bias is not None}
+            for l in find_linears(model.graph)
+        ],
+        "outliers": [{"tensor": r.tensor, "sinks": r.sinks, **r.stats.summary()} for r in rows or []],
+    }
