@@ -1,0 +1,94 @@
+"""The qcompile command: the main job end to end, listings, and bad input -> one sentence, exit 2."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from qcompiler.cli import main
+
+
+@pytest.fixture
+def run():
+    def invoke(*args):
+        return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke
+
+
+def test_compile_writes_a_runnable_model_and_report(run, minilm_files, tmp_path, tokenizer, heldout_sentences):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(heldout_sentences), encoding="utf-8")
+    out = tmp_path / "out"
+    result = run(minilm_files["legacy"], "--calib", calib, "--tokenizer", "minilm", "-o", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [p["name"] for p in report["passes"]][:2] == ["convert-opset", "simplify"]
+    assert all(p["verification"] is None or max(v["relative_error"] for v in p["verification"].values()) < 1e-4
+               for p in report["passes"])
+    session = ort.InferenceSession(str(out / "model.onnx"))
+    feeds = {k: v for k, v in tokenizer(["hello there"], return_tensors="np").items()}
+    assert np.isfinite(session.run(None, feeds)[0]).all()
+
+
+def test_passes_lists_passes_and_presets(run):
+    result = run("passes")
+    assert result.exit_code == 0
+    assert "fuse-gelu" in result.output and "normalize =" in result.output and "version: int = 23" in result.output
+
+
+def test_inspect_reports_outliers_as_json(run, minilm_files, tmp_path, heldout_sentences):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(heldout_sentences[:8]), encoding="utf-8")
+    result = run("inspect", minilm_files["dynamo"], "--calib", calib, "--tokenizer", "minilm", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["ops"]["LayerNormalization"] == 13 and len(data["linears"]) == 37
+    ffn_inputs = [row for row in data["outliers"] if row["channels"] == 384 and row["sinks"] and len(row["sinks"]) == 1]
+    assert max(row["channel_outlier_ratio"] for row in data["outliers"]) > 5  # MiniLM's real outlier channels
+    assert ffn_inputs
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["nope.onnx", "-o", "{out}"], "does not exist"),
+        (["{bad}", "-o", "{out}"], "not a readable ONNX model"),
+        (["{model}", "--passes", "simplfy", "-o", "{out}"], "Unknown pass 'simplfy'"),
+        (["{model}", "--passes", "convert-opset(version=abc)", "-o", "{out}"], "must be an integer"),
+        (["{float_model}", "--calib", "{nan}", "-o", "{out}"], "contains NaN or Inf"),
+        (["{model}", "--calib", "{wrong_dtype}", "-o", "{out}"], "dtype float32 but the model expects int64"),
+        (["{model}", "-o", "{existing}"], "is not empty"),
+    ],
+)
+def test_bad_input_is_one_sentence_exit_2_and_no_output(run, minilm_files, tmp_path, args, message):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("this is not onnx")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    float_model = tmp_path / "relu.onnx"
+    onnx.save(helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 4])])), float_model)
+    nan = tmp_path / "nan.npz"
+    values_with_nan = np.ones((4, 4), np.float32)
+    values_with_nan[3, 1] = np.inf
+    np.savez(nan, x=values_with_nan)
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, **{n: np.ones((2, 4), np.float32) for n in names})
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep.txt").write_text("user file")
+    values = {"out": tmp_path / "out", "bad": bad, "float_model": float_model, "model": minilm_files["dynamo"], "nan": nan,
+              "wrong_dtype": wrong, "existing": existing}
+    result = run(*[a.format(**{k: str(v) for k, v in values.items()}) for a in args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert result.output.strip().startswith("error:") and result.output.count("error:") == 1
+    assert not (tmp_path / "out").exists()
+    assert (existing / "keep.txt").read_text() == "user file"
