@@ -176,9 +176,10 @@ def _quiet():
 def load_hf_folder(folder: Path, *, opset: int = 18, batch: int = 2, seq_len: int = 16) -> ir.Model:
     """Capture a local Hugging Face model folder (config + weights).
 
-    Example inputs come from its tokenizer or image processor when the folder has one,
-    otherwise from the config (token ids within the vocabulary, or pixel values of the
-    configured image size). Batch and sequence axes are exported as dynamic.
+    Example inputs come from its tokenizer when the folder has one, otherwise from the
+    config (token ids within the vocabulary, or pixel values of the configured image
+    size: transformers 5 image processors need torchvision, which has no CPU wheel
+    here, and export only needs the shape). Batch and sequence axes are dynamic.
     """
     import torch
     import transformers
