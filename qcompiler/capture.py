@@ -95,6 +95,7 @@ def load_onnx_file(path: Path) -> ir.Model:
     if len(model.graph) == 0:
         raise QCompilerError(f"'{path}' is not a usable ONNX model: its graph has no nodes.")
     _check_external_data(model, path)
+    _check_known_ops(model, path)
     model.metadata_props[SOURCE_KEY] = str(path.resolve())
     return model
 
@@ -108,6 +109,24 @@ def _check_external_data(model: ir.Model, path: Path) -> None:
                 raise QCompilerError(
                     f"'{path}' refers to external data '{tensor.location}' that is missing next to it."
                 )
+
+
+# Domains whose operators onnxruntime implements beyond the ONNX standard.
+RUNTIME_DOMAINS = ("com.microsoft", "com.microsoft.nchwc", "ai.onnx.ml")
+
+
+def _check_known_ops(model: ir.Model, path: Path) -> None:
+    """Refuse operators that neither ONNX nor onnxruntime defines (nor a model-local function)."""
+    functions = {(f.domain, f.name) for f in model.functions.values()}
+    for node in model.graph:
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        if domain in RUNTIME_DOMAINS or (node.domain, node.op_type) in functions:
+            continue
+        if not onnx.defs.has(node.op_type, domain):
+            where = f"domain '{domain}'" if domain else "the default domain"
+            raise QCompilerError(
+                f"'{path}' uses operator '{node.op_type}' from {where}, which neither ONNX nor onnxruntime defines."
+            )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -69,6 +69,18 @@ def test_bad_model_sources_give_one_sentence(tmp_path, make_src, message):
     assert "\n" not in str(info.value)
 
 
+def test_unknown_operator_is_named(tmp_path):
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("FancyOp", ["x"], ["y"], domain="my.domain")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])])
+    path = tmp_path / "custom.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("my.domain", 1)]), path)
+    with pytest.raises(QCompilerError, match="operator 'FancyOp' from domain 'my.domain', which neither ONNX nor onnxruntime"):
+        load(path)
+
+
 def test_missing_external_data_is_named(tmp_path, minilm):
     path = tmp_path / "m.onnx"
     ir.save(minilm, path, external_data="m.onnx.data")
