@@ -251,7 +251,8 @@ def _hf_example_inputs(folder: Path, config: Any, module: Any, *, batch: int, se
 
     tokenizer = load_tokenizer(folder, required=False)
     if tokenizer is not None:
-        encoded = tokenizer(list(EXAMPLE_SENTENCES[:batch]) * max(1, batch // 2), padding="max_length",
+        texts = [EXAMPLE_SENTENCES[i % len(EXAMPLE_SENTENCES)] for i in range(batch)]
+        encoded = tokenizer(texts, padding="max_length",
                             max_length=seq_len, truncation=True, return_tensors="pt")
         inputs = {k: v for k, v in encoded.items() if k in accepted}
         tokenizer_dir = folder
