@@ -78,7 +78,7 @@ def _calibration_options(func):
 
 @main.command("compile")
 @click.argument("model")
-@click.option("--passes", "passes", default="", help="Pipeline, e.g. 'normalize' or 'smooth(alpha=0.6),rotate,w4a8'.")
+@click.option("--passes", "passes", default="", help="Pipeline, e.g. 'normalize' or 'convert-opset(version=21),simplify' (see 'qcompile passes').")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory (model.onnx, report.json).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max relative output error allowed per function-preserving pass.")
