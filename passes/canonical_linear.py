@@ -15,19 +15,8 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.linears import constant_array
+from qcompiler.graph import add_initializer
 from qcompiler.registry import Pass, PassOutcome, register
-
-
-def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer with a name not yet used in ``graph``."""
-    existing = graph.initializers
-    unique, suffix = name, 1
-    while unique in existing:
-        unique, suffix = f"{name}_{suffix}", suffix + 1
-    value = ir.Value(name=unique, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-                     const_value=ir.tensor(array, name=unique))
-    graph.register_initializer(value)
-    return value
 
 
 @register

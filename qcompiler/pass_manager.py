@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration.data import CalibrationData
@@ -47,6 +48,13 @@ class PassContext:
         if self.record is not None:
             self.record.statistics.extend(t for t in tensors if t not in self.record.statistics)
         return stats
+
+    def samples(self, model: ir.Model, tensors: Sequence[str], rows: int = 512) -> dict[str, np.ndarray]:
+        """Token rows of ``tensors`` from the calibration part of the data (for searches)."""
+        if self.engine is None:
+            name = self.record.name if self.record else "this pass"
+            raise QCompilerError(f"Pass '{name}' needs calibration data; give some with --calib.")
+        return self.engine.samples(model, tensors, rows)
 
 
 @dataclass

@@ -98,6 +98,23 @@ class CalibrationEngine:
             peak_estimate_bytes=plan.peak_bytes if plan else 0))
         return {n: self._cache[keys[n]] for n in tensors}
 
+    def samples(self, model: ir.Model, tensors: Sequence[str], rows: int = 512, seed: int = 0) -> dict[str, np.ndarray]:
+        """Up to ``rows`` token rows ``[n, C]`` of each tensor, drawn evenly from every batch.
+
+        Searches (smooth's alpha, shift's threshold) evaluate quantization error on these
+        instead of full activations, so their memory stays ``O(rows * C)`` per tensor.
+        """
+        rng = np.random.default_rng(seed)
+        per_batch = max(1, -(-rows // len(self.data)))
+        picked: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
+        session = make_session(model, list(tensors))
+        for feeds in self.data.batches:
+            for name, array in zip(tensors, session.run(list(tensors), feeds)):
+                flat = array.reshape(-1, array.shape[-1])
+                take = rng.choice(flat.shape[0], size=min(per_batch, flat.shape[0]), replace=False)
+                picked[name].append(flat[np.sort(take)].astype(np.float32))
+        return {name: np.concatenate(parts)[:rows] for name, parts in picked.items()}
+
     # ------------------------------------------------------------------ planning
     def plan(self, model: ir.Model, tensors: Sequence[str], xtx: set[str]) -> MemoryPlan:
         """Estimate per-batch bytes of each exposed tensor and pack tensors into blocks."""

@@ -1,0 +1,119 @@
+"""smooth: SmoothQuant scale migration, one scale per region, absorbed by the producer.
+
+Activation outlier channels make per-tensor activation scales coarse; weights are easy.
+Dividing channel ``j`` of the activation by ``s_j`` and multiplying row ``j`` of every
+sink's weight by it moves difficulty from activations to weights without changing
+``x W``::
+
+    s_j = max|x_j|^alpha / max|W_j,:|^(1 - alpha)      (max over every sink of the region)
+    x' = x / s  (producer: gamma/s, beta/s, or W_p/s, b_p/s)     W' = diag(s) W
+
+``search=true`` picks alpha per region AWQ-style: on calibration rows, the alpha of the
+grid (and no smoothing at all) with the smallest output error of the region's sinks
+under the quantization proxy (int8 per-tensor activations, int8 per-channel weights).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.absorb import absorb_affine
+from qcompiler.analysis.linears import constant_array
+from qcompiler.analysis.regions import SCALE, Region, find_regions
+from qcompiler.quant.proxy import SinkSample, region_error
+from qcompiler.registry import Pass, PassOutcome, register
+
+SCALE_LIMITS = (1e-5, 1e5)
+
+
+@dataclass
+class SmoothOptions:
+    alpha: float = 0.5
+    search: bool = False
+    grid: int = 20
+    rows: int = 512
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1], not {self.alpha}")
+        if self.grid < 1 or self.rows < 1:
+            raise ValueError("grid and rows must be positive")
+
+
+def sink_inputs(regions: list[Region]) -> list[str]:
+    """Names of the tensors the sinks of ``regions`` read, each once."""
+    return list(dict.fromkeys(sink.linear.input.name for region in regions for sink in region.sinks))
+
+
+def producer_channel_max(region: Region, per_sink: dict[str, np.ndarray]) -> np.ndarray:
+    """Per producer channel, the max over every sink channel it feeds of a per-sink-channel vector."""
+    result = np.zeros(region.channels)
+    for sink in region.sinks:
+        np.maximum.at(result, sink.channel_map, per_sink[sink.linear.input.name])
+    return result
+
+
+def weight_row_max(region: Region) -> np.ndarray:
+    """Per producer channel, the largest |weight| in the rows of every sink that read it."""
+    result = np.zeros(region.channels)
+    for sink in region.sinks:
+        np.maximum.at(result, sink.channel_map, np.abs(constant_array(sink.linear.weight)).max(axis=1))
+    return result
+
+
+def smoothing_scale(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's ``s = a^alpha / w^(1-alpha)``; 1 where either side is zero."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = act_max**alpha / weight_max ** (1.0 - alpha)
+    scale = np.where((act_max > 0) & (weight_max > 0) & np.isfinite(scale), scale, 1.0)
+    return np.clip(scale, *SCALE_LIMITS)
+
+
+def region_samples(region: Region, rows: dict[str, np.ndarray]) -> list[SinkSample]:
+    return [SinkSample(rows[s.linear.input.name], constant_array(s.linear.weight), s.channel_map) for s in region.sinks]
+
+
+@register
+class Smooth(Pass):
+    name = "smooth"
+    summary = "SmoothQuant: migrate activation outliers into weights with one per-channel scale per region."
+    Options = SmoothOptions
+
+    def statistics(self, model: ir.Model) -> list[str]:
+        return sink_inputs(find_regions(model.graph).able(SCALE))
+
+    def run(self, model: ir.Model, ctx) -> PassOutcome:
+        graph = model.graph
+        analysis = find_regions(graph)
+        regions = analysis.able(SCALE)
+        names = sink_inputs(regions)
+        stats = ctx.statistics(model, names)
+        rows = ctx.samples(model, names, self.options.rows) if self.options.search else {}
+        notes: list[str] = []
+        smoothed, chosen = [], {}
+        for region in regions:
+            act_max = producer_channel_max(region, {n: stats[n].absmax for n in names})
+            weight_max = weight_row_max(region)
+            alpha = self._search(region, act_max, weight_max, rows) if self.options.search else self.options.alpha
+            name = region.name
+            chosen[name] = alpha
+            if alpha is None:
+                continue
+            absorb_affine(graph, region, smoothing_scale(act_max, weight_max, alpha), None, notes)
+            smoothed.append(f"{name} ({region.kind}, alpha={alpha:.2f})")
+        skipped = {r.name: r.refused[SCALE] for r in analysis.regions if SCALE in r.refused}
+        return PassOutcome(bool(smoothed), {"smoothed": smoothed, "skipped": skipped, "alpha": chosen, "notes": notes})
+
+    def _search(self, region: Region, act_max: np.ndarray, weight_max: np.ndarray,
+                rows: dict[str, np.ndarray]) -> float | None:
+        """The grid alpha with the lowest proxy error, or None when not smoothing is best."""
+        samples = region_samples(region, rows)
+        best_alpha, best_error = None, region_error(samples)
+        for alpha in np.linspace(0.0, 1.0, self.options.grid + 1):
+            error = region_error(samples, smoothing_scale(act_max, weight_max, float(alpha)))
+            if error < best_error:
+                best_alpha, best_error = float(alpha), error
+        return best_alpha

@@ -1,0 +1,148 @@
+"""Absorb a channel transform of a region into its weights: the algebra every transform pass shares.
+
+For sinks ``y = x W + b`` (``W`` stored ``[C_in, C_out]``) reading ``x' = (x - z) T``::
+
+    y = x' (T^-1 W) + (b + z W)
+
+so sinks get ``W' = T^-1 W``, ``b' = b + z W`` and the producer is changed to emit
+``x'``. ``T`` is ``diag(1/s)`` (smooth, shift's scaling) or an orthogonal ``Q`` (rotate,
+``Q^-1 = Q^T``). Uses of the producer's output outside the region get a compensating
+``x = x' * s + z`` node, so they still see ``x``. Weights are rewritten copy-on-write:
+an initializer that something outside the rewrite also reads (tied embeddings, an
+exporter's de-duplicated constants) is duplicated first, never changed in place, and
+the duplication is recorded.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.analysis.linears import Linear, constant_array
+from qcompiler.analysis.regions import Region, Sink
+from qcompiler.graph import add_initializer, replace_graph_output
+
+Notes = list[str]
+
+
+def rewrite_constant(graph: ir.Graph, node: ir.Node, index: int, change: Callable[[np.ndarray], np.ndarray],
+                     notes: Notes) -> None:
+    """Replace input ``index`` of ``node`` (a constant) by ``change(old)``, duplicating it if it is shared."""
+    value = node.inputs[index]
+    old = constant_array(value)
+    if old is None:
+        raise ValueError(f"input {index} of {node.name} is not a constant")
+    new = np.ascontiguousarray(change(old.astype(np.float64)).astype(old.dtype))
+    private = (value.const_value is not None and value.name in graph.initializers and len(value.uses()) == 1
+               and not value.is_graph_output() and not value.is_graph_input())
+    if private:
+        value.const_value = ir.tensor(new, name=value.name)
+        return
+    if len(value.uses()) > 1:
+        notes.append(f"weight '{value.name}' is shared outside {node.name or node.op_type}: duplicated before rewriting")
+    node.replace_input_with(index, add_initializer(graph, value.name or f"{node.name}_const", new))
+
+
+def set_optional_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
+    """Give ``node`` a constant at input ``index`` (LayerNorm beta when it had none)."""
+    if len(node.inputs) <= index:
+        node.resize_inputs(index + 1)
+    node.replace_input_with(index, add_initializer(graph, f"{node.name or node.op_type}_input{index}", array))
+
+
+def sink_rows(sink: Sink, vector: np.ndarray) -> np.ndarray:
+    """A producer-channel vector seen in the sink's input channels."""
+    return vector[sink.channel_map]
+
+
+def ensure_bias(graph: ir.Graph, linear: Linear, dtype: np.dtype) -> Linear:
+    """The linear with a bias ``Add`` (a zero bias is created when it had none)."""
+    if linear.bias_add is not None:
+        return linear
+    output = linear.matmul.outputs[0]
+    bias = add_initializer(graph, f"{linear.name}_bias", np.zeros(linear.out_features, dtype))
+    add = ir.node("Add", [output, bias], name=f"{linear.name}_bias")
+    graph.insert_after(linear.matmul, add)
+    result = add.outputs[0]
+    result.shape, result.type = output.shape, output.type
+    for use in list(output.uses()):
+        if use.node is not add:
+            use.node.replace_input_with(use.idx, result)
+    if output.is_graph_output():
+        replace_graph_output(graph, output, result)
+    return Linear(linear.matmul, linear.weight, add, bias)
+
+
+def transform_sinks(graph: ir.Graph, region: Region, inverse_rows: Callable[[Sink, np.ndarray], np.ndarray],
+                    shift: np.ndarray | None, notes: Notes) -> None:
+    """``W' = T^-1 W`` via ``inverse_rows`` and ``b' = b + z W`` (with the original ``W``) for every sink."""
+    for i, sink in enumerate(region.sinks):
+        linear = sink.linear
+        weight = constant_array(linear.weight)
+        if shift is not None and np.any(shift):
+            linear = ensure_bias(graph, linear, weight.dtype)
+            region.sinks[i] = sink = Sink(linear, sink.channel_map)
+            correction = sink_rows(sink, shift).astype(np.float64) @ weight.astype(np.float64)
+            _rewrite_bias(graph, linear, lambda b: b + correction.reshape(b.shape), notes)
+        rewrite_constant(graph, linear.matmul, 1, lambda w: inverse_rows(sink, w), notes)
+
+
+def _rewrite_bias(graph: ir.Graph, linear: Linear, change: Callable[[np.ndarray], np.ndarray], notes: Notes) -> None:
+    add = linear.bias_add
+    index = next(i for i, v in enumerate(add.inputs) if v is linear.bias)
+    rewrite_constant(graph, add, index, change, notes)
+
+
+def absorb_affine(graph: ir.Graph, region: Region, scale: np.ndarray | None, shift: np.ndarray | None,
+                  notes: Notes) -> None:
+    """Make the region's producer emit ``(x - z) / s`` and rewrite sinks and outside readers to match."""
+    channels = region.channels
+    s = np.ones(channels) if scale is None else scale.astype(np.float64)
+    z = None if shift is None or not np.any(shift) else shift.astype(np.float64)
+    _compensate_foreign(graph, region, s if scale is not None else None, z)
+    transform_sinks(graph, region, lambda sink, w: w * sink_rows(sink, s)[:, None], z, notes)
+    producer = region.producer
+    offset = np.zeros(channels) if z is None else z
+    if region.kind in ("layernorm", "rmsnorm"):
+        rewrite_constant(graph, producer, 1, lambda gamma: gamma / s, notes)
+        has_beta = len(producer.inputs) > 2 and producer.inputs[2] is not None
+        if z is not None and not has_beta:
+            set_optional_constant(graph, producer, 2, np.zeros(channels, constant_array(producer.inputs[1]).dtype))
+        if z is not None or has_beta:
+            rewrite_constant(graph, producer, 2, lambda beta: (beta - offset) / s, notes)
+        return
+    absorber = region.absorber
+    weight = constant_array(absorber.weight)
+    if z is not None:
+        absorber = ensure_bias(graph, absorber, weight.dtype)
+    rewrite_constant(graph, absorber.matmul, 1, lambda w: w / s[None, :], notes)
+    if absorber.bias is not None:
+        _rewrite_bias(graph, absorber, lambda b: ((b.reshape(-1) - offset) / s).reshape(b.shape), notes)
+
+
+def _compensate_foreign(graph: ir.Graph, region: Region, s: np.ndarray | None, z: np.ndarray | None) -> None:
+    """Outside readers of the source get ``x' * s + z`` back: one Mul and/or Add, elementwise."""
+    if not region.foreign or (s is None and z is None):
+        return
+    source = region.source
+    dtype = np.dtype(source.dtype.numpy()) if source.dtype is not None else np.float32
+    nodes, value = [], source
+    if s is not None:
+        nodes.append(ir.node("Mul", [value, add_initializer(graph, f"{source.name}_unscale", s.astype(dtype))],
+                             name=f"{source.name}_unscale"))
+        value = nodes[-1].outputs[0]
+    if z is not None:
+        nodes.append(ir.node("Add", [value, add_initializer(graph, f"{source.name}_unshift", z.astype(dtype))],
+                             name=f"{source.name}_unshift"))
+        value = nodes[-1].outputs[0]
+    value.shape, value.type = source.shape, source.type
+    graph.insert_after(source.producer(), nodes)
+    readers = {id(n) for n in region.foreign if n is not None}
+    for use in list(source.uses()):
+        if id(use.node) in readers:
+            use.node.replace_input_with(use.idx, value)
+    if None in region.foreign:
+        replace_graph_output(graph, source, value)
+    region.foreign = []

@@ -1,0 +1,372 @@
+"""Regions: an activation, the producer that can absorb a channel transform, and its linear sinks.
+
+A pass that makes linears read ``x' = (x - z) T`` instead of ``x`` rewrites every sink
+(``W' = T^-1 W``, ``b' = b + z W``) and must make ``x'`` appear, best by changing what
+produces ``x``. A region groups those pieces. It is found by walking back from each
+linear's input through ops that only move channels around (Reshape, Transpose,
+Unsqueeze, Squeeze, Expand, Identity, Dropout, Gather on a token axis), through
+attention's ``P @ V`` (linear in ``V``), through ReLU (commutes with positive scales) and
+through a gated product ``act(gate) * up`` (commutes with a per-channel scale of ``up``),
+to the first node that is none of these: the producer. The map from sink channels to
+producer channels is obtained by replaying that path on an index probe, not assumed
+from names or head counts, so grouped-query attention and token selection come out
+right. Nothing here depends on layer names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.analysis.linears import Linear, constant_array, find_linears, is_constant
+
+SCALE, SHIFT, ROTATE = "scale", "shift", "rotate"
+CAPABILITIES = (SCALE, SHIFT, ROTATE)
+
+_LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Dropout", "Gather"}
+
+
+@dataclass
+class Sink:
+    """A linear reading the region; its input channel ``j`` carries producer channel ``channel_map[j]``."""
+
+    linear: Linear
+    channel_map: np.ndarray
+
+
+@dataclass
+class Region:
+    """One absorbable (or not) activation and everything a channel transform of it touches.
+
+    ``kind`` is the producer's class: ``layernorm``, ``rmsnorm``, ``linear``,
+    ``attention`` (v_proj to o_proj), ``gated`` (up_proj in ``act(gate) * up``) or
+    ``unabsorbable``. ``capabilities`` are the transforms the producer can absorb
+    offline; ``refused`` says, per transform, why it cannot. ``foreign`` lists uses of
+    ``source`` outside the region (``None`` for a graph output): an elementwise
+    transform there is undone by a compensating node.
+    """
+
+    kind: str
+    source: ir.Value
+    producer: ir.Node | None
+    absorber: Linear | None
+    sinks: list[Sink]
+    path: list[tuple[ir.Node, ir.Value]]
+    foreign: list[ir.Node | None]
+    capabilities: frozenset[str]
+    refused: dict[str, str]
+    head_dim: int | None = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name or "?"
+
+    @property
+    def channels(self) -> int:
+        return int(self.source.shape[-1])
+
+    @property
+    def producer_label(self) -> str:
+        if self.producer is None:
+            return "graph input"
+        if self.absorber is not None:
+            return f"{self.absorber.name} ({self.kind})"
+        return f"{self.producer.name or self.producer.op_type} ({self.producer.op_type})"
+
+    def can(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+
+@dataclass
+class RegionAnalysis:
+    regions: list[Region] = field(default_factory=list)
+
+    def of_kind(self, *kinds: str) -> list[Region]:
+        return [r for r in self.regions if r.kind in kinds]
+
+    def able(self, capability: str) -> list[Region]:
+        return [r for r in self.regions if r.can(capability)]
+
+
+@dataclass
+class _Walk:
+    source: ir.Value
+    chain: list[tuple[ir.Node, ir.Value]]  # (node, output used), from the sink's side to the source's side
+    tags: set[str]
+    head_dim: int | None
+
+
+def find_regions(graph: ir.Graph) -> RegionAnalysis:
+    """Every region of a normalized graph, with its producer class and capabilities."""
+    linears = find_linears(graph)
+    by_output = {}
+    for linear in linears:
+        by_output[linear.output] = linear
+    walks: dict[int, tuple[_Walk, list[tuple[Linear, _Walk]]]] = {}
+    for linear in linears:
+        walk = _walk_back(linear.input, by_output)
+        walks.setdefault(id(walk.source), (walk, []))[1].append((linear, walk))
+    regions = [_build_region(first.source, members, by_output) for first, members in walks.values()]
+    return RegionAnalysis(regions)
+
+
+def _walk_back(value: ir.Value, by_output: dict[ir.Value, Linear]) -> _Walk:
+    chain: list[tuple[ir.Node, ir.Value]] = []
+    tags: set[str] = set()
+    head_dim = None
+    while True:
+        if value in by_output:
+            break
+        node = value.producer()
+        if node is None or node.domain not in ("", "ai.onnx"):
+            break
+        op, output = node.op_type, value
+        if op in _LAYOUT_OPS and not is_constant(node.inputs[0]):
+            if op == "Gather" and not _token_gather(node):
+                break
+            chain.append((node, output))
+            value = node.inputs[0]
+        elif op == "Split" and _split_on_last_axis(node):
+            chain.append((node, output))
+            value = node.inputs[0]
+        elif op == "MatMul" and len(node.inputs) == 2 and not any(is_constant(v) for v in node.inputs):
+            # softmax(Q K^T) @ V: every output channel is a mix of the same channel of V over tokens.
+            tags.add("attention")
+            chain.append((node, output))
+            value = node.inputs[1]
+            head_dim = _last_dim(value)
+        elif op == "Relu":
+            tags.add("relu")
+            chain.append((node, output))
+            value = node.inputs[0]
+        elif op == "Mul" and len(node.inputs) == 2 and not any(is_constant(v) for v in node.inputs):
+            factor = next((v for v in reversed(node.inputs) if v in by_output), None)
+            if factor is None:
+                break
+            tags.add("gated")
+            chain.append((node, output))
+            value = factor
+            break
+        else:
+            break
+    return _Walk(value, chain, tags, head_dim)
+
+
+def _token_gather(node: ir.Node) -> bool:
+    """Gather picking tokens (constant indices on an axis other than the channel axis)."""
+    data, indices = node.inputs[0], node.inputs[1]
+    if constant_array(indices) is None or data.shape is None:
+        return False
+    axis = node.attributes.get("axis")
+    axis = axis.value if axis is not None else 0
+    return axis % len(data.shape) != len(data.shape) - 1
+
+
+def _split_on_last_axis(node: ir.Node) -> bool:
+    """Split along channels (GPT-2's fused q|k|v): each output is a channel range of the input."""
+    data = node.inputs[0]
+    axis = node.attributes.get("axis")
+    axis = axis.value if axis is not None else 0
+    return data.shape is not None and axis % len(data.shape) == len(data.shape) - 1 and all(
+        o.shape is not None and isinstance(o.shape[-1], int) for o in node.outputs)
+
+
+def _last_dim(value: ir.Value) -> int | None:
+    if value.shape is None or not isinstance(value.shape[-1], int):
+        return None
+    return int(value.shape[-1])
+
+
+def _build_region(source: ir.Value, members: list[tuple[Linear, _Walk]], by_output: dict) -> Region:
+    tags = set().union(*(w.tags for _, w in members))
+    path = _ordered_path(members)
+    producer = source.producer()
+    absorber = by_output.get(source)
+    kind, refused = _classify(source, producer, absorber, tags)
+    head_dim = next((w.head_dim for _, w in members if w.head_dim), None)
+    sinks, probe_error = _probe_sinks(source, members)
+    foreign, foreign_inside = _foreign_uses(source, path, [l for l, _ in members])
+
+    capabilities = {c for c in CAPABILITIES if c not in refused}
+    if "relu" in tags:
+        for c in (SHIFT, ROTATE):
+            refused.setdefault(c, "ReLU on the path commutes only with positive per-channel scales")
+    if probe_error:
+        refused = {c: probe_error for c in CAPABILITIES}
+    elif foreign_inside:
+        refused = {c: foreign_inside for c in CAPABILITIES}
+    else:
+        if foreign and ROTATE not in refused:
+            refused[ROTATE] = f"{_describe_foreign(source, foreign)}; undoing a rotation there would cost a dense matmul"
+        if ROTATE not in refused:
+            reason = _rotation_layout_problem(kind, sinks, source, head_dim)
+            if reason:
+                refused[ROTATE] = reason
+    capabilities = frozenset(c for c in capabilities if c not in refused)
+    return Region(kind, source, producer, absorber, sinks, path, foreign, capabilities, refused, head_dim)
+
+
+def _classify(source: ir.Value, producer: ir.Node | None, absorber: Linear | None,
+              tags: set[str]) -> tuple[str, dict[str, str]]:
+    if absorber is not None:
+        if "gated" in tags:
+            reason = "a gated product act(gate) * up commutes only with per-channel scales"
+            return "gated", {SHIFT: reason, ROTATE: reason}
+        if "attention" in tags:
+            return "attention", {SHIFT: "a shift does not pass exactly through masked attention"}
+        return "linear", {}
+    if producer is None:
+        reason = "producer is a graph input" if not is_constant(source) else "the linear reads a constant"
+        return "unabsorbable", {c: reason for c in CAPABILITIES}
+    op = producer.op_type
+    if op == "LayerNormalization" and is_constant(producer.inputs[1]) and _norm_on_last_axis(producer):
+        return "layernorm", {ROTATE: "LayerNorm does not commute with a rotation (rotate absorbs it through a "
+                                     "zero-mean RMSNorm residual stream instead)"}
+    if op == "RMSNormalization" and is_constant(producer.inputs[1]) and _norm_on_last_axis(producer):
+        return "rmsnorm", {SHIFT: "RMSNorm has no bias to absorb a shift",
+                           ROTATE: "RMSNorm absorbs a rotation only through the residual stream (rotate handles it)"}
+    reason = f"producer {op} is not linear in its output channels"
+    if op == "Mul":
+        reason = "producer is a product of two activations"
+    return "unabsorbable", {c: reason for c in CAPABILITIES}
+
+
+def _norm_on_last_axis(node: ir.Node) -> bool:
+    axis = node.attributes.get("axis")
+    rank = len(node.inputs[0].shape) if node.inputs[0].shape is not None else None
+    value = axis.value if axis is not None else -1
+    return value == -1 or (rank is not None and value == rank - 1)
+
+
+def _ordered_path(members: list[tuple[Linear, _Walk]]) -> list[tuple[ir.Node, ir.Value]]:
+    seen: dict[int, tuple[ir.Node, ir.Value]] = {}
+    for _, walk in members:
+        for step in reversed(walk.chain):
+            seen.setdefault(id(step[1]), step)
+    return list(seen.values())
+
+
+def _foreign_uses(source: ir.Value, path: list[tuple[ir.Node, ir.Value]], sinks: list[Linear]) -> tuple[list, str | None]:
+    """Readers of the source outside the region, and a reason if an inner path value has any.
+
+    Only the output a path step uses counts: the other outputs of a channel Split carry
+    channels the region leaves untouched.
+    """
+    inside = {id(n) for n, _ in path} | {id(l.matmul) for l in sinks}
+    foreign: list[ir.Node | None] = [use.node for use in source.uses() if id(use.node) not in inside]
+    if source.is_graph_output():
+        foreign.append(None)
+    for _, value in path:
+        outside = [use.node for use in value.uses() if id(use.node) not in inside]
+        if outside or value.is_graph_output():
+            reader = outside[0].op_type if outside else "a graph output"
+            return foreign, f"path value '{value.name}' is also read by {reader} outside the region"
+    return foreign, None
+
+
+def _describe_foreign(source: ir.Value, foreign: list[ir.Node | None]) -> str:
+    names = ["graph output" if n is None else (n.name or n.op_type) for n in foreign]
+    return f"'{source.name}' is also read outside the region ({', '.join(names)})"
+
+
+def _rotation_layout_problem(kind: str, sinks: list[Sink], source: ir.Value, head_dim: int | None) -> str | None:
+    channels = int(source.shape[-1])
+    if kind == "attention":
+        if not head_dim:
+            return "the attention head size is unknown"
+        for sink in sinks:
+            heads = sink.channel_map.reshape(-1, head_dim)
+            if np.any(heads - heads[:, :1] != np.arange(head_dim)) or np.any(heads[:, 0] % head_dim):
+                return "attention heads do not map whole heads from v_proj to o_proj"
+        return None
+    for sink in sinks:
+        if sink.channel_map.shape != (channels,) or np.any(sink.channel_map != np.arange(channels)):
+            return "the path permutes or selects channels"
+    return None
+
+
+# --- the index probe -------------------------------------------------------------------------------
+
+
+def _probe_sinks(source: ir.Value, members: list[tuple[Linear, _Walk]]) -> tuple[list[Sink], str | None]:
+    """Replay each sink's path on an array holding channel numbers to get its channel map."""
+    sinks = []
+    for linear, walk in members:
+        try:
+            channel_map = _probe(source, list(reversed(walk.chain)))
+        except (_ProbeError, ValueError) as error:
+            return [Sink(l, np.arange(l.in_features)) for l, _ in members], f"channel layout unclear: {error}"
+        if channel_map.shape != (linear.in_features,):
+            return [], f"channel layout unclear: probe gave {channel_map.shape[0]} channels for {linear.name}"
+        sinks.append(Sink(linear, channel_map))
+    return sinks, None
+
+
+class _ProbeError(Exception):
+    pass
+
+
+def _probe(source: ir.Value, nodes: list[ir.Node]) -> np.ndarray:
+    array = np.broadcast_to(np.arange(1, _channels(source) + 1, dtype=np.int64), _concrete(source.shape))
+    current = source
+    for node, output in nodes:
+        array = _replay(node, output, array)
+        current = output
+    rows = array.reshape(-1, array.shape[-1])
+    if rows.shape[0] and np.any(rows != rows[:1]):
+        raise _ProbeError(f"channels mix with token positions at '{current.name}'")
+    if np.any(rows[0] == 0):
+        raise _ProbeError(f"some channels of '{current.name}' do not come from the producer")
+    return rows[0] - 1
+
+
+def _channels(value: ir.Value) -> int:
+    if value.shape is None or not isinstance(value.shape[-1], int):
+        raise _ProbeError(f"the channel count of '{value.name}' is unknown")
+    return int(value.shape[-1])
+
+
+def _concrete(shape: ir.Shape | None, allow_one_unknown: bool = False) -> tuple[int, ...]:
+    """Static dims, with every symbolic (token) dim set to 1: the probe follows channels, not tokens."""
+    if shape is None:
+        raise _ProbeError("a shape on the path is unknown")
+    dims = [d if isinstance(d, int) else (1 if getattr(d, "value", None) is not None else -1) for d in shape]
+    if dims.count(-1) > (1 if allow_one_unknown else 0):
+        raise _ProbeError("a shape on the path has unknown dimensions")
+    return tuple(dims)
+
+
+def _replay(node: ir.Node, output: ir.Value, array: np.ndarray) -> np.ndarray:
+    op = node.op_type
+    if op in ("Identity", "Dropout", "Relu", "Mul", "MatMul"):
+        return array  # Relu/Mul: elementwise on the same channels; MatMul: attention with P = identity
+    if op == "Transpose":
+        perm = node.attributes.get("perm")
+        return np.transpose(array, perm.value if perm is not None else None)
+    if op == "Reshape":
+        return array.reshape(_concrete(node.outputs[0].shape, allow_one_unknown=True))
+    if op == "Expand":
+        return np.broadcast_to(array, _concrete(node.outputs[0].shape))
+    if op in ("Unsqueeze", "Squeeze"):
+        axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
+        if axes is None:
+            attr = node.attributes.get("axes")
+            axes = np.asarray(attr.value) if attr is not None else None
+        if op == "Unsqueeze":
+            if axes is None:
+                raise _ProbeError("Unsqueeze without constant axes")
+            rank = array.ndim + len(axes)
+            for axis in sorted(int(a) % rank for a in axes):
+                array = np.expand_dims(array, axis)
+            return array
+        return np.squeeze(array, None if axes is None else tuple(int(a) for a in axes))
+    if op == "Split":
+        sizes = [int(o.shape[-1]) for o in node.outputs]
+        start = sum(sizes[:output.index()])
+        return array[..., start:start + sizes[output.index()]]
+    if op == "Gather":
+        axis = node.attributes.get("axis")
+        return np.take(array, constant_array(node.inputs[1]), axis=axis.value if axis is not None else 0)
+    raise _ProbeError(f"cannot follow channels through {op}")

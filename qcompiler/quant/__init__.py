@@ -1,0 +1,1 @@
+"""Quantization arithmetic: fake quantization for searches, later formats and quantizers."""
