@@ -72,6 +72,10 @@ def ensure_bias(graph: ir.Graph, linear: Linear, dtype: np.dtype) -> Linear:
             use.node.replace_input_with(use.idx, result)
     if output.is_graph_output():
         replace_graph_output(graph, output, result)
+    else:
+        name = output.name
+        output.name = f"{name}_matmul"
+        result.name = name
     return Linear(linear.matmul, linear.weight, add, bias)
 
 

@@ -133,12 +133,14 @@ def _type_name(hint: Any) -> str:
 @click.argument("model")
 @click.option("--no-normalize", is_flag=True, help="Inspect the model as captured, before normalization.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--passes", "pipeline", default="", help="Apply these passes (after normalize) before inspecting.")
 @_calibration_options
-def inspect_command(model, no_normalize, as_json, calib, tokenizer, batch_size, max_length, debug) -> None:
-    """Op summary, linears with shapes, and (with calibration data) the outlier table."""
+def inspect_command(model, no_normalize, as_json, pipeline, calib, tokenizer, batch_size, max_length, debug) -> None:
+    """Op summary, linears, regions and (with calibration data) the outlier table."""
 
     def action():
         from qcompiler import inspection
+        from qcompiler.analysis.regions import find_regions
         from qcompiler.calibration.engine import CalibrationEngine
         from qcompiler.capture import load
         from qcompiler.compiler import NORMALIZE, resolve_calibration
@@ -146,15 +148,19 @@ def inspect_command(model, no_normalize, as_json, calib, tokenizer, batch_size, 
         from qcompiler.pipeline import parse_pipeline
 
         ir_model = load(model)
+        passes = parse_pipeline(pipeline) if pipeline else []
         if not no_normalize:
             PassManager(parse_pipeline(NORMALIZE), verify=False, progress=False).run(ir_model)
         data = resolve_calibration(calib, ir_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        if passes:
+            PassManager(passes, calibration=data, progress=not as_json).run(ir_model)
         rows = inspection.outlier_rows(ir_model, CalibrationEngine(data, progress=not as_json)) if data else None
         if as_json:
             stdout.print_json(json.dumps(inspection.inspection_dict(ir_model, rows)))
             return
         stdout.print(inspection.op_table(ir_model))
         stdout.print(inspection.linear_table(ir_model))
+        stdout.print(inspection.region_table(find_regions(ir_model.graph).regions))
         if rows is None:
             stdout.print("no calibration data: give --calib (and --tokenizer for text) for the outlier table")
         else:

@@ -1,9 +1,10 @@
 """`qcompile inspect`: what is in a model and where its activation outliers are.
 
-Three tables: op counts, every linear with its shapes, and (given calibration data) one
-row per distinct linear input with the max/median ratio of per-channel absmax and the
-kurtosis of its values: the two numbers that say whether per-tensor activation
-quantization will struggle there.
+Four tables: op counts, every linear with its shapes, the regions (which producer
+absorbs which channel transform offline, and why the others are refused), and (given
+calibration data) one row per distinct linear input with the max/median ratio of
+per-channel absmax and the kurtosis of its values: the two numbers that say whether
+per-tensor activation quantization will struggle there.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import onnx_ir as ir
 from rich.table import Table
 
 from qcompiler.analysis.linears import Linear, find_linears
+from qcompiler.analysis.regions import CAPABILITIES, Region, find_regions
 from qcompiler.calibration.engine import CalibrationEngine
 from qcompiler.calibration.stats import TensorStats
 
@@ -65,6 +67,31 @@ def linear_table(model: ir.Model) -> Table:
     return table
 
 
+def region_table(regions: list[Region]) -> Table:
+    table = Table(title="regions (offline = absorbed into weights; refused ones run online or not at all)",
+                  title_justify="left")
+    for header in ("region", "kind", "producer", "sinks", "offline", "refused"):
+        table.add_column(header)
+    for region in regions:
+        reasons = set(region.refused.values())
+        if len(region.refused) == len(CAPABILITIES) and len(reasons) == 1:
+            refused = f"all: {reasons.pop()}"
+        else:
+            refused = "; ".join(f"{c}: {why}" for c, why in region.refused.items())
+        table.add_row(region.name, region.kind, region.producer_label, ", ".join(s.linear.name for s in region.sinks),
+                      ",".join(c for c in CAPABILITIES if region.can(c)) or "-", refused or "-")
+    return table
+
+
+def region_dict(region: Region) -> dict:
+    return {
+        "tensor": region.name, "kind": region.kind, "producer": region.producer_label,
+        "sinks": [s.linear.name for s in region.sinks], "channels": region.channels,
+        "offline": [c for c in CAPABILITIES if region.can(c)], "refused": dict(region.refused),
+        "outside_readers": len(region.foreign),
+    }
+
+
 def outlier_table(rows: list[OutlierRow]) -> Table:
     table = Table(title="linear inputs: activation outliers", title_justify="left")
     for header in ("tensor", "sinks", "channels", "absmax", "max/median ch", "kurtosis", "p99.9 |x|"):
@@ -84,5 +111,6 @@ def inspection_dict(model: ir.Model, rows: list[OutlierRow] | None) -> dict:
             {"name": l.name, "input": l.input.name, "in": l.in_features, "out": l.out_features, "bias": l.bias is not None}
             for l in find_linears(model.graph)
         ],
+        "regions": [region_dict(r) for r in find_regions(model.graph).regions],
         "outliers": [{"tensor": r.tensor, "sinks": r.sinks, **r.stats.summary()} for r in rows or []],
     }

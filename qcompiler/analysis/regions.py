@@ -222,11 +222,11 @@ def _classify(source: ir.Value, producer: ir.Node | None, absorber: Linear | Non
         return "unabsorbable", {c: reason for c in CAPABILITIES}
     op = producer.op_type
     if op == "LayerNormalization" and is_constant(producer.inputs[1]) and _norm_on_last_axis(producer):
-        return "layernorm", {ROTATE: "LayerNorm does not commute with a rotation (rotate absorbs it through a "
-                                     "zero-mean RMSNorm residual stream instead)"}
+        return "layernorm", {ROTATE: "LayerNorm does not commute with a rotation"}
     if op == "RMSNormalization" and is_constant(producer.inputs[1]) and _norm_on_last_axis(producer):
         return "rmsnorm", {SHIFT: "RMSNorm has no bias to absorb a shift",
-                           ROTATE: "RMSNorm absorbs a rotation only through the residual stream (rotate handles it)"}
+                           ROTATE: "RMSNorm absorbs a rotation only through a rotated residual stream, "
+                                   "which is not implemented yet"}
     reason = f"producer {op} is not linear in its output channels"
     if op == "Mul":
         reason = "producer is a product of two activations"

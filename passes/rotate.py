@@ -1,0 +1,120 @@
+"""rotate: orthogonal rotations of regions, absorbed offline where the algebra allows, online elsewhere.
+
+A (normalized) Hadamard ``Q`` spreads an outlier channel over all channels, so per-tensor
+and per-token scales stop being dominated by it; ``Q`` is orthogonal, so::
+
+    x' = x Q        W' = Q^T W        (x' W' = x W)
+
+Offline: a linear producer emits ``x Q`` with ``W_p' = W_p Q, b_p' = b_p Q``; through
+attention, v_proj absorbs one head-sized ``Q_D`` per head (``softmax(.) V`` is linear in
+``V``). Online: a ``qcompiler.Hadamard`` node rotates the activation in front of the
+sinks (norm outputs of models whose stream cannot be rotated, gated products, GELU
+outputs), with ``Q^T`` folded into the sinks. Sizes ``2^k m`` use known Hadamard
+matrices of order ``m``; see `qcompiler.hadamard` for what is covered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.absorb import rewrite_constant
+from qcompiler.analysis.linears import constant_array
+from qcompiler.analysis.regions import ROTATE, Region, find_regions
+from qcompiler.hadamard import orthogonal_matrix, rotation_plan
+from qcompiler.online_rotation import factor_pair, insert_hadamard, rotate_last_axis
+from qcompiler.registry import Pass, PassOutcome, register
+
+
+@dataclass
+class RotateOptions:
+    kind: Literal["hadamard", "random"] = "hadamard"
+    seed: int = 0
+    mode: Literal["auto", "offline", "online"] = "auto"
+
+
+def rotate_rows(weight: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``Q^T W`` (``W`` stored ``[C_in, C_out]``): what a sink needs when its input is ``x Q``."""
+    return q.T @ weight
+
+
+def _block_diagonal_rows(weight: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """``Q^T`` applied to every head-sized block of rows."""
+    d = q.shape[0]
+    blocks = weight.reshape(-1, d, weight.shape[1])
+    return np.einsum("ki,hkc->hic", q, blocks).reshape(weight.shape)
+
+
+def _block_diagonal_columns(matrix: np.ndarray, q: np.ndarray, heads: np.ndarray) -> np.ndarray:
+    """``M (I kron Q)`` on the column blocks listed in ``heads`` (other columns untouched)."""
+    d = q.shape[0]
+    result = matrix.copy()
+    for head in heads:
+        columns = slice(head * d, (head + 1) * d)
+        result[..., columns] = matrix[..., columns] @ q
+    return result
+
+
+@register
+class Rotate(Pass):
+    name = "rotate"
+    summary = "Rotate regions by Hadamard (or random orthogonal) matrices: offline into producers, online otherwise."
+    Options = RotateOptions
+
+    def run(self, model: ir.Model, ctx) -> PassOutcome:
+        graph = model.graph
+        analysis = find_regions(graph)
+        notes: list[str] = []
+        absorbed, online, skipped = [], [], {}
+        for region in analysis.regions:
+            name = region.name
+            if region.can(ROTATE) and self.options.mode != "online":
+                self._absorb(graph, region, notes)
+                absorbed.append(f"{name} ({region.kind}{', per head' if region.kind == 'attention' else ''})")
+            elif self.options.mode != "offline":
+                for value in dict.fromkeys(s.linear.input for s in region.sinks):
+                    plan = rotation_plan(int(value.shape[-1]))
+                    self._online(model, region, value, notes)
+                    online.append(f"{value.name} ({plan.describe()})")
+            else:
+                skipped[name] = region.refused.get(ROTATE, "mode=offline")
+        if self.options.kind == "random" and online:
+            notes.append("online rotations use Hadamard factors (a dense random rotation online would cost O(n^2))")
+        return PassOutcome(bool(absorbed or online),
+                           {"absorbed": absorbed, "online": online, "skipped": skipped, "notes": notes})
+
+    def _matrix(self, n: int) -> np.ndarray:
+        return orthogonal_matrix(n, self.options.kind, self.options.seed)
+
+    def _absorb(self, graph: ir.Graph, region: Region, notes: list[str]) -> None:
+        producer = region.absorber
+        if region.kind == "attention":
+            q = self._matrix(region.head_dim)
+            heads = np.unique(np.concatenate([s.channel_map for s in region.sinks]) // region.head_dim)
+            columns = lambda m: _block_diagonal_columns(m, q, heads)  # noqa: E731
+            rows = lambda sink, w: _block_diagonal_rows(w, q)  # noqa: E731
+        else:
+            q = self._matrix(region.channels)
+            columns = lambda m: m @ q  # noqa: E731
+            rows = lambda sink, w: rotate_rows(w, q)  # noqa: E731
+        for sink in region.sinks:
+            rewrite_constant(graph, sink.linear.matmul, 1, lambda w, sink=sink: rows(sink, w), notes)
+        rewrite_constant(graph, producer.matmul, 1, columns, notes)
+        if producer.bias is not None:
+            index = next(i for i, v in enumerate(producer.bias_add.inputs) if v is producer.bias)
+            rewrite_constant(graph, producer.bias_add, index, lambda b: columns(b.reshape(1, -1)).reshape(b.shape),
+                             notes)
+
+    def _online(self, model: ir.Model, region: Region, value: ir.Value, notes: list[str]) -> None:
+        node = insert_hadamard(model, value)
+        a, b = factor_pair(int(value.shape[-1]))
+        rotated = node.outputs[0]
+        for sink in region.sinks:
+            if sink.linear.input is not value:
+                continue
+            sink.linear.matmul.replace_input_with(0, rotated)
+            # Q^T W = (W^T Q)^T, computed factor by factor.
+            rewrite_constant(model.graph, sink.linear.matmul, 1, lambda w: rotate_last_axis(w.T, a, b).T, notes)
