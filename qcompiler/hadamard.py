@@ -104,7 +104,7 @@ def _jacobsthal(q: int) -> np.ndarray:
     for x in range(1, q):
         digits = [(x // p**i) % p for i in range(k)]
         chi[int(np.dot(_polymod(np.convolve(digits, digits).tolist(), f, p), powers))] = 1
-    elems, diff = np.arange(q), np.zeros((q, q), dtype=np.int64)
+    elems, diff = np.arange(q, dtype=np.int32), np.zeros((q, q), dtype=np.int32)
     for i in range(k):  # subtraction in GF(p^k) is digit-wise subtraction mod p
         d = (elems // p**i) % p
         diff += (d[:, None] - d[None, :]) % p * p**i

@@ -110,3 +110,27 @@ def random_feeds(model: ir.Model, *, batch: int = 2, seq: int = 12, vocab: int =
                 feeds[value.name] = rng.integers(0, vocab, (batch, seq)).astype(np.int64)
         batches.append(feeds)
     return batches
+
+
+@pytest.fixture(scope="session")
+def normalized_files(tmp_path_factory, zoo_folder, minilm_files):
+    """Factory: the path of a normalized model ('minilm' or a zoo architecture), built once per session."""
+    from qcompiler.pass_manager import PassManager
+    from qcompiler.pipeline import parse_pipeline
+
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            model = ir.load(minilm_files["dynamo"]) if name == "minilm" else load(zoo_folder(name))
+            PassManager(parse_pipeline("normalize"), verify=False, progress=False).run(model)
+            built[name] = tmp_path_factory.mktemp(f"normalized_{name}") / "model.onnx"
+            ir.save(model, built[name])
+        return built[name]
+
+    return get
+
+
+def zoo_calibration(model: ir.Model):
+    """Four random batches for a tiny model: enough for a calibration part and a hold-out."""
+    return calib_data.from_iterable(random_feeds(model, seed=0) + random_feeds(model, seed=1))

@@ -28,7 +28,7 @@ def linear_error(x: np.ndarray, weight: np.ndarray, bits: int = 8) -> float:
     """Squared error of ``x W`` with both quantized (``W`` stored ``[C_in, C_out]``, per column)."""
     exact = x @ weight
     quantized = fake_quant(x, bits) @ fake_quant(weight, bits, axis=1)
-    return float(np.sum((quantized - exact) ** 2))
+    return float(np.sum(np.square(quantized - exact, dtype=np.float64)))
 
 
 @dataclass
@@ -48,11 +48,11 @@ def region_error(samples: list[SinkSample], scale: np.ndarray | None = None, shi
     """
     total = 0.0
     for sample in samples:
-        x, weight = sample.x.astype(np.float64), sample.weight.astype(np.float64)
+        x, weight = sample.x.astype(np.float32), sample.weight.astype(np.float32)
         if shift is not None:
-            x = x - shift[sample.channel_map]
+            x = x - shift[sample.channel_map].astype(np.float32)
         if scale is not None:
-            x = x / scale[sample.channel_map]
-            weight = weight * scale[sample.channel_map][:, None]
+            x = x / scale[sample.channel_map].astype(np.float32)
+            weight = weight * scale[sample.channel_map].astype(np.float32)[:, None]
         total += linear_error(x, weight, bits)
     return total
