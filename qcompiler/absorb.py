@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis.linears import Linear, constant_array
 from qcompiler.analysis.regions import Region, Sink
-from qcompiler.graph import add_initializer, replace_graph_output
+from qcompiler.graph import add_initializer, replace_graph_output, unique_node_name
 
 Notes = list[str]
 
@@ -63,7 +63,7 @@ def ensure_bias(graph: ir.Graph, linear: Linear, dtype: np.dtype) -> Linear:
         return linear
     output = linear.matmul.outputs[0]
     bias = add_initializer(graph, f"{linear.name}_bias", np.zeros(linear.out_features, dtype))
-    add = ir.node("Add", [output, bias], name=f"{linear.name}_bias")
+    add = ir.node("Add", [output, bias], name=unique_node_name(graph, f"{linear.name}_bias"))
     graph.insert_after(linear.matmul, add)
     result = add.outputs[0]
     result.shape, result.type = output.shape, output.type
@@ -135,11 +135,11 @@ def _compensate_foreign(graph: ir.Graph, region: Region, s: np.ndarray | None, z
     nodes, value = [], source
     if s is not None:
         nodes.append(ir.node("Mul", [value, add_initializer(graph, f"{source.name}_unscale", s.astype(dtype))],
-                             name=f"{source.name}_unscale"))
+                             name=unique_node_name(graph, f"{source.name}_unscale")))
         value = nodes[-1].outputs[0]
     if z is not None:
         nodes.append(ir.node("Add", [value, add_initializer(graph, f"{source.name}_unshift", z.astype(dtype))],
-                             name=f"{source.name}_unshift"))
+                             name=unique_node_name(graph, f"{source.name}_unshift")))
         value = nodes[-1].outputs[0]
     value.shape, value.type = source.shape, source.type
     graph.insert_after(source.producer(), nodes)

@@ -26,3 +26,12 @@ def replace_graph_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
     old.name = f"{name}_inner"
     outputs[position] = new
     new.name = name
+
+
+def unique_node_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_N`` when a node of ``graph`` already has that name (ONNX requires unique names)."""
+    taken = {node.name for node in graph}
+    unique, suffix = base, 1
+    while unique in taken:
+        unique, suffix = f"{base}_{suffix}", suffix + 1
+    return unique

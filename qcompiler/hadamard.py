@@ -192,7 +192,7 @@ def _random_orthogonal(n: int, seed: int) -> np.ndarray:
     return q
 
 
-def _factor_matrix(f: Factor, seed: int) -> np.ndarray:
+def factor_matrix(f: Factor, seed: int) -> np.ndarray:
     """A plan factor, normalized; hadamard_matrix(size) rebuilds exactly the planned leaf
     because plans take their leaves from the same deterministic `_recipe`."""
     if f.kind == "random":
@@ -208,7 +208,7 @@ def orthogonal_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> np.ndarr
         return _random_orthogonal(n, seed).copy()
     if kind != "hadamard":
         raise ValueError(f"Unknown orthogonal matrix kind {kind!r}; use 'hadamard' or 'random'.")
-    return functools.reduce(np.kron, (_factor_matrix(f, seed) for f in rotation_plan(n).factors), np.ones((1, 1)))
+    return functools.reduce(np.kron, (factor_matrix(f, seed) for f in rotation_plan(n).factors), np.ones((1, 1)))
 
 
 def random_signs(n: int, seed: int) -> np.ndarray:
@@ -240,6 +240,6 @@ def apply_rotation(x: np.ndarray, plan: RotationPlan, seed: int = 0) -> np.ndarr
     for i, f in enumerate(plan.factors):
         axis = len(lead) + i
         z = np.moveaxis(y, axis, -1)
-        z = _fwht(z) / math.sqrt(f.size) if f.kind == "sylvester" else z @ _factor_matrix(f, seed)
+        z = _fwht(z) / math.sqrt(f.size) if f.kind == "sylvester" else z @ factor_matrix(f, seed)
         y = np.moveaxis(z, -1, axis)
     return y.reshape(x.shape)

@@ -16,8 +16,8 @@ import functools
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.graph import add_initializer
-from qcompiler.hadamard import _factor_matrix as factor_matrix, rotation_plan
+from qcompiler.graph import add_initializer, unique_node_name
+from qcompiler.hadamard import factor_matrix, rotation_plan
 
 DOMAIN = "qcompiler"
 OP = "Hadamard"
@@ -74,7 +74,7 @@ def insert_hadamard(model: ir.Model, value: ir.Value, seed: int = 0) -> ir.Node:
     dtype = value.dtype.numpy() if value.dtype is not None else np.float32
     a_value = _shared_factor(graph, f"hadamard_{n}_a", a.astype(dtype))
     b_value = _shared_factor(graph, f"hadamard_{n}_b", b.astype(dtype))
-    node = ir.node(OP, [value, a_value, b_value], domain=DOMAIN, name=f"{value.name}_hadamard")
+    node = ir.node(OP, [value, a_value, b_value], domain=DOMAIN, name=unique_node_name(graph, f"{value.name}_hadamard"))
     node.outputs[0].name = f"{value.name}_rotated"
     node.outputs[0].shape, node.outputs[0].type = value.shape, value.type
     producer = value.producer()
