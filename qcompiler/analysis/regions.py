@@ -189,7 +189,6 @@ def _build_region(source: ir.Value, members: list[tuple[Linear, _Walk]], by_outp
     sinks, probe_error = _probe_sinks(source, members)
     foreign, foreign_inside = _foreign_uses(source, path, [l for l, _ in members])
 
-    capabilities = {c for c in CAPABILITIES if c not in refused}
     if "relu" in tags:
         for c in (SHIFT, ROTATE):
             refused.setdefault(c, "ReLU on the path commutes only with positive per-channel scales")
@@ -204,7 +203,7 @@ def _build_region(source: ir.Value, members: list[tuple[Linear, _Walk]], by_outp
             reason = _rotation_layout_problem(kind, sinks, source, head_dim)
             if reason:
                 refused[ROTATE] = reason
-    capabilities = frozenset(c for c in capabilities if c not in refused)
+    capabilities = frozenset(c for c in CAPABILITIES if c not in refused)
     return Region(kind, source, producer, absorber, sinks, path, foreign, capabilities, refused, head_dim)
 
 
