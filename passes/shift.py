@@ -8,8 +8,9 @@ Outlier channels are often asymmetric: one channel lives in [20, 40], another in
 
 ``scale=true`` adds OS+ scaling after the shift, ``s_j = max(1, max|x_j - z_j| / t)``,
 with the threshold ``t`` searched on calibration rows for the lowest output error of
-the region's sinks under the quantization proxy (int8 per-tensor activations, int8
-per-channel weights); ``t = max_j max|x_j - z_j|`` (no scaling) is always a candidate.
+the region's sinks once quantized under the pipeline's target (int8 per-tensor
+activations and per-channel weights without one); ``t = max_j max|x_j - z_j|`` (no
+scaling) is always a candidate.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import onnx_ir as ir
 
 from qcompiler.absorb import absorb_affine
 from qcompiler.analysis.regions import SHIFT, Region, find_regions
-from qcompiler.passes.smooth import producer_channel_max, region_samples, sink_inputs
-from qcompiler.quant.proxy import region_error
+from qcompiler.analysis.region_data import producer_channel_max, sink_inputs
+from qcompiler.quant.proxy import region_error, region_samples
 from qcompiler.registry import Pass, PassOutcome, register
 
 
@@ -73,7 +74,7 @@ class Shift(Pass):
             scale = None
             if self.options.scale:
                 reach = producer_channel_max(region, {n: np.maximum(stats[n].max, -stats[n].min) for n in names})
-                scale, thresholds[name] = self._search(region, centre, np.abs(reach - np.abs(centre)), rows)
+                scale, thresholds[name] = self._search(region, centre, np.abs(reach - np.abs(centre)), rows, ctx.target)
             absorb_affine(graph, region, scale, centre, notes)
             shifted.append(f"{name} ({region.kind}, max |z| {np.abs(centre).max():.3g})")
         skipped = {r.name: r.refused[SHIFT] for r in analysis.regions if SHIFT in r.refused}
@@ -81,9 +82,9 @@ class Shift(Pass):
                                            "notes": notes})
 
     def _search(self, region: Region, centre: np.ndarray, half_range: np.ndarray,
-                rows: dict[str, np.ndarray]) -> tuple[np.ndarray | None, float]:
-        """OS+ scaling ``max(1, half_range / t)`` with the proxy-best threshold ``t``."""
-        samples = region_samples(region, rows)
+                rows: dict[str, np.ndarray], target) -> tuple[np.ndarray | None, float]:
+        """OS+ scaling ``max(1, half_range / t)`` with the threshold ``t`` of least quantized error."""
+        samples = region_samples(region, rows, target)
         top = float(half_range.max())
         best_scale, best_t, best_error = None, top, region_error(samples, shift=centre)
         for t in np.quantile(half_range[half_range > 0], np.linspace(0.5, 1.0, self.options.grid, endpoint=False)):

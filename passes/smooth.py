@@ -9,8 +9,9 @@ sink's weight by it moves difficulty from activations to weights without changin
     x' = x / s  (producer: gamma/s, beta/s, or W_p/s, b_p/s)     W' = diag(s) W
 
 ``search=true`` picks alpha per region AWQ-style: on calibration rows, the alpha of the
-grid (and no smoothing at all) with the smallest output error of the region's sinks
-under the quantization proxy (int8 per-tensor activations, int8 per-channel weights).
+grid (and no smoothing at all) with the smallest output error of the region's sinks once
+quantized under the pipeline's target (the preset of the quantize pass that follows;
+without one, int8 per-tensor activations and int8 per-channel weights).
 """
 
 from __future__ import annotations
@@ -20,14 +21,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.absorb import absorb_affine
-from qcompiler.analysis.linears import constant_array
+from qcompiler.absorb import SCALE_LIMITS, absorb_affine
+from qcompiler.analysis.region_data import producer_channel_max, sink_inputs, weight_row_max
 from qcompiler.analysis.regions import SCALE, Region, find_regions
-from qcompiler.quant.proxy import SinkSample, region_error
+from qcompiler.quant.presets import Scheme
+from qcompiler.quant.proxy import region_error, region_samples
 from qcompiler.registry import Pass, PassOutcome, register
-
-SCALE_LIMITS = (1e-5, 1e5)
-
 
 @dataclass
 class SmoothOptions:
@@ -43,37 +42,12 @@ class SmoothOptions:
             raise ValueError("grid and rows must be positive")
 
 
-def sink_inputs(regions: list[Region]) -> list[str]:
-    """Names of the tensors the sinks of ``regions`` read, each once."""
-    return list(dict.fromkeys(sink.linear.input.name for region in regions for sink in region.sinks))
-
-
-def producer_channel_max(region: Region, per_sink: dict[str, np.ndarray]) -> np.ndarray:
-    """Per producer channel, the max over every sink channel it feeds of a per-sink-channel vector."""
-    result = np.zeros(region.channels)
-    for sink in region.sinks:
-        np.maximum.at(result, sink.channel_map, per_sink[sink.linear.input.name])
-    return result
-
-
-def weight_row_max(region: Region) -> np.ndarray:
-    """Per producer channel, the largest |weight| in the rows of every sink that read it."""
-    result = np.zeros(region.channels)
-    for sink in region.sinks:
-        np.maximum.at(result, sink.channel_map, np.abs(constant_array(sink.linear.weight)).max(axis=1))
-    return result
-
-
 def smoothing_scale(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -> np.ndarray:
     """SmoothQuant's ``s = a^alpha / w^(1-alpha)``; 1 where either side is zero."""
     with np.errstate(divide="ignore", invalid="ignore"):
         scale = act_max**alpha / weight_max ** (1.0 - alpha)
     scale = np.where((act_max > 0) & (weight_max > 0) & np.isfinite(scale), scale, 1.0)
     return np.clip(scale, *SCALE_LIMITS)
-
-
-def region_samples(region: Region, rows: dict[str, np.ndarray]) -> list[SinkSample]:
-    return [SinkSample(rows[s.linear.input.name], constant_array(s.linear.weight), s.channel_map) for s in region.sinks]
 
 
 @register
@@ -97,7 +71,7 @@ class Smooth(Pass):
         for region in regions:
             act_max = producer_channel_max(region, {n: stats[n].absmax for n in names})
             weight_max = weight_row_max(region)
-            alpha = self._search(region, act_max, weight_max, rows) if self.options.search else self.options.alpha
+            alpha = self._search(region, act_max, weight_max, rows, ctx.target) if self.options.search else self.options.alpha
             name = region.name
             chosen[name] = alpha
             if alpha is None:
@@ -108,9 +82,9 @@ class Smooth(Pass):
         return PassOutcome(bool(smoothed), {"smoothed": smoothed, "skipped": skipped, "alpha": chosen, "notes": notes})
 
     def _search(self, region: Region, act_max: np.ndarray, weight_max: np.ndarray,
-                rows: dict[str, np.ndarray]) -> float | None:
-        """The grid alpha with the lowest proxy error, or None when not smoothing is best."""
-        samples = region_samples(region, rows)
+                rows: dict[str, np.ndarray], target: Scheme | None) -> float | None:
+        """The grid alpha with the lowest quantized error, or None when not smoothing is best."""
+        samples = region_samples(region, rows, target)
         best_alpha, best_error = None, region_error(samples)
         for alpha in np.linspace(0.0, 1.0, self.options.grid + 1):
             error = region_error(samples, smoothing_scale(act_max, weight_max, float(alpha)))

@@ -25,6 +25,8 @@ from qcompiler.analysis.regions import Region, Sink
 from qcompiler.graph import add_initializer, replace_graph_output, unique_node_name
 
 Notes = list[str]
+# Scales beyond these would trade an activation outlier for a float32 precision problem.
+SCALE_LIMITS = (1e-5, 1e5)
 
 
 def rewrite_constant(graph: ir.Graph, node: ir.Node, index: int, change: Callable[[np.ndarray], np.ndarray],

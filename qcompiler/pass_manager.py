@@ -21,6 +21,7 @@ from qcompiler.calibration.engine import CalibrationEngine
 from qcompiler.calibration.stats import TensorStats
 from qcompiler.errors import QCompilerError, VerificationError
 from qcompiler.pipeline import format_pipeline
+from qcompiler.quant.presets import Scheme
 from qcompiler.registry import Pass
 from qcompiler.report import PassRecord, Report
 from qcompiler.runtime import make_session, run_batches
@@ -38,6 +39,8 @@ class PassContext:
     report: Report
     record: PassRecord | None = None
     log: Callable[[str], None] = lambda message: None
+    # The scheme of the next quantize pass in the pipeline: what searches should score against.
+    target: Scheme | None = None
 
     def statistics(self, model: ir.Model, tensors: Sequence[str], xtx: Iterable[str] = ()) -> dict[str, TensorStats]:
         """Statistics of ``tensors`` on the calibration part of the data (cached)."""
@@ -89,9 +92,10 @@ class PassManager:
             report.notes.append("outputs were not verified: no calibration data to hold out")
         previous = self._outputs(model) if checking else None
         ctx = PassContext(self.engine, self.holdout, report, log=self.log)
-        for pass_ in self.passes:
+        for index, pass_ in enumerate(self.passes):
             record = PassRecord(pass_.name, pass_.spec(), pass_.preserves_function)
             ctx.record = record
+            ctx.target = _target_after(self.passes, index)
             report.passes.append(record)
             before = _snapshot(model)
             tick = time.perf_counter()
@@ -125,6 +129,15 @@ class PassManager:
                 f"(max abs {errors['max_abs_error']:.3g}, cosine {errors['cosine']:.6f}), above the tolerance "
                 f"{self.tolerance:g}."
             )
+
+
+def _target_after(passes: Sequence[Pass], index: int) -> Scheme | None:
+    """The default scheme of the first quantize pass after ``passes[index]``, if any."""
+    for later in passes[index + 1:]:
+        target = getattr(later, "scheme", None)
+        if callable(target):
+            return target()
+    return None
 
 
 @dataclass

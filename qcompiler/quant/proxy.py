@@ -1,9 +1,11 @@
-"""The quantization proxy that transform searches minimise: int8, symmetric, round-to-nearest.
+"""The error that transform searches minimise: a region's sink outputs once quantized.
 
-Searches such as ``smooth(search=true)`` and ``shift(scale=true)`` pick a transform by
-the error it leaves once the region is quantized. Until a target format is wired in,
-that error is measured under the common W8A8 deployment: int8 per-tensor activations
-and int8 per-output-channel weights, both symmetric with absmax ranges.
+Searches such as ``smooth(search=true)``, ``shift(scale=true)`` and AWQ's scale search
+pick a transform by the error it leaves once the region is quantized. Each sink is scored
+under the scheme it will be deployed with: the pipeline's quantization target when one
+follows in the pipeline, else the common W8A8 deployment (int8 per-tensor activations,
+int8 per-output-channel weights, both symmetric with absmax ranges). Activation ranges
+come from the sample itself, as a min-max observer would set them.
 """
 
 from __future__ import annotations
@@ -12,22 +14,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from qcompiler.analysis.linears import constant_array
+from qcompiler.analysis.regions import Region
+from qcompiler.quant.presets import Scheme
+from qcompiler.quant.spec import QuantSpec, fake_quant
 
-def fake_quant(x: np.ndarray, bits: int = 8, axis: int | None = None) -> np.ndarray:
-    """Quantize-dequantize ``x`` symmetrically; one scale per tensor, or per slice along ``axis``."""
-    qmax = 2 ** (bits - 1) - 1
-    if axis is None:
-        amax = np.max(np.abs(x)) if x.size else 0.0
-    else:
-        amax = np.max(np.abs(x), axis=tuple(i for i in range(x.ndim) if i != axis % x.ndim), keepdims=True)
-    scale = np.where(amax > 0, amax / qmax, 1.0)
-    return np.clip(np.round(x / scale), -qmax - 1, qmax) * scale
+PROXY_SCHEME = Scheme(QuantSpec("int8", "channel"), QuantSpec("int8", "tensor"))
 
 
-def linear_error(x: np.ndarray, weight: np.ndarray, bits: int = 8) -> float:
-    """Squared error of ``x W`` with both quantized (``W`` stored ``[C_in, C_out]``, per column)."""
+def linear_error(x: np.ndarray, weight: np.ndarray, scheme: Scheme = PROXY_SCHEME) -> float:
+    """Squared error of ``x W`` once both are quantized under ``scheme`` (``W`` stored ``[C_in, C_out]``)."""
     exact = x @ weight
-    quantized = fake_quant(x, bits) @ fake_quant(weight, bits, axis=1)
+    x_q = fake_quant(x, scheme.activation, "activation") if scheme.activation is not None else x
+    quantized = x_q @ fake_quant(weight, scheme.weight, "weight")
     return float(np.sum(np.square(quantized - exact, dtype=np.float64)))
 
 
@@ -38,10 +37,10 @@ class SinkSample:
     x: np.ndarray
     weight: np.ndarray
     channel_map: np.ndarray
+    scheme: Scheme = PROXY_SCHEME
 
 
-def region_error(samples: list[SinkSample], scale: np.ndarray | None = None, shift: np.ndarray | None = None,
-                 bits: int = 8) -> float:
+def region_error(samples: list[SinkSample], scale: np.ndarray | None = None, shift: np.ndarray | None = None) -> float:
     """Quantized output error of every sink once the region reads ``(x - z) / s`` (``W' = diag(s) W``).
 
     The shift's ``z W`` goes to the bias in float, so it adds no error of its own.
@@ -54,5 +53,11 @@ def region_error(samples: list[SinkSample], scale: np.ndarray | None = None, shi
         if scale is not None:
             x = x / scale[sample.channel_map].astype(np.float32)
             weight = weight * scale[sample.channel_map].astype(np.float32)[:, None]
-        total += linear_error(x, weight, bits)
+        total += linear_error(x, weight, sample.scheme)
     return total
+
+
+def region_samples(region: Region, rows: dict[str, np.ndarray], target: Scheme | None = None) -> list[SinkSample]:
+    """Each sink's calibration rows and weight, scored under ``target`` (else the int8 proxy)."""
+    return [SinkSample(rows[s.linear.input.name], constant_array(s.linear.weight), s.channel_map, target or PROXY_SCHEME)
+            for s in region.sinks]

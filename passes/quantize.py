@@ -1,0 +1,209 @@
+"""quantize: give every linear a weight and activation spec, quantize its weight, fix ranges.
+
+One pass per preset (``w8a8``, ``w8a8-dyn``, ``w8a16``, ``w4a16``, ``w4a8``, ``w4a4``, ``fp8``,
+``mxfp8``, ``mxfp4``, ``nvfp4``), plus ``quantize(preset=...)``. Per-layer choices go by glob
+on the MatMul's node name or weight name: ``skip=*pooler*`` keeps those linears float,
+``override=*output.dense*:w8a8`` gives them another preset (several with ``;``).
+
+The weight quantizer is ``rtn``, ``mse`` (clipping search), ``gptq`` (``X^T X`` of each
+linear's input from calibration; ``act_order``, ``damp``) or ``awq`` (activation-aware
+scales absorbed by each region's producer, then output-error clipping). Static activation
+ranges come from the observer (``minmax``, ``percentile``, ``mse``).
+
+The result is the simulate form (`qcompiler.quant.simulate`): a QDQ graph onnxruntime runs,
+with the resolved specs on each MatMul as the ``qcompiler.quant`` metadata entry, which is
+what backends lower from.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field, make_dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.analysis.linears import Linear, constant_array, find_linears
+from qcompiler.quant import awq, weights
+from qcompiler.quant.observers import observe_range
+from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
+from qcompiler.quant.simulate import dequantized_weight, quantized_activation, weight_is_native
+from qcompiler.quant.spec import QuantizedTensor, sqnr_db
+from qcompiler.registry import Pass, PassOutcome, register
+
+ANNOTATION = "qcompiler.quant"
+
+
+@dataclass
+class QuantizeOptions:
+    preset: str = "w8a8"
+    weights: Literal["rtn", "mse", "gptq", "awq"] = "rtn"
+    observer: Literal["minmax", "percentile", "mse"] = "minmax"
+    percentile: float = 99.99
+    group_size: int | None = None
+    act_order: bool = False
+    damp: float = 0.01
+    grid: int = 20
+    rows: int = 512
+    skip: tuple[str, ...] = ()
+    override: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        preset_scheme(self.preset)
+        for item in self.override:
+            pattern, _, preset = item.rpartition(":")
+            if not pattern:
+                raise ValueError(f"override '{item}' must be written glob:preset, e.g. *output.dense*:w8a8")
+            preset_scheme(preset)
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must lie in (0, 100], not {self.percentile}")
+        if self.group_size is not None and self.group_size < 0:
+            raise ValueError(f"group_size must be 0 (per channel) or positive, not {self.group_size}")
+        if self.damp <= 0 or self.grid < 1 or self.rows < 1:
+            raise ValueError("damp, grid and rows must be positive")
+
+
+@dataclass
+class LayerPlan:
+    linear: Linear
+    scheme: Scheme
+    preset: str
+
+
+class Quantize(Pass):
+    name = "quantize"
+    summary = "Quantize every linear under a preset (w8a8, w4a16, ...), with per-layer overrides and a skip list."
+    Options = QuantizeOptions
+    preserves_function = False
+
+    def scheme(self, preset: str | None = None) -> Scheme:
+        """The resolved scheme of ``preset`` (default: this pass's) under the pass's options."""
+        return preset_scheme(preset or self.options.preset).with_options(self.options.group_size, self.options.observer)
+
+    def plan(self, graph: ir.Graph) -> tuple[list[LayerPlan], list[str]]:
+        """Which linears get which scheme, and which are skipped."""
+        plans, skipped = [], []
+        for linear in find_linears(graph):
+            names = (linear.matmul.name or "", linear.weight.name or "")
+            if any(fnmatch.fnmatchcase(n, glob) for glob in self.options.skip for n in names):
+                skipped.append(linear.name)
+                continue
+            preset = self.options.preset
+            for item in self.options.override:
+                glob, _, other = item.rpartition(":")
+                if any(fnmatch.fnmatchcase(n, glob) for n in names):
+                    preset = other
+                    break
+            plans.append(LayerPlan(linear, self.scheme(preset), preset))
+        return plans, skipped
+
+    def run(self, model: ir.Model, ctx) -> PassOutcome:
+        graph = model.graph
+        options = self.options
+        plans, skipped = self.plan(graph)
+        details: dict = {"scheme": self.scheme().describe(), "skipped": skipped, "notes": []}
+        if options.weights == "awq":
+            found = awq.search_and_absorb(model, ctx, {id(p.linear.matmul): p.scheme for p in plans},
+                                          options.grid, options.rows)
+            details["awq_alpha"], details["notes"] = found["scaled"], found["notes"]
+            plans = self._refresh(graph, plans)
+        inputs = list(dict.fromkeys(p.linear.input.name for p in plans))
+        static = [n for n in inputs if any(p.linear.input.name == n and p.scheme.activation is not None
+                                           and not p.scheme.activation.dynamic for p in plans)]
+        hessians = inputs if options.weights == "gptq" else []
+        stats = ctx.statistics(model, list(dict.fromkeys(static + hessians)), xtx=hessians) \
+            if static or hessians else {}
+        rows = ctx.samples(model, inputs, options.rows) if options.weights == "awq" and inputs else {}
+
+        layers = []
+        for plan in plans:
+            layers.append(self._quantize_weight(graph, plan, stats, rows))
+        for name in inputs:
+            self._quantize_input(graph, [p for p in plans if p.linear.input.name == name], stats)
+        pre_dequantized = sorted({layer["weight"] for layer in layers if not layer["native"]})
+        if pre_dequantized:
+            details["notes"].append(
+                f"onnxruntime has no DequantizeLinear kernel for {', '.join(pre_dequantized)} weights: those are stored "
+                "pre-dequantized (float32 values exactly on the quantized grid), so fidelity is exact but size is not")
+        details["layers"] = layers
+        return PassOutcome(bool(plans), details)
+
+    def _refresh(self, graph: ir.Graph, plans: list[LayerPlan]) -> list[LayerPlan]:
+        """Linears again after AWQ rewrote weights (a copied weight is a new value)."""
+        current = {id(linear.matmul): linear for linear in find_linears(graph)}
+        return [LayerPlan(current[id(p.linear.matmul)], p.scheme, p.preset) for p in plans]
+
+    def _quantize_weight(self, graph: ir.Graph, plan: LayerPlan, stats: dict, rows: dict) -> dict:
+        linear, spec = plan.linear, plan.scheme.weight
+        weight = constant_array(linear.weight).astype(np.float32)
+        method = self.options.weights
+        if method == "gptq":
+            quantized = weights.gptq(weight, stats[linear.input.name].xtx, spec, damp=self.options.damp,
+                                     act_order=self.options.act_order)
+        elif method == "awq":
+            quantized = weights.clip_search(weight, spec, weights.output_error(rows[linear.input.name]),
+                                            self.options.grid)
+        elif method == "mse":
+            quantized = weights.mse(weight, spec, self.options.grid)
+        else:
+            quantized = weights.rtn(weight, spec)
+        old = linear.weight
+        linear.matmul.replace_input_with(1, dequantized_weight(graph, quantized, _base_name(linear), linear.matmul))
+        if old.is_initializer() and not old.uses():
+            graph.initializers.pop(old.name)
+        annotation = _annotation(plan, method, quantized)
+        linear.matmul.metadata_props[ANNOTATION] = json.dumps(annotation)
+        return {"linear": linear.name, "preset": plan.preset, "weight": spec.describe(),
+                "activation": annotation["activation"]["spec"] if annotation["activation"] else "float",
+                "quantizer": method, "weight_sqnr_db": round(sqnr_db(weight, quantized.dequantize()), 2),
+                "native": weight_is_native(spec)}
+
+    def _quantize_input(self, graph: ir.Graph, plans: list[LayerPlan], stats: dict) -> None:
+        """One quantize-dequantize per distinct activation spec of the linears sharing an input."""
+        by_spec: dict = {}
+        for plan in plans:
+            if plan.scheme.activation is not None:
+                by_spec.setdefault(plan.scheme.activation, []).append(plan)
+        for spec, group in by_spec.items():
+            source = group[0].linear.input
+            bounds = None
+            if not spec.dynamic:
+                bounds = observe_range(stats[source.name], spec, self.options.percentile)
+            quantized = quantized_activation(graph, source, spec, bounds, group[0].linear.in_features)
+            for plan in group:
+                plan.linear.matmul.replace_input_with(0, quantized)
+                annotation = json.loads(plan.linear.matmul.metadata_props[ANNOTATION])
+                annotation["activation"]["range"] = None if bounds is None else [float(b) for b in bounds]
+                plan.linear.matmul.metadata_props[ANNOTATION] = json.dumps(annotation)
+
+
+def _base_name(linear: Linear) -> str:
+    return linear.weight.name or linear.matmul.name or "weight"
+
+
+def _annotation(plan: LayerPlan, method: str, quantized: QuantizedTensor) -> dict:
+    scheme = plan.scheme
+    activation = None
+    if scheme.activation is not None:
+        activation = {"spec": scheme.activation.describe(), **scheme.activation.to_dict()}
+    return {
+        "preset": plan.preset,
+        "weight": {"spec": scheme.weight.describe(), "quantizer": method, **scheme.weight.to_dict(),
+                   "stored": "DequantizeLinear" if weight_is_native(scheme.weight) else "pre-dequantized float32",
+                   "tensor_scale": quantized.tensor_scale},
+        "activation": activation,
+    }
+
+
+def _preset_pass(preset: str, summary: str) -> type[Pass]:
+    options = make_dataclass(f"{preset.title().replace('-', '')}Options",
+                             [("preset", str, field(default=preset))], bases=(QuantizeOptions,))
+    return type(f"Quantize{preset.title().replace('-', '')}", (Quantize,),
+                {"name": preset, "summary": f"Quantize: {summary}.", "Options": options})
+
+
+register(Quantize)
+for _name, (_scheme, _summary) in PRESETS.items():
+    register(_preset_pass(_name, _summary))

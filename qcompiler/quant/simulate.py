@@ -1,0 +1,183 @@
+"""The simulate form: quantized weights and activations as ONNX that onnxruntime runs.
+
+Weights become ``DequantizeLinear(codes, scale, zero_point)`` with ONNX's per-axis or
+blocked layout wherever onnxruntime's CPU kernels take the element type (int8, uint8,
+int4, uint4, FP8; MXFP8 with its power-of-two scales stored as float32). Elsewhere (FP4
+elements, NVFP4, MXFP4, 2-bit) the weight is stored pre-dequantized: float32 values that
+are exactly the grid values times their scales, so the numbers are the deployed ones, and
+the quantize pass says so in its report and in the node's annotation.
+
+Activations: static per-tensor ranges become a QuantizeLinear/DequantizeLinear pair;
+dynamic ranges (per token, per block, per tensor at run time) become the float ops that
+compute the scale and round: Round and Clip for integers, Cast through FP8 for FP8
+elements, and a three-binade step rounding for E2M1, which has no Cast kernel.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.graph import add_initializer, unique_node_name
+from qcompiler.quant.formats import ElementFormat
+from qcompiler.quant.spec import E4M3_MAX, QuantizedTensor, QuantSpec, quantize
+
+DEQUANTIZABLE = {"int8", "uint8", "int4", "uint4", "fp8-e4m3", "fp8-e5m2"}
+TINY = 1e-30
+
+
+def weight_is_native(spec: QuantSpec) -> bool:
+    """Whether onnxruntime can run this weight as DequantizeLinear (else it is pre-dequantized)."""
+    return spec.element.name in DEQUANTIZABLE and spec.scale_kind != "e4m3+tensor"
+
+
+def dequantized_weight(graph: ir.Graph, quantized: QuantizedTensor, name: str, anchor: ir.Node) -> ir.Value:
+    """A value carrying the quantized weight: a DequantizeLinear output, or a float initializer."""
+    spec = quantized.spec
+    if not weight_is_native(spec):
+        return add_initializer(graph, f"{name}_dequantized", quantized.dequantize())
+    codes = add_initializer(graph, f"{name}_quantized", quantized.codes())
+    scale = add_initializer(graph, f"{name}_scale", np.asarray(quantized.scale, np.float32))
+    inputs = [codes, scale]
+    if quantized.zero_point is not None:
+        inputs.append(add_initializer(graph, f"{name}_zero_point", spec.element.encode(quantized.zero_point)))
+    attributes = {}
+    if quantized.axis is not None:
+        attributes["axis"] = quantized.axis
+        if quantized.block:
+            attributes["block_size"] = quantized.block
+    node = ir.node("DequantizeLinear", inputs, attributes=attributes, name=unique_node_name(graph, f"{name}_dq"))
+    node.outputs[0].name = f"{name}_dq"
+    node.outputs[0].shape = ir.Shape(quantized.values.shape)
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    graph.insert_before(anchor, node)
+    return node.outputs[0]
+
+
+class _Emitter:
+    """Builds a chain of nodes and inserts them right after the producer of ``source``."""
+
+    def __init__(self, graph: ir.Graph, source: ir.Value, prefix: str) -> None:
+        self.graph, self.source, self.prefix = graph, source, prefix
+        self.nodes: list[ir.Node] = []
+
+    def op(self, op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
+        node = ir.node(op_type, list(inputs), attributes=attributes,
+                       name=unique_node_name(self.graph, f"{self.prefix}_{op_type.lower()}_{len(self.nodes)}"))
+        self.nodes.append(node)
+        return node.outputs[0]
+
+    def const(self, label: str, array) -> ir.Value:
+        return add_initializer(self.graph, f"{self.prefix}_{label}", np.asarray(array))
+
+    def scalar(self, label: str, value: float) -> ir.Value:
+        return self.const(label, np.array(value, np.float32))
+
+    def commit(self, result: ir.Value) -> ir.Value:
+        result.name = f"{self.prefix}_qdq"
+        result.shape, result.type = self.source.shape, self.source.type
+        producer = self.source.producer()
+        if producer is not None:
+            self.graph.insert_after(producer, self.nodes)
+        else:
+            self.graph.insert_before(next(iter(self.graph)), self.nodes)
+        return result
+
+
+def quantized_activation(graph: ir.Graph, source: ir.Value, spec: QuantSpec,
+                         bounds: tuple[float, float] | None, channels: int) -> ir.Value:
+    """A value equal to ``source`` quantized and dequantized under ``spec`` (static ``bounds`` or dynamic)."""
+    emit = _Emitter(graph, source, source.name or "activation")
+    if not spec.dynamic:
+        if spec.granularity != "tensor":
+            raise ValueError(f"static activation ranges are per tensor; {spec.describe()} must be dynamic")
+        return emit.commit(_static(emit, source, spec, bounds))
+    x = source
+    grouped = spec.granularity == "group"
+    if grouped:
+        if channels % spec.group_size:
+            raise ValueError(f"activation groups of {spec.group_size} do not divide {channels} channels")
+        head = emit.op("Shape", source, start=0, end=-1)
+        shape = emit.op("Concat", head, emit.const("groups", np.array([channels // spec.group_size, spec.group_size],
+                                                                     np.int64)), axis=0)
+        x = emit.op("Reshape", source, shape)
+    axes = None if spec.granularity == "tensor" else emit.const("axes", np.array([-1], np.int64))
+    result = _dynamic(emit, x, spec, axes)
+    if grouped:
+        result = emit.op("Reshape", result, emit.op("Shape", source))
+    return emit.commit(result)
+
+
+def _static(emit: _Emitter, x: ir.Value, spec: QuantSpec, bounds: tuple[float, float]) -> ir.Value:
+    lo, hi = bounds
+    fitted = quantize(np.array([lo, hi], np.float32), spec, "activation", bounds=(np.float32(lo), np.float32(hi)))
+    fmt = spec.element
+    scale = emit.scalar("scale", float(fitted.scale))
+    if spec.element.name not in DEQUANTIZABLE:
+        return _scaled_round(emit, x, scale, fmt)
+    zero = 0.0 if fitted.zero_point is None else float(fitted.zero_point)
+    zero_point = emit.const("zero_point", fmt.encode(np.array(zero, np.float32)))
+    return emit.op("DequantizeLinear", emit.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
+
+
+def _dynamic(emit: _Emitter, x: ir.Value, spec: QuantSpec, axes: ir.Value | None) -> ir.Value:
+    fmt = spec.element
+
+    def reduce(op: str, value: ir.Value) -> ir.Value:
+        return emit.op(op, value, axes, keepdims=1) if axes is not None else emit.op(op, value, keepdims=1)
+
+    if fmt.kind == "int" and not spec.symmetric:
+        lo = emit.op("Min", reduce("ReduceMin", x), emit.scalar("zero", 0.0))
+        hi = emit.op("Max", reduce("ReduceMax", x), emit.scalar("zero_hi", 0.0))
+        scale = emit.op("Max", emit.op("Div", emit.op("Sub", hi, lo), emit.scalar("levels", fmt.qmax - fmt.qmin)),
+                        emit.scalar("tiny", TINY))
+        zero = emit.op("Round", emit.op("Sub", emit.scalar("qmin", fmt.qmin), emit.op("Div", lo, scale)))
+        grid = emit.op("Clip", emit.op("Add", emit.op("Round", emit.op("Div", x, scale)), zero),
+                       emit.scalar("lowest", fmt.qmin), emit.scalar("highest", fmt.qmax))
+        return emit.op("Mul", emit.op("Sub", grid, zero), scale)
+    amax = reduce("ReduceMax", emit.op("Abs", x))
+    if spec.scale_kind == "e8m0":
+        scale = _power_of_two_floor(emit, emit.op("Div", amax, emit.scalar("elem_max", 2.0**fmt.exponent_max)))
+    elif spec.scale_kind == "e4m3+tensor":
+        tensor = emit.op("Max", emit.op("Div", emit.op("ReduceMax", emit.op("Abs", x), keepdims=1),
+                                        emit.scalar("nv_range", fmt.max_value * E4M3_MAX)), emit.scalar("tiny", TINY))
+        block = emit.op("Div", emit.op("Div", amax, emit.scalar("elem_max", fmt.max_value)), tensor)
+        block = emit.op("Cast", emit.op("Cast", block, to=ir.DataType.FLOAT8E4M3FN), to=ir.DataType.FLOAT)
+        scale = emit.op("Max", emit.op("Mul", block, tensor), emit.scalar("tiny_block", TINY))
+    else:
+        scale = emit.op("Max", emit.op("Div", amax, emit.scalar("elem_max", fmt.max_value)), emit.scalar("tiny", TINY))
+    return _scaled_round(emit, x, scale, fmt)
+
+
+def _scaled_round(emit: _Emitter, x: ir.Value, scale: ir.Value, fmt: ElementFormat) -> ir.Value:
+    """``round_fmt(x / scale) * scale`` with float ops."""
+    y = emit.op("Div", x, scale)
+    if fmt.kind == "int":
+        grid = emit.op("Clip", emit.op("Round", y), emit.scalar("lowest", fmt.qmin), emit.scalar("highest", fmt.qmax))
+    elif fmt.name == "fp4-e2m1":
+        grid = _round_e2m1(emit, y)
+    else:
+        grid = emit.op("Cast", emit.op("Cast", y, to=fmt.onnx_type, saturate=1), to=ir.DataType.FLOAT)
+    return emit.op("Mul", grid, scale)
+
+
+def _round_e2m1(emit: _Emitter, y: ir.Value) -> ir.Value:
+    """Round to E2M1 (0, 0.5, 1, 1.5, 2, 3, 4, 6) half-to-even: a step of 0.5, 1 or 2 by binade."""
+    magnitude = emit.op("Abs", y)
+    step = emit.op("Where", emit.op("Less", magnitude, emit.scalar("two", 2.0)), emit.scalar("half", 0.5),
+                   emit.op("Where", emit.op("Less", magnitude, emit.scalar("four", 4.0)), emit.scalar("one", 1.0),
+                           emit.scalar("step_two", 2.0)))
+    rounded = emit.op("Min", emit.op("Mul", emit.op("Round", emit.op("Div", magnitude, step)), step),
+                      emit.scalar("six", 6.0))
+    return emit.op("Mul", rounded, emit.op("Sign", y))
+
+
+def _power_of_two_floor(emit: _Emitter, value: ir.Value) -> ir.Value:
+    """``2^floor(log2 v)`` exactly: the float estimate corrected by one binade either way."""
+    safe = emit.op("Max", value, emit.scalar("smallest", 2.0**-127))
+    estimate = emit.op("Pow", emit.scalar("base", 2.0),
+                       emit.op("Floor", emit.op("Div", emit.op("Log", safe), emit.scalar("ln2", np.log(2.0)))))
+    estimate = emit.op("Where", emit.op("Greater", estimate, safe), emit.op("Div", estimate, emit.scalar("two", 2.0)),
+                       estimate)
+    doubled = emit.op("Mul", estimate, emit.scalar("double", 2.0))
+    return emit.op("Where", emit.op("LessOrEqual", doubled, safe), doubled, estimate)
