@@ -2,11 +2,12 @@
 
 One pass per preset (``w8a8``, ``w8a8-dyn``, ``w8a16``, ``w4a16``, ``w4a8``, ``w4a4``, ``fp8``,
 ``mxfp8``, ``mxfp4``, ``nvfp4``), plus ``quantize(preset=...)``. Per-layer choices go by glob
-on the MatMul's node name or weight name: ``skip=*pooler*`` keeps those linears float,
+on the layer's module path (``encoder.layer.3.output.dense``), node name or weight name: ``skip=*pooler*`` keeps those linears float,
 ``override=*output.dense*:w8a8`` gives them another preset (several with ``;``).
 
 The weight quantizer is ``rtn``, ``mse`` (clipping search), ``gptq`` (``X^T X`` of each
-linear's input from calibration; ``act_order``, ``damp``) or ``awq`` (activation-aware
+linear's input from calibration, by default as the already-quantized layers before it
+produce it, as GPTQ does; ``act_order``, ``damp``, ``sequential``) or ``awq`` (activation-aware
 scales absorbed by each region's producer, then output-error clipping). Static activation
 ranges come from the observer (``minmax``, ``percentile``, ``mse``).
 
@@ -45,6 +46,7 @@ class QuantizeOptions:
     group_size: int | None = None
     act_order: bool = False
     damp: float = 0.01
+    sequential: bool = False
     grid: int = 20
     rows: int = 512
     skip: tuple[str, ...] = ()
@@ -86,9 +88,11 @@ class Quantize(Pass):
         """Which linears get which scheme, and which are skipped."""
         plans, skipped = [], []
         for linear in find_linears(graph):
-            names = (linear.matmul.name or "", linear.weight.name or "")
+            if ANNOTATION in linear.matmul.metadata_props:
+                continue  # quantized by an earlier pass (a pre-dequantized grid still looks like a linear)
+            names = (linear.layer, linear.matmul.name or "", linear.weight.name or "")
             if any(fnmatch.fnmatchcase(n, glob) for glob in self.options.skip for n in names):
-                skipped.append(linear.name)
+                skipped.append(linear.layer)
                 continue
             preset = self.options.preset
             for item in self.options.override:
@@ -112,14 +116,20 @@ class Quantize(Pass):
         inputs = list(dict.fromkeys(p.linear.input.name for p in plans))
         static = [n for n in inputs if any(p.linear.input.name == n and p.scheme.activation is not None
                                            and not p.scheme.activation.dynamic for p in plans)]
-        hessians = inputs if options.weights == "gptq" else []
-        stats = ctx.statistics(model, list(dict.fromkeys(static + hessians)), xtx=hessians) \
-            if static or hessians else {}
+        stats = ctx.statistics(model, static) if static else {}
         rows = ctx.samples(model, inputs, options.rows) if options.weights == "awq" and inputs else {}
+        hessians = {}
+        if options.weights == "gptq" and not options.sequential:
+            hessians = {n: s.xtx for n, s in ctx.statistics(model, inputs, xtx=inputs).items()}
 
         layers = []
-        for plan in plans:
-            layers.append(self._quantize_weight(graph, plan, stats, rows))
+        for name in inputs:
+            if options.weights == "gptq" and options.sequential:
+                # The input as the layers before it, already quantized, produce it (GPTQ's order).
+                hessians = {name: ctx.statistics(model, [name], xtx=[name])[name].xtx}
+            for plan in plans:
+                if plan.linear.input.name == name:
+                    layers.append(self._quantize_weight(graph, plan, hessians, rows))
         for name in inputs:
             self._quantize_input(graph, [p for p in plans if p.linear.input.name == name], stats)
         pre_dequantized = sorted({layer["weight"] for layer in layers if not layer["native"]})
@@ -135,12 +145,12 @@ class Quantize(Pass):
         current = {id(linear.matmul): linear for linear in find_linears(graph)}
         return [LayerPlan(current[id(p.linear.matmul)], p.scheme, p.preset) for p in plans]
 
-    def _quantize_weight(self, graph: ir.Graph, plan: LayerPlan, stats: dict, rows: dict) -> dict:
+    def _quantize_weight(self, graph: ir.Graph, plan: LayerPlan, hessians: dict, rows: dict) -> dict:
         linear, spec = plan.linear, plan.scheme.weight
         weight = constant_array(linear.weight).astype(np.float32)
         method = self.options.weights
         if method == "gptq":
-            quantized = weights.gptq(weight, stats[linear.input.name].xtx, spec, damp=self.options.damp,
+            quantized = weights.gptq(weight, hessians[linear.input.name], spec, damp=self.options.damp,
                                      act_order=self.options.act_order)
         elif method == "awq":
             quantized = weights.clip_search(weight, spec, weights.output_error(rows[linear.input.name]),
@@ -155,7 +165,7 @@ class Quantize(Pass):
             graph.initializers.pop(old.name)
         annotation = _annotation(plan, method, quantized)
         linear.matmul.metadata_props[ANNOTATION] = json.dumps(annotation)
-        return {"linear": linear.name, "preset": plan.preset, "weight": spec.describe(),
+        return {"linear": linear.layer, "preset": plan.preset, "weight": spec.describe(),
                 "activation": annotation["activation"]["spec"] if annotation["activation"] else "float",
                 "quantizer": method, "weight_sqnr_db": round(sqnr_db(weight, quantized.dequantize()), 2),
                 "native": weight_is_native(spec)}

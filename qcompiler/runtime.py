@@ -20,6 +20,7 @@ import onnxruntime as ort
 
 from qcompiler.errors import QCompilerError
 
+EXACT_MATMULNBITS_KEY = "session.qdq_matmulnbits_accuracy_level"
 # Stay well below protobuf's 2 GB ceiling: above this, weights go to external data.
 INLINE_LIMIT_BYTES = 1_500_000_000
 
@@ -66,6 +67,10 @@ def make_session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads:
     """An onnxruntime CPU session for ``model`` that also returns ``extra_outputs``."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    # onnxruntime fuses DequantizeLinear(4-bit) + MatMul into MatMulNBits and by default
+    # computes it with int8-quantized activations (accuracy level 4); a W4A16 model would
+    # silently run as W4A8. Level 0 keeps the float computation the graph describes.
+    options.add_session_config_entry(EXACT_MATMULNBITS_KEY, "0")
     if threads:
         options.intra_op_num_threads = threads
     with exposed_outputs(model, extra_outputs):

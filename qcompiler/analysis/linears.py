@@ -8,6 +8,7 @@ every exporter's linears are found by this one matcher.
 
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,26 @@ class Linear:
     @property
     def name(self) -> str:
         return self.matmul.name or self.weight.name or "linear"
+
+    @property
+    def layer(self) -> str:
+        """The source module's path (``encoder.layer.0.output.dense``) where the capture kept it, else `name`.
+
+        Users name layers by module path; exporters keep it in the node's name scopes
+        (torch dynamo) or in parameter names, while node names are often just numbered.
+        """
+        scopes = self.matmul.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if scopes:
+            try:
+                path = ast.literal_eval(scopes)
+            except (ValueError, SyntaxError):
+                path = []
+            if len(path) >= 2 and path[-2]:
+                return path[-2]
+        for value, suffix in ((self.bias, ".bias"), (self.weight, ".weight")):
+            if value is not None and value.name and suffix in value.name:
+                return value.name.split(suffix)[0]
+        return self.name
 
     @property
     def input(self) -> ir.Value:

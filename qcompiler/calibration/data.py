@@ -63,6 +63,26 @@ class CalibrationData:
                 CalibrationData(batches[-count:], f"{self.source} (held-out part)"))
 
 
+def token_mask(batch: Feeds) -> np.ndarray | None:
+    """The batch's padding mask ``[batch, tokens]`` (a 0/1 input named like ``attention_mask``), if any."""
+    for name, array in batch.items():
+        if "mask" in name.lower() and array.ndim == 2 and (array.dtype.kind in "iub"):
+            if np.all((array == 0) | (array == 1)):
+                return array.astype(bool)
+    return None
+
+
+def real_tokens(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Rows of a ``[batch, tokens, C]`` activation at unpadded positions (``[n, C]``); other shapes as given.
+
+    Padding positions compute activations no real input produces; keeping them would
+    skew ranges, Hessians and searches toward tokens the deployed model never sees.
+    """
+    if mask is None or array.ndim != 3 or array.shape[:2] != mask.shape:
+        return array
+    return array[mask]
+
+
 def _batch_size(batch: Feeds) -> int:
     first = next(iter(batch.values()))
     return int(first.shape[0]) if first.ndim else 1

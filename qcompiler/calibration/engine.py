@@ -7,7 +7,8 @@ tensor (O(C^2) with ``X^T X``). When the exposed tensors of one batch would exce
 the memory budget, they are split into blocks that each take their own pass over the
 data. Results are cached by the tensor's fingerprint (its computation cone) and the
 data's fingerprint, so a pass that rewrites the cone above a tensor invalidates exactly
-the statistics that came from it.
+the statistics that came from it. Token activations of padded text batches are reduced
+over real tokens only (the batch's ``attention_mask``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import onnx_ir as ir
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qcompiler.analysis.fingerprint import value_fingerprints
-from qcompiler.calibration.data import CalibrationData
+from qcompiler.calibration.data import CalibrationData, real_tokens, token_mask
 from qcompiler.calibration.stats import TensorStats
 from qcompiler.errors import CalibrationError
 from qcompiler.runtime import make_session
@@ -109,8 +110,9 @@ class CalibrationEngine:
         picked: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
         session = make_session(model, list(tensors))
         for feeds in self.data.batches:
+            mask = token_mask(feeds)
             for name, array in zip(tensors, session.run(list(tensors), feeds)):
-                flat = array.reshape(-1, array.shape[-1])
+                flat = real_tokens(array, mask).reshape(-1, array.shape[-1])
                 take = rng.choice(flat.shape[0], size=min(per_batch, flat.shape[0]), replace=False)
                 picked[name].append(flat[np.sort(take)].astype(np.float32))
         return {name: np.concatenate(parts)[:rows] for name, parts in picked.items()}
@@ -161,13 +163,14 @@ class CalibrationEngine:
                 session = make_session(model, block)
                 for feeds in self.data.batches:
                     arrays = session.run(block, feeds)
+                    mask = token_mask(feeds)
                     for name, array in zip(block, arrays):
                         if not np.all(np.isfinite(array)):
                             raise CalibrationError(f"Tensor '{name}' has NaN or Inf values on the calibration data.")
                         if name not in results:
                             channels = array.shape[-1] if array.ndim else 1
                             results[name] = TensorStats(channels, with_xtx=name in xtx)
-                        results[name].update(array)
+                        results[name].update(real_tokens(array, mask))
                     bar.advance(task)
                 del session
         return results
