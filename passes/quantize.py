@@ -163,12 +163,12 @@ class Quantize(Pass):
         linear.matmul.replace_input_with(1, dequantized_weight(graph, quantized, _base_name(linear), linear.matmul))
         if old.is_initializer() and not old.uses():
             graph.initializers.pop(old.name)
-        annotation = _annotation(plan, method, quantized)
+        weight_sqnr = round(sqnr_db(weight, quantized.dequantize()), 2)
+        annotation = _annotation(plan, method, quantized, weight_sqnr)
         linear.matmul.metadata_props[ANNOTATION] = json.dumps(annotation)
         return {"linear": linear.layer, "preset": plan.preset, "weight": spec.describe(),
                 "activation": annotation["activation"]["spec"] if annotation["activation"] else "float",
-                "quantizer": method, "weight_sqnr_db": round(sqnr_db(weight, quantized.dequantize()), 2),
-                "native": weight_is_native(spec)}
+                "quantizer": method, "weight_sqnr_db": weight_sqnr, "native": weight_is_native(spec)}
 
     def _quantize_input(self, graph: ir.Graph, plans: list[LayerPlan], stats: dict) -> None:
         """One quantize-dequantize per distinct activation spec of the linears sharing an input."""
@@ -193,13 +193,17 @@ def _base_name(linear: Linear) -> str:
     return linear.weight.name or linear.matmul.name or "weight"
 
 
-def _annotation(plan: LayerPlan, method: str, quantized: QuantizedTensor) -> dict:
+def _annotation(plan: LayerPlan, method: str, quantized: QuantizedTensor, weight_sqnr: float) -> dict:
+    """What backends and `qcompile eval` read back: the resolved specs, how the weight is stored, its SQNR."""
     scheme = plan.scheme
     activation = None
     if scheme.activation is not None:
         activation = {"spec": scheme.activation.describe(), **scheme.activation.to_dict()}
     return {
+        "layer": plan.linear.layer,
         "preset": plan.preset,
+        "scheme": scheme.describe(),
+        "weight_sqnr_db": weight_sqnr,
         "weight": {"spec": scheme.weight.describe(), "quantizer": method, **scheme.weight.to_dict(),
                    "stored": "DequantizeLinear" if weight_is_native(scheme.weight) else "pre-dequantized float32",
                    "tensor_scale": quantized.tensor_scale},

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.absorb import rewrite_constant
+from qcompiler.absorb import mark_output_transformed, rewrite_constant
 from qcompiler.analysis.linears import constant_array
 from qcompiler.analysis.regions import ROTATE, Region, find_regions
 from qcompiler.hadamard import orthogonal_matrix, rotation_plan
@@ -103,6 +103,7 @@ class Rotate(Pass):
         for sink in region.sinks:
             rewrite_constant(graph, sink.linear.matmul, 1, lambda w, sink=sink: rows(sink, w), notes)
         rewrite_constant(graph, producer.matmul, 1, columns, notes)
+        mark_output_transformed(producer, "rotate")
         if producer.bias is not None:
             index = next(i for i, v in enumerate(producer.bias_add.inputs) if v is producer.bias)
             rewrite_constant(graph, producer.bias_add, index, lambda b: columns(b.reshape(1, -1)).reshape(b.shape),

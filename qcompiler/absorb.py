@@ -25,6 +25,7 @@ from qcompiler.analysis.regions import Region, Sink
 from qcompiler.graph import add_initializer, replace_graph_output, unique_node_name
 
 Notes = list[str]
+OUTPUT_TRANSFORMED = "qcompiler.output_transformed"
 # Scales beyond these would trade an activation outlier for a float32 precision problem.
 SCALE_LIMITS = (1e-5, 1e5)
 
@@ -45,6 +46,12 @@ def rewrite_constant(graph: ir.Graph, node: ir.Node, index: int, change: Callabl
     if len(value.uses()) > 1:
         notes.append(f"weight '{value.name}' is shared outside {node.name or node.op_type}: duplicated before rewriting")
     node.replace_input_with(index, add_initializer(graph, value.name or f"{node.name}_const", new))
+
+
+def mark_output_transformed(linear: Linear, pass_name: str) -> None:
+    """Record on a linear that its output is now transformed, so per-layer comparisons with the source skip it."""
+    previous = linear.matmul.metadata_props.get(OUTPUT_TRANSFORMED)
+    linear.matmul.metadata_props[OUTPUT_TRANSFORMED] = f"{previous},{pass_name}" if previous else pass_name
 
 
 def set_optional_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
@@ -124,6 +131,7 @@ def absorb_affine(graph: ir.Graph, region: Region, scale: np.ndarray | None, shi
     if z is not None:
         absorber = ensure_bias(graph, absorber, weight.dtype)
     rewrite_constant(graph, absorber.matmul, 1, lambda w: w / s[None, :], notes)
+    mark_output_transformed(absorber, "scale/shift")
     if absorber.bias is not None:
         _rewrite_bias(graph, absorber, lambda b: ((b.reshape(-1) - offset) / s).reshape(b.shape), notes)
 

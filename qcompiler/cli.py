@@ -3,6 +3,7 @@
     qcompile MODEL [--passes P] [--calib FILE] -o DIR     compile (the default command)
     qcompile passes                                        list passes and presets
     qcompile inspect MODEL [--calib FILE]                  ops, linears, outliers
+    qcompile eval REF COMPILED --data FILE                 fidelity of COMPILED against REF
 
 User errors print one sentence and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -26,7 +27,7 @@ from qcompiler.errors import QCompilerError
 console = Console(stderr=True)
 # Reports are tables; when piped (CI logs, files) do not squeeze them to 80 columns.
 stdout = Console() if sys.stdout.isatty() else Console(width=140)
-COMMANDS = ("compile", "passes", "inspect")
+COMMANDS = ("compile", "passes", "inspect", "eval")
 
 
 class DefaultToCompile(click.Group):
@@ -168,3 +169,44 @@ def inspect_command(model, no_normalize, as_json, pipeline, calib, tokenizer, ba
             stdout.print(f"calibration: {data.source}")
 
     _guard(debug, action)
+
+
+@main.command("eval")
+@click.argument("reference")
+@click.argument("compiled")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="Evaluation data (not the calibration data): .npz of named arrays, or a text file (one sample per line).")
+@click.option("--tokenizer", help="Tokenizer for text data: a Hugging Face tokenizer folder or 'minilm'.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True, help="Token limit per text sample.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def eval_command(reference, compiled, data, tokenizer, batch_size, max_length, as_json, debug) -> None:
+    """Fidelity of COMPILED (an ONNX file or an output directory) against REFERENCE on --data."""
+
+    def action():
+        from qcompiler.capture import load
+        from qcompiler.compiler import resolve_calibration
+        from qcompiler.evaluation import evaluate
+
+        ref_model = load(reference)
+        candidate = load(_model_file(compiled))
+        batches = resolve_calibration(data, ref_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        result = evaluate(ref_model, candidate, batches.batches)
+        if as_json:
+            stdout.print_json(json.dumps(result.to_dict(), default=float))
+            return
+        for table in result.tables():
+            stdout.print(table)
+
+    _guard(debug, action)
+
+
+def _model_file(path: str) -> str:
+    """An output directory stands for the model.onnx inside it."""
+    if os.path.isdir(path):
+        inner = os.path.join(path, "model.onnx")
+        if not os.path.isfile(inner):
+            raise QCompilerError(f"Directory '{path}' holds no model.onnx; give a model file or a qcompile output directory.")
+        return inner
+    return path

@@ -1,0 +1,193 @@
+"""Fidelity of a compiled model against its reference, on data the user chooses.
+
+Per output: max and mean absolute error, cosine and SQNR over every element. For
+embedding models (a ``[batch, tokens, hidden]`` output and a padding mask among the
+inputs): sentence embeddings by masked mean pooling and L2 normalisation, then the
+mean and minimum cosine to the reference embedding of the same sentence and
+nearest-neighbour agreement (the fraction of sentences whose most similar other
+sentence is the same under both models), which is what retrieval depends on.
+Per layer: output SQNR of every linear, matched by module path, since transforms keep
+each linear's output unchanged and only quantization moves it (a producer that absorbed a
+transform is marked instead: its output is in another basis); weight SQNR as the quantize
+pass recorded it in the layer's annotation.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import onnx_ir as ir
+from rich.table import Table
+
+from qcompiler.absorb import OUTPUT_TRANSFORMED
+from qcompiler.analysis.linears import Linear
+from qcompiler.calibration.data import token_mask
+from qcompiler.errors import QCompilerError
+from qcompiler.runtime import make_session, run_batches
+
+ANNOTATION = "qcompiler.quant"
+
+
+@dataclass
+class Evaluation:
+    outputs: dict[str, dict[str, float]]
+    embedding: dict[str, float] | None
+    layers: list[dict] = field(default_factory=list)
+    samples: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def tables(self) -> list[Table]:
+        outputs = Table(title=f"fidelity on {self.samples} samples", title_justify="left")
+        for header in ("output", "max abs", "mean abs", "cosine", "SQNR dB"):
+            outputs.add_column(header, justify="left" if header == "output" else "right")
+        for name, m in self.outputs.items():
+            outputs.add_row(name, f"{m['max_abs_error']:.3g}", f"{m['mean_abs_error']:.3g}", f"{m['cosine']:.6f}",
+                            f"{m['sqnr_db']:.1f}")
+        tables = [outputs]
+        if self.embedding:
+            e = self.embedding
+            embedding = Table(title=f"sentence embeddings ({e['output']}, mean pooled)", title_justify="left")
+            for header in ("mean cosine", "min cosine", "nearest-neighbour agreement"):
+                embedding.add_column(header, justify="right")
+            embedding.add_row(f"{e['mean_cosine']:.5f}", f"{e['min_cosine']:.5f}", f"{e['neighbour_agreement']:.3f}")
+            tables.append(embedding)
+        if self.layers:
+            layers = Table(title="per layer", title_justify="left")
+            for header in ("layer", "scheme", "weight SQNR dB", "output SQNR dB"):
+                layers.add_column(header, justify="left" if header in ("layer", "scheme") else "right")
+            for layer in self.layers:
+                weight = "-" if layer["weight_sqnr_db"] is None else f"{layer['weight_sqnr_db']:.1f}"
+                output = (f"transformed ({layer['output_transformed_by']})" if layer["output_sqnr_db"] is None
+                          else f"{layer['output_sqnr_db']:.1f}")
+                layers.add_row(layer["layer"], layer["scheme"], weight, output)
+            tables.append(layers)
+        return tables
+
+
+def evaluate(reference: ir.Model, candidate: ir.Model, batches: Sequence[Mapping[str, np.ndarray]]) -> Evaluation:
+    """Compare ``candidate`` with ``reference`` on ``batches`` (their outputs must share names)."""
+    ref_layers, cand_layers = layer_outputs(reference), layer_outputs(candidate)
+    shared = [layer for layer in cand_layers if layer in ref_layers]
+    outputs = [v.name for v in reference.graph.outputs]
+    missing = [name for name in outputs if name not in {v.name for v in candidate.graph.outputs}]
+    if missing:
+        raise QCompilerError(f"The compiled model has no output '{missing[0]}' that the reference has.")
+    ref_runs = run_batches(make_session(reference, [ref_layers[n] for n in shared]), batches)
+    cand_runs = run_batches(make_session(candidate, [cand_layers[n] for n in shared]), batches)
+    result = Evaluation({name: output_metrics([r[name] for r in ref_runs], [c[name] for c in cand_runs])
+                         for name in outputs}, None, samples=sum(len(next(iter(b.values()))) for b in batches))
+    result.embedding = embedding_metrics(outputs, ref_runs, cand_runs, batches)
+    annotations = quantization_annotations(candidate)
+    transformed_layers = _transformed(candidate)
+    for layer in shared:
+        ref_values = [r[ref_layers[layer]] for r in ref_runs]
+        cand_values = [c[cand_layers[layer]] for c in cand_runs]
+        annotation = annotations.get(layer, {})
+        transformed = transformed_layers.get(layer)
+        result.layers.append({
+            "layer": layer,
+            "scheme": annotation.get("scheme", "float"),
+            "weight_sqnr_db": annotation.get("weight_sqnr_db"),
+            # A producer that absorbed a transform emits a different (equivalent) basis.
+            "output_sqnr_db": None if transformed else output_metrics(ref_values, cand_values)["sqnr_db"],
+            "output_transformed_by": transformed,
+        })
+    return result
+
+
+def output_metrics(reference: Sequence[np.ndarray], candidate: Sequence[np.ndarray]) -> dict[str, float]:
+    ref = np.concatenate([np.asarray(a, np.float64).ravel() for a in reference])
+    new = np.concatenate([np.asarray(a, np.float64).ravel() for a in candidate])
+    diff = ref - new
+    norms = float(np.linalg.norm(ref) * np.linalg.norm(new))
+    noise = float(np.sum(diff * diff))
+    signal = float(np.sum(ref * ref))
+    return {
+        "max_abs_error": float(np.abs(diff).max()) if diff.size else 0.0,
+        "mean_abs_error": float(np.abs(diff).mean()) if diff.size else 0.0,
+        "cosine": float(ref @ new / norms) if norms > 0 else float(np.array_equal(ref, new)),
+        "sqnr_db": float(10 * np.log10(signal / noise)) if noise > 0 and signal > 0 else float("inf"),
+    }
+
+
+def sentence_embeddings(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Masked mean pooling then L2 normalisation (sentence-transformers' recipe)."""
+    weights = mask[..., None].astype(np.float64)
+    pooled = (hidden.astype(np.float64) * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1.0)
+    return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
+
+def embedding_metrics(outputs: Sequence[str], ref_runs: list[dict], cand_runs: list[dict],
+                      batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, float] | None:
+    """Sentence-embedding fidelity from the first ``[batch, tokens, hidden]`` output, if the inputs carry a mask."""
+    masks = [token_mask(dict(b)) for b in batches]
+    if any(m is None for m in masks):
+        return None
+    for name in outputs:
+        if all(r[name].ndim == 3 and r[name].shape[:2] == m.shape for r, m in zip(ref_runs, masks)):
+            ref = np.concatenate([sentence_embeddings(r[name], m) for r, m in zip(ref_runs, masks)])
+            new = np.concatenate([sentence_embeddings(c[name], m) for c, m in zip(cand_runs, masks)])
+            cosines = np.sum(ref * new, axis=1)
+            return {"output": name, "mean_cosine": float(cosines.mean()), "min_cosine": float(cosines.min()),
+                    "neighbour_agreement": neighbour_agreement(ref, new)}
+    return None
+
+
+def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
+    """Fraction of rows whose nearest other row (by cosine) is the same in both embeddings."""
+    if len(reference) < 2:
+        return 1.0
+
+    def nearest(e: np.ndarray) -> np.ndarray:
+        similarity = e @ e.T
+        np.fill_diagonal(similarity, -np.inf)
+        return similarity.argmax(axis=1)
+
+    return float(np.mean(nearest(reference) == nearest(candidate)))
+
+
+def layer_outputs(model: ir.Model) -> dict[str, str]:
+    """Module path -> output value name of every linear, float or quantized (its weight through a DequantizeLinear)."""
+    result: dict[str, str] = {}
+    for node in model.graph:
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+            continue
+        weight = node.inputs[1]
+        producer = weight.producer() if weight is not None else None
+        constant = weight is not None and (weight.const_value is not None or
+                                           (producer is not None and producer.op_type in ("Constant", "DequantizeLinear")))
+        if not constant or weight.shape is None or len(weight.shape) != 2:
+            continue
+        linear = Linear(node, weight, None, None)
+        uses = list(node.outputs[0].uses())
+        output = node.outputs[0]
+        if len(uses) == 1 and uses[0].node.op_type == "Add" and not output.is_graph_output():
+            output = uses[0].node.outputs[0]
+            bias = uses[0].node.inputs[1 - uses[0].idx]
+            linear = Linear(node, weight, uses[0].node, bias)
+        result.setdefault(linear.layer, output.name)
+    return result
+
+
+def _transformed(model: ir.Model) -> dict[str, str]:
+    """Module path -> the passes whose transform this linear's output carries."""
+    found = {}
+    for node in model.graph:
+        if OUTPUT_TRANSFORMED in node.metadata_props:
+            found[Linear(node, node.inputs[1], None, None).layer] = node.metadata_props[OUTPUT_TRANSFORMED]
+    return found
+
+
+def quantization_annotations(model: ir.Model) -> dict[str, dict]:
+    """Module path -> {scheme, weight_sqnr_db} from the quantize pass's node annotations."""
+    found = {}
+    for node in model.graph:
+        if ANNOTATION in node.metadata_props:
+            annotation = json.loads(node.metadata_props[ANNOTATION])
+            found[annotation["layer"]] = {"scheme": annotation["scheme"], "weight_sqnr_db": annotation["weight_sqnr_db"]}
+    return found
