@@ -8,7 +8,8 @@ on the layer's module path (``encoder.layer.3.output.dense``), node name or weig
 The weight quantizer is ``rtn``, ``mse`` (clipping search), ``gptq`` (``X^T X`` of each
 linear's input from calibration, by default as the already-quantized layers before it
 produce it, as GPTQ does; ``act_order``, ``damp``, ``sequential``) or ``awq`` (activation-aware
-scales absorbed by each region's producer, then output-error clipping). Static activation
+scales absorbed by each region's producer, then output-error clipping) or ``awq-gptq``
+(AWQ's scales, then GPTQ's rounding). Static activation
 ranges come from the observer (``minmax``, ``percentile``, ``mse``).
 
 The result is the simulate form (`qcompiler.quant.simulate`): a QDQ graph onnxruntime runs,
@@ -40,7 +41,7 @@ ANNOTATION = "qcompiler.quant"
 @dataclass
 class QuantizeOptions:
     preset: str = "w8a8"
-    weights: Literal["rtn", "mse", "gptq", "awq"] = "rtn"
+    weights: Literal["rtn", "mse", "gptq", "awq", "awq-gptq"] = "rtn"
     observer: Literal["minmax", "percentile", "mse"] = "minmax"
     percentile: float = 99.99
     group_size: int | None = None
@@ -108,7 +109,7 @@ class Quantize(Pass):
         options = self.options
         plans, skipped = self.plan(graph)
         details: dict = {"scheme": self.scheme().describe(), "skipped": skipped, "notes": []}
-        if options.weights == "awq":
+        if options.weights in ("awq", "awq-gptq"):
             found = awq.search_and_absorb(model, ctx, {id(p.linear.matmul): p.scheme for p in plans},
                                           options.grid, options.rows)
             details["awq_alpha"], details["notes"] = found["scaled"], found["notes"]
@@ -118,13 +119,14 @@ class Quantize(Pass):
                                            and not p.scheme.activation.dynamic for p in plans)]
         stats = ctx.statistics(model, static) if static else {}
         rows = ctx.samples(model, inputs, options.rows) if options.weights == "awq" and inputs else {}
+        uses_gptq = options.weights in ("gptq", "awq-gptq")
         hessians = {}
-        if options.weights == "gptq" and not options.sequential:
+        if uses_gptq and not options.sequential:
             hessians = {n: s.xtx for n, s in ctx.statistics(model, inputs, xtx=inputs).items()}
 
         layers = []
         for name in inputs:
-            if options.weights == "gptq" and options.sequential:
+            if uses_gptq and options.sequential:
                 # The input as the layers before it, already quantized, produce it (GPTQ's order).
                 hessians = {name: ctx.statistics(model, [name], xtx=[name])[name].xtx}
             for plan in plans:
@@ -149,7 +151,7 @@ class Quantize(Pass):
         linear, spec = plan.linear, plan.scheme.weight
         weight = constant_array(linear.weight).astype(np.float32)
         method = self.options.weights
-        if method == "gptq":
+        if method in ("gptq", "awq-gptq"):
             quantized = weights.gptq(weight, hessians[linear.input.name], spec, damp=self.options.damp,
                                      act_order=self.options.act_order)
         elif method == "awq":
