@@ -3,8 +3,8 @@
 - ``minmax``: the observed min and max; every calibration value is representable.
 - ``percentile``: clip |x| at its q-th percentile (default 99.99) from the histogram, so a
   handful of extreme tokens stop inflating the step for everyone else.
-- ``mse``: the clipping threshold ``c`` minimising the expected squared error over the
-  |x| histogram, ``sum_b n_b [ (v_b - c)^2 if v_b > c else step(c)^2 / 12 ]``.
+- ``mse``: the clipping threshold ``c`` minimising the squared error over the |x|
+  histogram, ``sum_b n_b [ (v_b - c)^2 if v_b > c else (v_b - round_c(v_b))^2 ]``.
 
 The result is ``(lo, hi)``; the spec's symmetry then decides how it becomes a scale.
 """
@@ -54,7 +54,10 @@ def mse_threshold(stats: TensorStats, spec: QuantSpec) -> float:
             step = threshold / fmt.qmax
         else:
             step = (min(hi, threshold) - max(lo, -threshold)) / (fmt.qmax - fmt.qmin)
-        clipped = np.where(centres > threshold, np.square(centres - threshold), step * step / 12.0)
+        # Rounding error of each bin centre on the grid itself: with 4-bit steps, small values
+        # round to zero and cost their square, which the uniform step^2/12 model misses.
+        clipped = np.where(centres > threshold, np.square(centres - threshold),
+                           np.square(centres - step * np.round(centres / step)))
         error = float(np.sum(counts * clipped))
         if error < best_error:
             best, best_error = float(threshold), error
