@@ -17,11 +17,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qcompile minilm --passes normalize -o out/minilm --force
-	$(BIN)/qcompile inspect out/minilm/model.onnx --tokenizer minilm --calib qcompiler/data/heldout.txt
+	$(BIN)/qcompile minilm --passes rotate,w8a8 -o out/minilm --force
+	$(BIN)/qcompile eval minilm out/minilm --data qcompiler/data/heldout.txt
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/calibration.py
+	$(BIN)/python benchmarks/fidelity.py
