@@ -111,6 +111,8 @@ def onnxruntime_rows(fp32_path: Path, folder: Path, calib, heldout, reference, q
         "w8a8-dyn": ("quantize_dynamic, int8 per-channel weights, uint8 per-tensor dynamic activations",
                      lambda out: ort_baselines.w8a8_dynamic(fp32_path, out)),
         "w4a16": ("MatMulNBits RTN, 4-bit asym g128", lambda out: ort_baselines.w4a16(fp32_path, out, "rtn")),
+        "w4a8": ("MatMulNBits RTN, 4-bit asym g128, accuracy_level=4 (int8 activations per block)",
+                 lambda out: ort_baselines.w4a16(fp32_path, out, "rtn", accuracy_level=4)),
         "w4a16 hqq": ("MatMulNBits HQQ, 4-bit asym g128", lambda out: ort_baselines.w4a16(fp32_path, out, "hqq")),
         "w4a16 gptq": ("MatMulNBits, ORT's GPTQ, 4-bit sym g128 (its asym cannot pack K=384)",
                        lambda out: ort_baselines.w4a16(fp32_path, out, "gptq", symmetric=True, calib_feeds=calib)),
@@ -124,6 +126,7 @@ def onnxruntime_rows(fp32_path: Path, folder: Path, calib, heldout, reference, q
         seconds = time.perf_counter() - tick
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        # MatMulNBits takes its compute precision from its own accuracy_level attribute.
         session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         rows[key] = (label, *score(reference, embeddings(session, heldout)), seconds)
         print(f"onnxruntime {key:20s} {rows[key][1]:.5f} ({rows[key][2]:.5f})  {seconds:.1f}s", flush=True)

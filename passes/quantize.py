@@ -31,7 +31,7 @@ from qcompiler.analysis.linears import Linear, constant_array, find_linears
 from qcompiler.quant import awq, weights
 from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
-from qcompiler.quant.simulate import dequantized_weight, quantized_activation, weight_is_native
+from qcompiler.quant.simulate import dequantized_weight, per_consumer, quantized_activation, weight_is_native
 from qcompiler.quant.spec import QuantizedTensor, sqnr_db
 from qcompiler.registry import Pass, PassOutcome, register
 
@@ -184,8 +184,8 @@ class Quantize(Pass):
             if not spec.dynamic:
                 bounds = observe_range(stats[source.name], spec, self.options.percentile)
             quantized = quantized_activation(graph, source, spec, bounds, group[0].linear.in_features)
-            for plan in group:
-                plan.linear.matmul.replace_input_with(0, quantized)
+            for plan, value in zip(group, per_consumer(graph, quantized, len(group))):
+                plan.linear.matmul.replace_input_with(0, value)
                 annotation = json.loads(plan.linear.matmul.metadata_props[ANNOTATION])
                 annotation["activation"]["range"] = None if bounds is None else [float(b) for b in bounds]
                 plan.linear.matmul.metadata_props[ANNOTATION] = json.dumps(annotation)

@@ -108,6 +108,26 @@ def quantized_activation(graph: ir.Graph, source: ir.Value, spec: QuantSpec,
     return emit.commit(result)
 
 
+def per_consumer(graph: ir.Graph, value: ir.Value, count: int) -> list[ir.Value]:
+    """``count`` values equal to ``value``: copies of its DequantizeLinear, one per consumer.
+
+    The QDQ format onnxruntime fuses into integer kernels (MatMulIntegerToFloat,
+    QLinearMatMul) wants each DequantizeLinear to feed one node; the QuantizeLinear stays shared.
+    """
+    node = value.producer()
+    if count <= 1 or node is None or node.op_type != "DequantizeLinear":
+        return [value] * count
+    copies = [value]
+    for index in range(1, count):
+        copy = ir.node("DequantizeLinear", list(node.inputs), attributes=dict(node.attributes),
+                       name=unique_node_name(graph, f"{node.name}_{index}"))
+        copy.outputs[0].name = f"{value.name}_{index}"
+        copy.outputs[0].shape, copy.outputs[0].type = value.shape, value.type
+        graph.insert_after(node, copy)
+        copies.append(copy.outputs[0])
+    return copies
+
+
 def _static(emit: _Emitter, x: ir.Value, spec: QuantSpec, bounds: tuple[float, float]) -> ir.Value:
     lo, hi = bounds
     fitted = quantize(np.array([lo, hi], np.float32), spec, "activation", bounds=(np.float32(lo), np.float32(hi)))

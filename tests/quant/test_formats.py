@@ -48,8 +48,9 @@ def test_float_round_trip_is_within_half_a_grid_step(w, spec):
     clipped = np.abs(scaled) > fmt.max_value
     error = np.abs(q.values - np.clip(scaled, -fmt.max_value, fmt.max_value))
     assert np.all(error <= spacing * 0.5 * (1 + 1e-5))
-    # Block formats may saturate one binade above the element range (MX rounds the exponent down).
-    if not spec.format.startswith("mx"):
+    # Block formats may saturate: MX rounds the shared exponent down, NVFP4 rounds its E4M3
+    # block scale to nearest (a block maximum can land up to 1/16 above the element range).
+    if spec.format not in ("mxfp8", "mxfp4", "nvfp4"):
         assert not np.any(clipped & (np.abs(scaled) > fmt.max_value * (1 + 1e-3)))
 
 
