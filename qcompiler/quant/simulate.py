@@ -109,22 +109,32 @@ def quantized_activation(graph: ir.Graph, source: ir.Value, spec: QuantSpec,
 
 
 def per_consumer(graph: ir.Graph, value: ir.Value, count: int) -> list[ir.Value]:
-    """``count`` values equal to ``value``: copies of its DequantizeLinear, one per consumer.
+    """``count`` values equal to ``value``: its QuantizeLinear/DequantizeLinear pair copied per consumer.
 
-    The QDQ format onnxruntime fuses into integer kernels (MatMulIntegerToFloat,
-    QLinearMatMul) wants each DequantizeLinear to feed one node; the QuantizeLinear stays shared.
+    onnxruntime fuses a Q/DQ pair into an integer kernel (MatMulIntegerToFloat,
+    QLinearMatMul) only when the pair feeds that one node: with one pair shared by
+    q/k/v projections it fused one MatMul of the three on MiniLM.
     """
-    node = value.producer()
-    if count <= 1 or node is None or node.op_type != "DequantizeLinear":
+    dequantize = value.producer()
+    quantize_node = dequantize.inputs[0].producer() if dequantize is not None else None
+    if count <= 1 or dequantize.op_type != "DequantizeLinear" or quantize_node is None \
+            or quantize_node.op_type != "QuantizeLinear":
         return [value] * count
     copies = [value]
     for index in range(1, count):
-        copy = ir.node("DequantizeLinear", list(node.inputs), attributes=dict(node.attributes),
-                       name=unique_node_name(graph, f"{node.name}_{index}"))
-        copy.outputs[0].name = f"{value.name}_{index}"
-        copy.outputs[0].shape, copy.outputs[0].type = value.shape, value.type
-        graph.insert_after(node, copy)
-        copies.append(copy.outputs[0])
+        # Own scale and zero-point initializers too: identical nodes would be merged back by
+        # onnxruntime's common-subexpression elimination before its QDQ fusion runs.
+        params = [add_initializer(graph, f"{v.name}_{index}", v.const_value.numpy()) for v in quantize_node.inputs[1:]]
+        q = ir.node("QuantizeLinear", [quantize_node.inputs[0], *params], attributes=dict(quantize_node.attributes),
+                    name=unique_node_name(graph, f"{quantize_node.name}_{index}"))
+        dq = ir.node("DequantizeLinear", [q.outputs[0], *params], attributes=dict(dequantize.attributes),
+                     name=unique_node_name(graph, f"{dequantize.name}_{index}"))
+        q.outputs[0].name = f"{quantize_node.outputs[0].name}_{index}"
+        q.outputs[0].shape, q.outputs[0].type = quantize_node.outputs[0].shape, quantize_node.outputs[0].type
+        dq.outputs[0].name = f"{value.name}_{index}"
+        dq.outputs[0].shape, dq.outputs[0].type = value.shape, value.type
+        graph.insert_after(dequantize, [q, dq])
+        copies.append(dq.outputs[0])
     return copies
 
 
