@@ -188,6 +188,7 @@ class Quantize(Pass):
                 plan.linear.matmul.replace_input_with(0, value)
                 annotation = json.loads(plan.linear.matmul.metadata_props[ANNOTATION])
                 annotation["activation"]["range"] = None if bounds is None else [float(b) for b in bounds]
+                annotation["activation"]["source"] = source.name
                 plan.linear.matmul.metadata_props[ANNOTATION] = json.dumps(annotation)
 
 

@@ -1,0 +1,1 @@
+"""ONNX Runtime backend: the quantized IR lowered to onnxruntime's integer kernels."""

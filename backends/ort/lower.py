@@ -1,0 +1,215 @@
+"""Lower the quantize pass's simulate form to onnxruntime's integer kernels.
+
+Per quantized linear (read from its ``qcompiler.quant`` annotation):
+
+- int8 weights with static int8 activations: the Q/DQ form already is what onnxruntime
+  fuses into MatMulIntegerToFloat (one Q/DQ pair per consumer, see
+  `qcompiler.quant.simulate.per_consumer`); kept as it is.
+- int8 weights with per-token dynamic int8 activations: ``MatMulInteger`` on int8 codes,
+  rescaled by the row scale and the per-channel weight scale in float::
+
+      y = (round(x / s_row) @ W_q) * s_row * s_col        s_row = max|x_row| / 127
+
+- 4-bit weights in groups along the input (and per channel, as equal-scale 128-blocks):
+  ``com.microsoft.MatMulNBits``. ``accuracy_level`` 0 (float compute, the simulate
+  numbers) for weight-only presets; 4 (int8 activations, the fast CPU path) for w4a8,
+  whose activations onnxruntime then quantizes per block of ``block_size`` along K
+  instead of per token.
+- Everything else (FP8, FP4, MX, NVFP4, int4 activations, int8 weight-only) stays in the
+  simulate form and is reported as simulated, never as accelerated.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.graph import add_initializer, unique_node_name
+from qcompiler.quant.formats import pack
+
+ANNOTATION = "qcompiler.quant"
+MS_DOMAIN = "com.microsoft"
+NBITS_BLOCK = 128
+
+
+@dataclass
+class Lowering:
+    """What each linear became."""
+
+    kernels: dict[str, str] = field(default_factory=dict)  # layer -> kernel
+    simulated: dict[str, str] = field(default_factory=dict)  # layer -> why no native kernel
+
+    def to_dict(self) -> dict:
+        return {"kernels": self.kernels, "simulated": self.simulated}
+
+
+def lower(model: ir.Model) -> Lowering:
+    """Rewrite every quantized linear of ``model`` to the kernel onnxruntime runs it with."""
+    result = Lowering()
+    graph = model.graph
+    for node in list(graph):
+        if ANNOTATION not in node.metadata_props:
+            continue
+        annotation = json.loads(node.metadata_props[ANNOTATION])
+        layer, weight, activation = annotation["layer"], annotation["weight"], annotation["activation"]
+        kernel = _choose(weight, activation)
+        if kernel is None:
+            result.simulated[layer] = _why_simulated(weight, activation)
+            continue
+        if kernel == "MatMulNBits":
+            _to_matmul_nbits(model, node, weight, activation)
+        elif kernel == "MatMulInteger":
+            _to_matmul_integer(graph, node, activation)
+        result.kernels[layer] = kernel if kernel != "QDQ" else "MatMulIntegerToFloat (fused from Q/DQ)"
+    _drop_unused(graph)
+    return result
+
+
+def _choose(weight: dict, activation: dict | None) -> str | None:
+    stored = weight["stored"] == "DequantizeLinear"
+    element = weight["format"]
+    if not stored:
+        return None
+    if element in ("int4", "uint4") and (activation is None or _is_int8_token(activation)):
+        if weight["granularity"] in ("group", "channel"):
+            return "MatMulNBits"
+        return None
+    if element == "int8" and weight["granularity"] in ("channel", "tensor") and activation is not None:
+        if activation["format"] == "int8" and not activation["dynamic"]:
+            return "QDQ"
+        if _is_int8_token(activation):
+            return "MatMulInteger"
+    return None
+
+
+def _is_int8_token(activation: dict) -> bool:
+    return activation["format"] == "int8" and activation["dynamic"] and activation["granularity"] == "token" \
+        and activation["symmetric"]
+
+
+def _why_simulated(weight: dict, activation: dict | None) -> str:
+    if weight["stored"] != "DequantizeLinear":
+        return f"onnxruntime has no CPU kernel for {weight['spec']} weights"
+    if activation is None:
+        return f"weight-only {weight['spec']} runs as DequantizeLinear + float MatMul"
+    return f"onnxruntime has no CPU kernel for {weight['spec']} weights with {activation['spec']} activations"
+
+
+def _weight_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, ir.Node]:
+    """Codes, scale and zero point of the DequantizeLinear feeding ``node``'s weight."""
+    dq = node.inputs[1].producer()
+    codes = dq.inputs[0].const_value.numpy()
+    scale = dq.inputs[1].const_value.numpy().astype(np.float32)
+    zero = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    return codes, scale, zero, dq
+
+
+def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: dict, activation: dict | None) -> None:
+    graph = model.graph
+    codes, scale, zero, _ = _weight_parts(node)
+    k, n = codes.shape
+    unsigned = codes.astype(np.int16) + (0 if weight["format"] == "uint4" else 8)
+    if weight["granularity"] == "group":
+        block = int(weight["group_size"])
+        scales = scale  # [ceil(K/g), N]
+        zeros = None if zero is None else zero.astype(np.int16) + (0 if weight["format"] == "uint4" else 8)
+    else:  # per channel: equal-scale blocks, the same arithmetic as one block of K
+        block = NBITS_BLOCK
+        blocks = -(-k // block)
+        scales = np.repeat(np.asarray(scale, np.float32).reshape(1, n), blocks, axis=0)
+        zeros = None
+    blocks = -(-k // block)
+    if zeros is None:
+        zeros = np.full((blocks, n), 8, np.int16)  # MatMulNBits' default zero point, stored explicitly
+    padded = np.empty((blocks * block, n), np.int16)
+    padded[:k] = unsigned
+    padded[k:] = np.repeat(zeros[-1:], blocks * block - k, axis=0)  # dequantizes to zero
+    columns = padded.T.reshape(n, blocks, block).astype(np.uint8)
+    packed = pack(columns.reshape(-1), 4).reshape(n, blocks, block // 2)
+    zero_bytes = np.stack([pack(zeros[:, i].astype(np.uint8), 4) for i in range(n)]).reshape(-1)
+    base = node.inputs[1].name
+    inputs = [node.inputs[0],
+              add_initializer(graph, f"{base}_nbits", packed),
+              add_initializer(graph, f"{base}_nbits_scales", np.ascontiguousarray(scales.T).reshape(-1)),
+              add_initializer(graph, f"{base}_nbits_zeros", zero_bytes)]
+    level = 4 if activation is not None else 0
+    replacement = ir.node("MatMulNBits", inputs, domain=MS_DOMAIN, name=unique_node_name(graph, f"{node.name}_nbits"),
+                          attributes={"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": level})
+    model.opset_imports.setdefault(MS_DOMAIN, 1)
+    if activation is not None:
+        # MatMulNBits quantizes its input itself; read the float activation, not the simulated one.
+        replacement.replace_input_with(0, _value_named(graph, activation["source"]))
+    _swap(graph, node, replacement)
+
+
+def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict) -> None:
+    codes, scale, _, _ = _weight_parts(node)
+    x = _value_named(graph, activation["source"])
+    base = node.name or "linear"
+    nodes: list[ir.Node] = []
+
+    def op(op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
+        made = ir.node(op_type, list(inputs), attributes=attributes, name=unique_node_name(graph, f"{base}_{op_type.lower()}_{len(nodes)}"))
+        nodes.append(made)
+        return made.outputs[0]
+
+    axes = add_initializer(graph, f"{base}_token_axes", np.array([-1], np.int64))
+    row_scale = op("Max", op("Div", op("ReduceMax", op("Abs", x), axes, keepdims=1),
+                            add_initializer(graph, f"{base}_qmax", np.array(127.0, np.float32))),
+                   add_initializer(graph, f"{base}_tiny", np.array(1e-30, np.float32)))
+    grid = op("Clip", op("Round", op("Div", x, row_scale)), add_initializer(graph, f"{base}_lo", np.array(-128.0, np.float32)),
+              add_initializer(graph, f"{base}_hi", np.array(127.0, np.float32)))
+    accumulated = op("MatMulInteger", op("Cast", grid, to=ir.DataType.INT8),
+                     add_initializer(graph, f"{base}_int8", codes.astype(np.int8)))
+    column_scale = add_initializer(graph, f"{base}_column_scale", np.broadcast_to(scale, (codes.shape[1],)).astype(np.float32))
+    output = op("Mul", op("Mul", op("Cast", accumulated, to=ir.DataType.FLOAT), row_scale), column_scale)
+    nodes[-1].metadata_props.update(node.metadata_props)
+    graph.insert_before(node, nodes)
+    old = node.outputs[0]
+    old.replace_all_uses_with(output)
+    if old.is_graph_output():
+        graph.outputs[graph.outputs.index(old)] = output
+    output.name, output.shape, output.type = old.name, old.shape, old.type
+    old.name = f"{old.name}_replaced"
+    graph.remove(node, safe=True)
+
+
+def _swap(graph: ir.Graph, node: ir.Node, replacement: ir.Node) -> None:
+    graph.insert_before(node, replacement)
+    old = node.outputs[0]
+    new = replacement.outputs[0]
+    old.replace_all_uses_with(new)
+    if old.is_graph_output():
+        graph.outputs[graph.outputs.index(old)] = new
+    name = old.name
+    old.name = f"{name}_replaced"
+    new.name, new.shape, new.type = name, old.shape, old.type
+    replacement.metadata_props.update(node.metadata_props)
+    graph.remove(node, safe=True)
+
+
+def _value_named(graph: ir.Graph, name: str) -> ir.Value:
+    for value in graph.inputs:
+        if value.name == name:
+            return value
+    for node in graph:
+        for output in node.outputs:
+            if output.name == name:
+                return output
+    raise ValueError(f"the annotated activation source '{name}' is not in the graph")
+
+
+def _drop_unused(graph: ir.Graph) -> None:
+    """Remove the simulate nodes and initializers that nothing reads any more."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph)):
+            if all(not output.uses() and not output.is_graph_output() for output in node.outputs):
+                graph.remove(node, safe=True)
+                changed = True
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        graph.initializers.pop(name)
