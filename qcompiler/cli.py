@@ -4,6 +4,8 @@
     qcompile passes                                        list passes and presets
     qcompile inspect MODEL [--calib FILE]                  ops, linears, outliers
     qcompile eval REF COMPILED --data FILE                 fidelity of COMPILED against REF
+    qcompile run DIR --inputs FILE.npz [-o OUT.npz]        run an artifact
+    qcompile bench DIR [--reference MODEL]                 latency against the FP32 source, interleaved
 
 User errors print one sentence and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -27,7 +29,7 @@ from qcompiler.errors import QCompilerError
 console = Console(stderr=True)
 # Reports are tables; when piped (CI logs, files) do not squeeze them to 80 columns.
 stdout = Console() if sys.stdout.isatty() else Console(width=140)
-COMMANDS = ("compile", "passes", "inspect", "eval")
+COMMANDS = ("compile", "passes", "inspect", "eval", "run", "bench")
 
 
 class DefaultToCompile(click.Group):
@@ -86,8 +88,10 @@ def _calibration_options(func):
 @click.option("--no-verify", is_flag=True, help="Skip output verification after passes.")
 @click.option("--no-normalize", is_flag=True, help="Do not prepend the normalize preset.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("--backend", type=click.Choice(["simulate", "ort"]), default="simulate", show_default=True,
+              help="simulate: the Q/DQ form; ort: onnxruntime integer kernels (MatMulIntegerToFloat, MatMulInteger, MatMulNBits).")
 @_calibration_options
-def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, calib, tokenizer,
+def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, calib, tokenizer,
                     batch_size, max_length, debug) -> None:
     """Compile MODEL (ONNX file, Hugging Face folder, or 'minilm') through a pass pipeline."""
     from qcompiler.compiler import compile as run_compile
@@ -96,10 +100,16 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
         log = (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False))
         result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
                              normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,
-                             batch_size=batch_size, max_length=max_length, progress=not quiet, log=log)
+                             batch_size=batch_size, max_length=max_length, progress=not quiet, log=log,
+                             backend=backend)
         if not quiet:
             result.report.print(stdout)
-            stdout.print(f"wrote {result.output}/model.onnx and {result.output}/report.json")
+            fidelity = result.manifest.get("fidelity") if result.manifest else None
+            if fidelity and fidelity.get("embedding"):
+                e = fidelity["embedding"]
+                stdout.print(f"held-out sentence embeddings vs the source: mean cosine {e['mean_cosine']:.5f}, "
+                             f"min {e['min_cosine']:.5f}")
+            stdout.print(f"wrote {result.output}/ (model.onnx, manifest.json, report.json, report.md)")
 
     _guard(debug, action)
 
@@ -210,3 +220,73 @@ def _model_file(path: str) -> str:
             raise QCompilerError(f"Directory '{path}' holds no model.onnx; give a model file or a qcompile output directory.")
         return inner
     return path
+
+
+@main.command("run")
+@click.argument("artifact_dir")
+@click.option("--inputs", required=True, type=click.Path(dir_okay=False), help=".npz of named input arrays.")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the outputs to this .npz (must not exist).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def run_command(artifact_dir, inputs, output, debug) -> None:
+    """Run the model of ARTIFACT_DIR on --inputs and print (or save) its outputs."""
+
+    def action():
+        import numpy as np
+
+        from qcompiler.artifact import open_artifact
+        from qcompiler.calibration import data as calib_data
+        from qcompiler.runtime import make_session, run_batches
+
+        path, _ = open_artifact(artifact_dir)
+        model = _load_onnx(path)
+        data = calib_data.from_npz(inputs, batch_size=1 << 30)
+        calib_data.validate(data, model)
+        results = run_batches(make_session(model), data.batches)[0]
+        if output:
+            if os.path.exists(output):
+                raise QCompilerError(f"'{output}' exists; qcompiler will not overwrite it.")
+            np.savez(output, **results)
+            stdout.print(f"wrote {output}")
+        for name, value in results.items():
+            stdout.print(f"{name}: shape {list(value.shape)}, dtype {value.dtype}, mean {float(value.mean()):.6g}")
+
+    _guard(debug, action)
+
+
+@main.command("bench")
+@click.argument("artifact_dir")
+@click.option("--reference", help="The FP32 model to compare with (default: the source recorded in the manifest).")
+@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--sequence", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--runs", type=click.IntRange(min=3), default=20, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="onnxruntime intra-op threads (0: its default).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def bench_command(artifact_dir, reference, batch, sequence, runs, threads, debug) -> None:
+    """Latency of ARTIFACT_DIR against its FP32 source, in one process, runs interleaved."""
+
+    def action():
+        from qcompiler.artifact import open_artifact
+        from qcompiler.benchmarking import compare_latency, synthetic_feeds
+        from qcompiler.capture import load
+
+        path, manifest = open_artifact(artifact_dir)
+        compiled = _load_onnx(path)
+        source = reference or manifest.get("source")
+        if not source:
+            raise QCompilerError("The manifest records no source; name the FP32 model with --reference.")
+        fp32 = load(source)
+        feeds = synthetic_feeds(fp32, batch, sequence)
+        rows = compare_latency({"fp32": fp32, "compiled": compiled}, feeds, runs, threads)
+        for name, row in rows.items():
+            stdout.print(f"{name:10s} median {row['median_ms']:8.2f} ms   ratio to fp32 {row['ratio']:.3f}")
+
+    _guard(debug, action)
+
+
+def _load_onnx(path):
+    import onnx_ir as ir
+
+    try:
+        return ir.load(path)
+    except Exception as exc:
+        raise QCompilerError(f"'{path}' is not a readable ONNX model: {str(exc).splitlines()[0]}") from None

@@ -8,6 +8,7 @@ directory is refused unless ``force`` is set.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -17,16 +18,20 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 import onnx_ir as ir
+from rich.console import Console
 
+from qcompiler import artifact
 from qcompiler.calibration import data as calib_data
 from qcompiler.calibration.data import CalibrationData
 from qcompiler.capture import TOKENIZER_KEY, load, load_tokenizer
 from qcompiler.errors import CalibrationError, QCompilerError
+from qcompiler.evaluation import embedding_metrics, quantization_annotations
 from qcompiler.pass_manager import DEFAULT_TOLERANCE, PassManager
 from qcompiler.pipeline import parse_pipeline
 from qcompiler.registry import Pass
 from qcompiler.report import Report
 from qcompiler.runtime import INLINE_LIMIT_BYTES, initializer_bytes
+from qcompiler.verify import compare_outputs
 
 NORMALIZE = "normalize"
 
@@ -84,11 +89,15 @@ def resolve_calibration(
     return data
 
 
+BACKENDS = ("simulate", "ort")
+
+
 @dataclass
 class CompileResult:
     model: ir.Model
     report: Report
     output: Path | None
+    manifest: dict | None = None
 
 
 def compile(
@@ -105,9 +114,16 @@ def compile(
     batch_size: int = 8,
     max_length: int = 128,
     progress: bool = False,
+    backend: str = "simulate",
     log: Callable[[str], None] = lambda message: None,
 ) -> CompileResult:
-    """Load ``model``, run ``passes`` (after normalization), and write ``output`` if given."""
+    """Load ``model``, run ``passes`` (after normalization), lower for ``backend``, write ``output`` if given.
+
+    ``backend`` is ``simulate`` (the quantize pass's Q/DQ form, which runs everywhere ONNX
+    runs) or ``ort`` (onnxruntime's integer kernels where it has them).
+    """
+    if backend not in BACKENDS:
+        raise QCompilerError(f"Unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
     target = Path(output) if output is not None else None
     if target is not None:
         _check_output_dir(target, force)
@@ -121,9 +137,44 @@ def compile(
     report = manager.run(ir_model, source=str(source))
     if data is not None and calib is None:
         report.notes.append("calibrated on qcompiler's built-in sentences (no --calib given)")
+    kernels: dict = {}
+    if backend == "ort":
+        from qcompiler.backends.ort.lower import lower
+
+        kernels = lower(ir_model).to_dict()
+    fidelity = _fidelity(manager, ir_model)
+    details = artifact.manifest(source=model if isinstance(model, (str, os.PathLike)) else source,
+                                pipeline=report.pipeline, backend=backend, layers=_layers(ir_model, kernels, backend),
+                                fidelity=fidelity, notes=report.notes)
     if target is not None:
-        write_output(ir_model, report, target, force)
-    return CompileResult(ir_model, report, target)
+        write_output(ir_model, report, target, force, details)
+    return CompileResult(ir_model, report, target, details)
+
+
+def _fidelity(manager: PassManager, model: ir.Model) -> dict | None:
+    """The compiled model against the model as given, on the held-out calibration batches."""
+    if manager.reference_outputs is None or manager.holdout is None:
+        return None
+    compiled = manager.outputs(model)
+    outputs = compare_outputs(manager.reference_outputs, compiled)
+    embedding = embedding_metrics(list(outputs), manager.reference_outputs, compiled, manager.holdout.batches)
+    return {"holdout_batches": len(manager.holdout), "outputs": outputs, "embedding": embedding}
+
+
+def _layers(model: ir.Model, kernels: dict, backend: str) -> dict[str, dict]:
+    """Per quantized layer: its scheme and what runs it."""
+    layers = {}
+    for layer, annotation in quantization_annotations(model, full=True).items():
+        info = {"preset": annotation["preset"], "scheme": annotation["scheme"],
+                "weight_sqnr_db": annotation["weight_sqnr_db"]}
+        if backend == "ort" and layer in kernels.get("kernels", {}):
+            info["kernel"] = kernels["kernels"][layer]
+        elif backend == "ort":
+            info["simulated"] = kernels.get("simulated", {}).get(layer, "no kernel")
+        else:
+            info["simulated"] = "simulate form (QuantizeLinear/DequantizeLinear and float ops)"
+        layers[layer] = info
+    return layers
 
 
 def _check_output_dir(target: Path, force: bool) -> None:
@@ -141,14 +192,19 @@ def save_model(model: ir.Model, path: Path) -> None:
         ir.save(model, path)
 
 
-def write_output(model: ir.Model, report: Report, target: Path, force: bool) -> None:
-    """Write ``model.onnx`` and ``report.json`` into ``target`` atomically."""
+def write_output(model: ir.Model, report: Report, target: Path, force: bool, details: dict | None = None) -> None:
+    """Write ``model.onnx``, ``report.json`` (and with ``details`` the manifest and report.md) atomically."""
     _check_output_dir(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         save_model(model, staging / "model.onnx")
         report.write_json(staging / "report.json")
+        if details is not None:
+            table = Console(width=140, file=io.StringIO(), color_system=None)
+            report.print(table)
+            (staging / "report.md").write_text(artifact.report_markdown(details, table.file.getvalue()), encoding="utf-8")
+            artifact.record_files(staging, details)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
             os.replace(target, retired / target.name)

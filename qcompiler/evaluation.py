@@ -183,11 +183,12 @@ def _transformed(model: ir.Model) -> dict[str, str]:
     return found
 
 
-def quantization_annotations(model: ir.Model) -> dict[str, dict]:
-    """Module path -> {scheme, weight_sqnr_db} from the quantize pass's node annotations."""
+def quantization_annotations(model: ir.Model, full: bool = False) -> dict[str, dict]:
+    """Module path -> {scheme, weight_sqnr_db} (``full``: the whole annotation) from the quantize pass."""
     found = {}
     for node in model.graph:
         if ANNOTATION in node.metadata_props:
             annotation = json.loads(node.metadata_props[ANNOTATION])
-            found[annotation["layer"]] = {"scheme": annotation["scheme"], "weight_sqnr_db": annotation["weight_sqnr_db"]}
+            found[annotation["layer"]] = annotation if full else {
+                "scheme": annotation["scheme"], "weight_sqnr_db": annotation["weight_sqnr_db"]}
     return found

@@ -71,6 +71,8 @@ class PassManager:
     log: Callable[[str], None] = lambda message: None
     engine: CalibrationEngine | None = field(init=False, default=None)
     holdout: CalibrationData | None = field(init=False, default=None)
+    # Outputs of the model as given, on the held-out batches (None without verification).
+    reference_outputs: list | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         if self.calibration is not None:
@@ -91,6 +93,7 @@ class PassManager:
         if self.verify and self.holdout is None:
             report.notes.append("outputs were not verified: no calibration data to hold out")
         previous = self._outputs(model) if checking else None
+        self.reference_outputs = previous
         ctx = PassContext(self.engine, self.holdout, report, log=self.log)
         for index, pass_ in enumerate(self.passes):
             record = PassRecord(pass_.name, pass_.spec(), pass_.preserves_function)
@@ -116,6 +119,10 @@ class PassManager:
             report.calibration["collections"] = [vars(r) for r in self.engine.records]
         report.total_seconds = time.perf_counter() - start
         return report
+
+    def outputs(self, model: ir.Model):
+        """``model``'s outputs on the held-out batches."""
+        return self._outputs(model)
 
     def _outputs(self, model: ir.Model):
         session = make_session(model)

