@@ -169,9 +169,7 @@ def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict) -> None
     nodes[-1].metadata_props.update(node.metadata_props)
     graph.insert_before(node, nodes)
     old = node.outputs[0]
-    old.replace_all_uses_with(output)
-    if old.is_graph_output():
-        graph.outputs[graph.outputs.index(old)] = output
+    old.replace_all_uses_with(output, replace_graph_outputs=True)
     output.name, output.shape, output.type = old.name, old.shape, old.type
     old.name = f"{old.name}_replaced"
     graph.remove(node, safe=True)
@@ -181,9 +179,7 @@ def _swap(graph: ir.Graph, node: ir.Node, replacement: ir.Node) -> None:
     graph.insert_before(node, replacement)
     old = node.outputs[0]
     new = replacement.outputs[0]
-    old.replace_all_uses_with(new)
-    if old.is_graph_output():
-        graph.outputs[graph.outputs.index(old)] = new
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
     name = old.name
     old.name = f"{name}_replaced"
     new.name, new.shape, new.type = name, old.shape, old.type

@@ -1,0 +1,98 @@
+"""The ORT backend: the kernels onnxruntime really runs, and outputs that match the simulate form."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from qcompiler.backends.ort.lower import lower
+from qcompiler.calibration import data as calib_data
+from qcompiler.pass_manager import PassManager
+from qcompiler.pipeline import parse_pipeline
+from qcompiler.runtime import make_session, run_batches
+from qcompiler.verify import compare_outputs
+
+INPUTS = ["input_ids", "attention_mask", "token_type_ids"]
+
+
+def optimized_ops(model: ir.Model, tmp_path) -> collections.Counter:
+    """Op counts of the graph onnxruntime actually executes, after its own fusions."""
+    source, optimized = tmp_path / "model.onnx", tmp_path / "optimized.onnx"
+    ir.save(model, source)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+    return collections.Counter(node.op_type for node in onnx.load(str(optimized)).graph.node)
+
+
+@pytest.fixture(scope="module")
+def heldout(tokenizer, heldout_sentences):
+    return calib_data.from_sentences(heldout_sentences, tokenizer, INPUTS).batches
+
+
+@pytest.mark.parametrize("preset, kernel, count, tolerance", [
+    ("w8a8", "MatMulIntegerToFloat", 37, 1e-5),
+    ("w8a8-dyn", "MatMulInteger", 37, 5e-3),
+    ("w4a16", "MatMulNBits", 37, 1e-5),
+    ("w4a8", "MatMulNBits", 37, 5e-2),
+])
+def test_minilm_runs_on_integer_kernels_and_matches_simulate(normalized_files, minilm_calibration, heldout, tmp_path,
+                                                           preset, kernel, count, tolerance):
+    model = ir.load(normalized_files("minilm"))
+    reference = run_batches(make_session(model), heldout)
+    PassManager(parse_pipeline(preset), calibration=minilm_calibration, verify=False, progress=False).run(model)
+    simulated = run_batches(make_session(model), heldout)
+    lowering = lower(model)
+    assert len(lowering.kernels) == count and not lowering.simulated
+    assert optimized_ops(model, tmp_path)[kernel] == count
+    lowered = run_batches(make_session(model), heldout)
+
+    def cosine(a, b):
+        return min(e["cosine"] for e in compare_outputs(a, b).values())
+
+    # Each layer matches to float rounding (the integer GEMM is exact), but a 1e-6 difference
+    # flips a per-token rounding at a tie now and then, and six layers amplify the flips;
+    # W4A8's MatMulNBits quantizes activations per block of 128 instead of per token.
+    assert cosine(simulated, lowered) > 1 - tolerance
+    assert abs(cosine(reference, lowered) - cosine(reference, simulated)) < tolerance
+
+
+def test_formats_without_kernels_stay_simulated(normalized_files, minilm_calibration):
+    model = ir.load(normalized_files("minilm"))
+    PassManager(parse_pipeline("w8a8(override=*output.dense:nvfp4;*query:w4a4)"), calibration=minilm_calibration,
+                verify=False, progress=False).run(model)
+    lowering = lower(model)
+    assert len(lowering.simulated) == 6 * 3 and len(lowering.kernels) == 37 - 18
+    assert all("no CPU kernel" in why for why in lowering.simulated.values())
+
+
+def test_matmul_nbits_packing_on_odd_shapes():
+    """K not a multiple of the group, per-channel int4 as equal-scale blocks, a single row."""
+    from qcompiler.quant.presets import Scheme
+    from qcompiler.quant.spec import QuantSpec
+    from tests.quant.test_simulate import _linear_model
+    from qcompiler.quant.simulate import dequantized_weight
+    from qcompiler.quant.spec import quantize
+    import json
+
+    rng = np.random.default_rng(0)
+    for spec in (QuantSpec("uint4", "group", 32, symmetric=False), QuantSpec("int4", "channel"),
+                 QuantSpec("int4", "group", 64)):
+        weight = rng.standard_normal((100, 24)).astype(np.float32)
+        model, matmul = _linear_model(weight, 1)
+        quantized = quantize(weight, spec, "weight")
+        matmul.replace_input_with(1, dequantized_weight(model.graph, quantized, "w", matmul))
+        model.graph.initializers.pop("w")
+        matmul.metadata_props["qcompiler.quant"] = json.dumps({
+            "layer": "linear", "preset": "test", "scheme": Scheme(spec, None).describe(), "weight_sqnr_db": 0.0,
+            "weight": {"stored": "DequantizeLinear", "spec": spec.describe(), **spec.to_dict()}, "activation": None})
+        x = rng.standard_normal((2, 1, 100)).astype(np.float32)
+        expected = x @ quantized.dequantize()
+        assert lower(model).kernels == {"linear": "MatMulNBits"}
+        np.testing.assert_allclose(make_session(model).run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)

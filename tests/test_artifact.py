@@ -1,0 +1,68 @@
+"""Artifacts: written atomically with a manifest, run and benchmarked from the CLI, refused when damaged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from qcompiler.artifact import open_artifact
+from qcompiler.cli import main
+from qcompiler.errors import QCompilerError
+
+
+@pytest.fixture(scope="module")
+def artifact(normalized_files, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("artifact") / "w8a8"
+    runner = CliRunner()
+    result = runner.invoke(main, [str(normalized_files("minilm")), "--passes", "w8a8", "--backend", "ort",
+                                  "--tokenizer", "minilm", "--no-normalize", "-o", str(folder), "--quiet"])
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def test_manifest_records_what_a_deployer_needs(artifact):
+    path, manifest = open_artifact(artifact)
+    assert path.is_file() and manifest["backend"] == "ort" and len(manifest["sha256"]) == 64
+    assert "w8a8(" in manifest["pipeline"] and manifest["versions"]["onnxruntime"]
+    assert set(manifest["files"]) == {"model.onnx", "report.json", "report.md"}
+    layers = manifest["layers"]
+    assert len(layers) == 37 and all(layer["kernel"].startswith("MatMulIntegerToFloat") for layer in layers.values())
+    embedding = manifest["fidelity"]["embedding"]
+    assert 0.98 < embedding["mean_cosine"] < 1.0
+    assert "MatMulIntegerToFloat" in (artifact / "report.md").read_text()
+
+
+def test_run_and_bench(artifact, tmp_path, tokenizer):
+    encoded = tokenizer(["a sentence to run", "and another"], padding=True, return_tensors="np")
+    inputs = tmp_path / "inputs.npz"
+    np.savez(inputs, **{k: encoded[k].astype(np.int64) for k in ("input_ids", "attention_mask", "token_type_ids")})
+    runner = CliRunner()
+    out = tmp_path / "out.npz"
+    result = runner.invoke(main, ["run", str(artifact), "--inputs", str(inputs), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert np.load(out)["layer_norm_12"].shape[:2] == encoded["input_ids"].shape
+    again = runner.invoke(main, ["run", str(artifact), "--inputs", str(inputs), "-o", str(out)])
+    assert again.exit_code == 2 and "will not overwrite" in again.output
+    bench = runner.invoke(main, ["bench", str(artifact), "--batch", "2", "--sequence", "16", "--runs", "3"])
+    assert bench.exit_code == 0, bench.output
+    assert "ratio to fp32" in bench.output
+
+
+def test_damaged_artifacts_are_refused(artifact, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact, copy)
+    with open(copy / "model.onnx", "r+b") as handle:
+        handle.truncate(1000)
+    with pytest.raises(QCompilerError, match="partial"):
+        open_artifact(copy)
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(QCompilerError, match="corrupt"):
+        open_artifact(copy)
+    (copy / "manifest.json").unlink()
+    result = CliRunner().invoke(main, ["run", str(copy), "--inputs", str(copy / "x.npz")])
+    assert result.exit_code == 2 and "not a qcompiler artifact" in result.output
