@@ -5,10 +5,11 @@ Per quantized linear (read from its ``qcompiler.quant`` annotation):
 - int8 weights with static int8 activations: the Q/DQ form already is what onnxruntime
   fuses into MatMulIntegerToFloat (one Q/DQ pair per consumer, see
   `qcompiler.quant.simulate.per_consumer`); kept as it is.
-- int8 weights with per-token dynamic int8 activations: ``MatMulInteger`` on int8 codes,
-  rescaled by the row scale and the per-channel weight scale in float::
+- int8 weights with per-token dynamic int8 activations: an integer GEMM
+  (``MatMulIntegerToFloat``) on the codes, computed once per source tensor, rescaled by the
+  per-column weight scale and the per-row activation scale::
 
-      y = (round(x / s_row) @ W_q) * s_row * s_col        s_row = max|x_row| / 127
+      y = (round(x / s_row) @ W_q) * s_col * s_row        s_row = max|x_row| / 127
 
 - 4-bit weights in groups along the input (and per channel, as equal-scale 128-blocks):
   ``com.microsoft.MatMulNBits``. ``accuracy_level`` 0 (float compute, the simulate
@@ -50,6 +51,7 @@ def lower(model: ir.Model) -> Lowering:
     """Rewrite every quantized linear of ``model`` to the kernel onnxruntime runs it with."""
     result = Lowering()
     graph = model.graph
+    tokens: dict = {}  # activation source -> its per-token uint8 codes and row scales
     for node in list(graph):
         if ANNOTATION not in node.metadata_props:
             continue
@@ -61,8 +63,9 @@ def lower(model: ir.Model) -> Lowering:
             continue
         if kernel == "MatMulNBits":
             _to_matmul_nbits(model, node, weight, activation)
-        elif kernel == "MatMulInteger":
-            _to_matmul_integer(graph, node, activation)
+        elif kernel == "MatMulIntegerToFloat (per-token)":
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+            _to_matmul_integer(graph, node, activation, tokens)
         result.kernels[layer] = kernel if kernel != "QDQ" else "MatMulIntegerToFloat (fused from Q/DQ)"
     _drop_unused(graph)
     return result
@@ -81,7 +84,7 @@ def _choose(weight: dict, activation: dict | None) -> str | None:
         if activation["format"] == "int8" and not activation["dynamic"]:
             return "QDQ"
         if _is_int8_token(activation):
-            return "MatMulInteger"
+            return "MatMulIntegerToFloat (per-token)"
     return None
 
 
@@ -145,27 +148,45 @@ def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: dict, activation: d
     _swap(graph, node, replacement)
 
 
-def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict) -> None:
+def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict, tokens: dict) -> None:
+    """Per-token int8 activations: one quantization per source tensor, one integer GEMM per linear.
+
+    The codes go to the GEMM as uint8 with zero point 128 (the same integers, on the
+    u8 x s8 path x86 kernels are fastest at); MatMulIntegerToFloat applies the per-column
+    weight scale, one Mul the per-row activation scale.
+    """
     codes, scale, _, _ = _weight_parts(node)
-    x = _value_named(graph, activation["source"])
+    source = activation["source"]
     base = node.name or "linear"
     nodes: list[ir.Node] = []
 
-    def op(op_type: str, *inputs: ir.Value, **attributes) -> ir.Value:
-        made = ir.node(op_type, list(inputs), attributes=attributes, name=unique_node_name(graph, f"{base}_{op_type.lower()}_{len(nodes)}"))
+    def op(op_type: str, *inputs: ir.Value, domain: str = "", **attributes) -> ir.Value:
+        made = ir.node(op_type, list(inputs), attributes=attributes, domain=domain,
+                       name=unique_node_name(graph, f"{base}_{op_type.lower()}_{len(nodes)}"))
         nodes.append(made)
         return made.outputs[0]
 
-    axes = add_initializer(graph, f"{base}_token_axes", np.array([-1], np.int64))
-    row_scale = op("Max", op("Div", op("ReduceMax", op("Abs", x), axes, keepdims=1),
-                            add_initializer(graph, f"{base}_qmax", np.array(127.0, np.float32))),
-                   add_initializer(graph, f"{base}_tiny", np.array(1e-30, np.float32)))
-    grid = op("Clip", op("Round", op("Div", x, row_scale)), add_initializer(graph, f"{base}_lo", np.array(-128.0, np.float32)),
-              add_initializer(graph, f"{base}_hi", np.array(127.0, np.float32)))
-    accumulated = op("MatMulInteger", op("Cast", grid, to=ir.DataType.INT8),
-                     add_initializer(graph, f"{base}_int8", codes.astype(np.int8)))
-    column_scale = add_initializer(graph, f"{base}_column_scale", np.broadcast_to(scale, (codes.shape[1],)).astype(np.float32))
-    output = op("Mul", op("Mul", op("Cast", accumulated, to=ir.DataType.FLOAT), row_scale), column_scale)
+    if source not in tokens:
+        x = _value_named(graph, source)
+        axes = add_initializer(graph, f"{source}_token_axes", np.array([-1], np.int64))
+        row_scale = op("Max", op("Div", op("ReduceMax", op("Abs", x), axes, keepdims=1),
+                                add_initializer(graph, f"{source}_qmax", np.array(127.0, np.float32))),
+                       add_initializer(graph, f"{source}_tiny", np.array(1e-30, np.float32)))
+        # Blocked QuantizeLinear with one block per row is per-token quantization in one
+        # kernel; zero point 128 (a [.., 1] tensor shaped like the scales) makes the codes uint8.
+        zero = op("Cast", op("Add", op("Mul", row_scale, add_initializer(graph, f"{source}_nought",
+                                                                            np.array(0.0, np.float32))),
+                             add_initializer(graph, f"{source}_offset", np.array(128.0, np.float32))),
+                  to=ir.DataType.UINT8)
+        tokens[source] = (op("QuantizeLinear", x, row_scale, zero, axis=-1, block_size=int(codes.shape[0])),
+                          row_scale)
+    grid_u8, row_scale = tokens[source]
+    column_scale = add_initializer(graph, f"{base}_column_scale",
+                                   np.ascontiguousarray(np.broadcast_to(scale, (codes.shape[1],)), np.float32))
+    product = op("MatMulIntegerToFloat", grid_u8, add_initializer(graph, f"{base}_int8", codes.astype(np.int8)),
+                 add_initializer(graph, f"{base}_a_scale", np.array(1.0, np.float32)), column_scale,
+                 add_initializer(graph, f"{base}_a_zero", np.array(128, np.uint8)), domain=MS_DOMAIN)
+    output = op("Mul", product, row_scale)
     nodes[-1].metadata_props.update(node.metadata_props)
     graph.insert_before(node, nodes)
     old = node.outputs[0]
