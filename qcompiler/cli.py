@@ -199,7 +199,13 @@ def eval_command(reference, compiled, data, tokenizer, batch_size, max_length, a
         from qcompiler.compiler import resolve_calibration
         from qcompiler.evaluation import evaluate
 
+        from qcompiler.compiler import NORMALIZE
+        from qcompiler.pass_manager import PassManager
+        from qcompiler.pipeline import parse_pipeline
+
         ref_model = load(reference)
+        # Normalizing the reference (function-preserving) gives it the linears the compiled model has.
+        PassManager(parse_pipeline(NORMALIZE), verify=False, progress=False).run(ref_model)
         candidate = load(_model_file(compiled))
         batches = resolve_calibration(data, ref_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         result = evaluate(ref_model, candidate, batches.batches)

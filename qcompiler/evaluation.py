@@ -152,26 +152,38 @@ def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def layer_outputs(model: ir.Model) -> dict[str, str]:
-    """Module path -> output value name of every linear, float or quantized (its weight through a DequantizeLinear)."""
+    """Module path -> output value name of every linear: float, simulated, or lowered to a kernel.
+
+    Quantized layers are found by their annotation (which lowering keeps on the node that
+    produces the layer's output); float ones as MatMuls with a constant 2-D weight.
+    """
     result: dict[str, str] = {}
     for node in model.graph:
-        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        if ANNOTATION in node.metadata_props:
+            layer = json.loads(node.metadata_props[ANNOTATION])["layer"]
+        elif _is_float_linear(node):
+            layer = Linear(node, node.inputs[1], None, None).layer
+        else:
             continue
-        weight = node.inputs[1]
-        producer = weight.producer() if weight is not None else None
-        constant = weight is not None and (weight.const_value is not None or
-                                           (producer is not None and producer.op_type in ("Constant", "DequantizeLinear")))
-        if not constant or weight.shape is None or len(weight.shape) != 2:
-            continue
-        linear = Linear(node, weight, None, None)
-        uses = list(node.outputs[0].uses())
         output = node.outputs[0]
+        uses = list(output.uses())
         if len(uses) == 1 and uses[0].node.op_type == "Add" and not output.is_graph_output():
-            output = uses[0].node.outputs[0]
             bias = uses[0].node.inputs[1 - uses[0].idx]
-            linear = Linear(node, weight, uses[0].node, bias)
-        result.setdefault(linear.layer, output.name)
+            output = uses[0].node.outputs[0]
+            if ANNOTATION not in node.metadata_props:
+                layer = Linear(node, node.inputs[1], uses[0].node, bias).layer
+        result.setdefault(layer, output.name)
     return result
+
+
+def _is_float_linear(node: ir.Node) -> bool:
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return False
+    weight = node.inputs[1]
+    producer = weight.producer() if weight is not None else None
+    constant = weight is not None and (weight.const_value is not None or
+                                       (producer is not None and producer.op_type in ("Constant", "DequantizeLinear")))
+    return constant and weight.shape is not None and len(weight.shape) == 2
 
 
 def _transformed(model: ir.Model) -> dict[str, str]:
@@ -179,7 +191,11 @@ def _transformed(model: ir.Model) -> dict[str, str]:
     found = {}
     for node in model.graph:
         if OUTPUT_TRANSFORMED in node.metadata_props:
-            found[Linear(node, node.inputs[1], None, None).layer] = node.metadata_props[OUTPUT_TRANSFORMED]
+            if ANNOTATION in node.metadata_props:
+                layer = json.loads(node.metadata_props[ANNOTATION])["layer"]
+            else:
+                layer = Linear(node, node.inputs[1], None, None).layer
+            found[layer] = node.metadata_props[OUTPUT_TRANSFORMED]
     return found
 
 

@@ -66,3 +66,12 @@ def test_damaged_artifacts_are_refused(artifact, tmp_path):
     (copy / "manifest.json").unlink()
     result = CliRunner().invoke(main, ["run", str(copy), "--inputs", str(copy / "x.npz")])
     assert result.exit_code == 2 and "not a qcompiler artifact" in result.output
+
+
+def test_eval_reads_lowered_artifacts_layer_by_layer(artifact, tmp_path):
+    data = tmp_path / "held.txt"
+    data.write_text("a held out sentence\nanother sentence to embed\nthe third one\n")
+    result = CliRunner().invoke(main, ["eval", "minilm", str(artifact), "--data", str(data), "--json"])
+    assert result.exit_code == 0, result.output
+    layers = json.loads(result.output)["layers"]
+    assert len(layers) == 37 and all(layer["output_sqnr_db"] > 10 for layer in layers)
