@@ -5,7 +5,9 @@
                         kernels, library versions, fidelity on the held-out calibration
                         batches, file sizes
     DIR/report.json     the pass manager's report (per-pass time, changes, errors)
-    DIR/report.md       the same, for people: pipeline, fidelity, per-layer table
+    DIR/report.md       the same, for people: pipeline, fidelity, per-layer table, and the
+                        figures beside it (channels.png: outlier channels after each
+                        transform; weight_sqnr.png: per-layer weight SQNR)
 
 The directory is written atomically by `qcompiler.compiler.write_output`. Loading checks
 that the manifest parses and that every file it lists exists with the recorded size, so
@@ -82,8 +84,8 @@ def record_files(folder: Path, data: dict) -> None:
     (folder / MANIFEST).write_text(json.dumps(data, indent=2, default=float) + "\n", encoding="utf-8")
 
 
-def report_markdown(data: dict, report_table: str) -> str:
-    """A readable summary of the manifest and the pass table."""
+def report_markdown(data: dict, report_table: str, figures: list[str] = ()) -> str:
+    """A readable summary of the manifest, the pass table and the figures."""
     lines = [f"# qcompiler artifact ({data['backend']})", "", f"- source: `{data['source']}`"]
     if "sha256" in data:
         lines.append(f"- sha256: `{data['sha256']}`")
@@ -100,6 +102,11 @@ def report_markdown(data: dict, report_table: str) -> str:
             lines += ["", f"Sentence embeddings ({e['output']}): mean cosine {e['mean_cosine']:.5f}, "
                           f"min {e['min_cosine']:.5f}, nearest-neighbour agreement {e['neighbour_agreement']:.3f}."]
         lines.append("")
+    captions = {"channels.png": "Per-channel input magnitude of the layers with the worst outlier channels, "
+                                "after normalization and after each transform",
+                "weight_sqnr.png": "Weight SQNR per layer"}
+    for figure in figures:
+        lines += [f"## {captions.get(figure, figure)}", "", f"![{figure}]({figure})", ""]
     if data["layers"]:
         lines += ["## Layers", "", "| layer | scheme | runs as |", "|---|---|---|"]
         for layer, info in data["layers"].items():

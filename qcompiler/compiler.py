@@ -9,6 +9,7 @@ directory is refused unless ``force`` is set.
 from __future__ import annotations
 
 import io
+import math
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from qcompiler.errors import CalibrationError, QCompilerError
 from qcompiler.evaluation import embedding_metrics, quantization_annotations
 from qcompiler.pass_manager import DEFAULT_TOLERANCE, PassManager
 from qcompiler.pipeline import parse_pipeline
+from qcompiler.plots import ChannelTrace, write_figures
 from qcompiler.registry import Pass
 from qcompiler.report import Report
 from qcompiler.runtime import INLINE_LIMIT_BYTES, initializer_bytes
@@ -133,7 +135,9 @@ def compile(
     source = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
     ir_model = load(model)
     data = resolve_calibration(calib, ir_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    manager = PassManager(pipeline, calibration=data, tolerance=tolerance, verify=verify, progress=progress, log=log)
+    trace = ChannelTrace(list(pipeline)) if target is not None and data is not None else None
+    manager = PassManager(pipeline, calibration=data, tolerance=tolerance, verify=verify, progress=progress, log=log,
+                          after_pass=trace)
     report = manager.run(ir_model, source=str(source))
     if data is not None and calib is None:
         report.notes.append("calibrated on qcompiler's built-in sentences (no --calib given)")
@@ -147,7 +151,7 @@ def compile(
                                 pipeline=report.pipeline, backend=backend, layers=_layers(ir_model, kernels, backend),
                                 fidelity=fidelity, notes=report.notes)
     if target is not None:
-        write_output(ir_model, report, target, force, details)
+        write_output(ir_model, report, target, force, details, trace)
     return CompileResult(ir_model, report, target, details)
 
 
@@ -192,8 +196,9 @@ def save_model(model: ir.Model, path: Path) -> None:
         ir.save(model, path)
 
 
-def write_output(model: ir.Model, report: Report, target: Path, force: bool, details: dict | None = None) -> None:
-    """Write ``model.onnx``, ``report.json`` (and with ``details`` the manifest and report.md) atomically."""
+def write_output(model: ir.Model, report: Report, target: Path, force: bool, details: dict | None = None,
+                 trace: ChannelTrace | None = None) -> None:
+    """Write ``model.onnx``, ``report.json`` (and with ``details`` the manifest, report.md and figures) atomically."""
     _check_output_dir(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -203,7 +208,11 @@ def write_output(model: ir.Model, report: Report, target: Path, force: bool, det
         if details is not None:
             table = Console(width=140, file=io.StringIO(), color_system=None)
             report.print(table)
-            (staging / "report.md").write_text(artifact.report_markdown(details, table.file.getvalue()), encoding="utf-8")
+            sqnr = {layer: info["weight_sqnr_db"] for layer, info in details["layers"].items()
+                    if math.isfinite(info["weight_sqnr_db"])}
+            figures = write_figures(staging, trace, sqnr)
+            (staging / "report.md").write_text(artifact.report_markdown(details, table.file.getvalue(), figures),
+                                               encoding="utf-8")
             artifact.record_files(staging, details)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))

@@ -69,6 +69,8 @@ class PassManager:
     holdout_fraction: float = 0.25
     progress: bool = True
     log: Callable[[str], None] = lambda message: None
+    # Called after every pass with (pass, model, context): observers such as the channel trace.
+    after_pass: Callable[[Pass, ir.Model, PassContext], None] | None = None
     engine: CalibrationEngine | None = field(init=False, default=None)
     holdout: CalibrationData | None = field(init=False, default=None)
     # Outputs of the model as given, on the held-out batches (None without verification).
@@ -115,6 +117,8 @@ class PassManager:
                 if pass_.preserves_function:
                     self._check(pass_, record)
                 previous = current
+            if self.after_pass is not None:
+                self.after_pass(pass_, model, ctx)
         if self.engine is not None:
             report.calibration["collections"] = [vars(r) for r in self.engine.records]
         report.total_seconds = time.perf_counter() - start

@@ -17,8 +17,8 @@ from qcompiler.errors import QCompilerError
 def artifact(normalized_files, tmp_path_factory):
     folder = tmp_path_factory.mktemp("artifact") / "w8a8"
     runner = CliRunner()
-    result = runner.invoke(main, [str(normalized_files("minilm")), "--passes", "w8a8", "--backend", "ort",
-                                  "--tokenizer", "minilm", "--no-normalize", "-o", str(folder), "--quiet"])
+    result = runner.invoke(main, [str(normalized_files("minilm")), "--passes", "smooth,w8a8", "--backend", "ort",
+                                  "--tokenizer", "minilm", "-o", str(folder), "--quiet"])
     assert result.exit_code == 0, result.output
     return folder
 
@@ -26,13 +26,14 @@ def artifact(normalized_files, tmp_path_factory):
 def test_manifest_records_what_a_deployer_needs(artifact):
     path, manifest = open_artifact(artifact)
     assert path.is_file() and manifest["backend"] == "ort" and len(manifest["sha256"]) == 64
-    assert "w8a8(" in manifest["pipeline"] and manifest["versions"]["onnxruntime"]
-    assert set(manifest["files"]) == {"model.onnx", "report.json", "report.md"}
+    assert "smooth(" in manifest["pipeline"] and "w8a8(" in manifest["pipeline"] and manifest["versions"]["onnxruntime"]
+    assert set(manifest["files"]) == {"model.onnx", "report.json", "report.md", "channels.png", "weight_sqnr.png"}
     layers = manifest["layers"]
     assert len(layers) == 37 and all(layer["kernel"].startswith("MatMulIntegerToFloat") for layer in layers.values())
     embedding = manifest["fidelity"]["embedding"]
     assert 0.98 < embedding["mean_cosine"] < 1.0
-    assert "MatMulIntegerToFloat" in (artifact / "report.md").read_text()
+    report = (artifact / "report.md").read_text()
+    assert "MatMulIntegerToFloat" in report and "![channels.png](channels.png)" in report
 
 
 def test_run_and_bench(artifact, tmp_path, tokenizer):
@@ -74,4 +75,7 @@ def test_eval_reads_lowered_artifacts_layer_by_layer(artifact, tmp_path):
     result = CliRunner().invoke(main, ["eval", "minilm", str(artifact), "--data", str(data), "--json"])
     assert result.exit_code == 0, result.output
     layers = json.loads(result.output)["layers"]
-    assert len(layers) == 37 and all(layer["output_sqnr_db"] > 10 for layer in layers)
+    assert len(layers) == 37
+    measured = [layer for layer in layers if layer["output_transformed_by"] is None]
+    assert all(layer["output_sqnr_db"] > 10 for layer in measured) and len(measured) >= 37 - 6
+    assert {layer["output_transformed_by"] for layer in layers} - {None} <= {"scale/shift"}
