@@ -160,7 +160,13 @@ def _fidelity(manager: PassManager, model: ir.Model) -> dict | None:
     if manager.reference_outputs is None or manager.holdout is None:
         return None
     compiled = manager.outputs(model)
-    outputs = compare_outputs(manager.reference_outputs, compiled)
+    masks = [calib_data.token_mask(batch) for batch in manager.holdout.batches]
+
+    def real(runs: list[dict]) -> list[dict]:
+        return [{name: calib_data.real_tokens(array, mask) for name, array in run.items()} for run, mask in zip(runs, masks)]
+
+    # Compared at real tokens: padding positions compute values nothing downstream reads.
+    outputs = compare_outputs(real(manager.reference_outputs), real(compiled))
     embedding = embedding_metrics(list(outputs), manager.reference_outputs, compiled, manager.holdout.batches)
     return {"holdout_batches": len(manager.holdout), "outputs": outputs, "embedding": embedding}
 

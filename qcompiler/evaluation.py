@@ -1,6 +1,6 @@
 """Fidelity of a compiled model against its reference, on data the user chooses.
 
-Per output: max and mean absolute error, cosine and SQNR over every element. For
+Token tensors are compared at real tokens only (the batch's padding mask). Per output: max and mean absolute error, cosine and SQNR over every element. For
 embedding models (a ``[batch, tokens, hidden]`` output and a padding mask among the
 inputs): sentence embeddings by masked mean pooling and L2 normalisation, then the
 mean and minimum cosine to the reference embedding of the same sentence and
@@ -24,7 +24,7 @@ from rich.table import Table
 
 from qcompiler.absorb import OUTPUT_TRANSFORMED
 from qcompiler.analysis.linears import Linear
-from qcompiler.calibration.data import token_mask
+from qcompiler.calibration.data import real_tokens, token_mask
 from qcompiler.errors import QCompilerError
 from qcompiler.runtime import make_session, run_batches
 
@@ -79,14 +79,20 @@ def evaluate(reference: ir.Model, candidate: ir.Model, batches: Sequence[Mapping
         raise QCompilerError(f"The compiled model has no output '{missing[0]}' that the reference has.")
     ref_runs = run_batches(make_session(reference, [ref_layers[n] for n in shared]), batches)
     cand_runs = run_batches(make_session(candidate, [cand_layers[n] for n in shared]), batches)
-    result = Evaluation({name: output_metrics([r[name] for r in ref_runs], [c[name] for c in cand_runs])
-                         for name in outputs}, None, samples=sum(len(next(iter(b.values()))) for b in batches))
+    masks = [token_mask(dict(b)) for b in batches]
+
+    def real(runs: list[dict], name: str) -> list[np.ndarray]:
+        # Padding positions compute values nothing downstream reads; they are not fidelity.
+        return [real_tokens(run[name], mask) for run, mask in zip(runs, masks)]
+
+    result = Evaluation({name: output_metrics(real(ref_runs, name), real(cand_runs, name)) for name in outputs},
+                        None, samples=sum(len(next(iter(b.values()))) for b in batches))
     result.embedding = embedding_metrics(outputs, ref_runs, cand_runs, batches)
     annotations = quantization_annotations(candidate)
     transformed_layers = _transformed(candidate)
     for layer in shared:
-        ref_values = [r[ref_layers[layer]] for r in ref_runs]
-        cand_values = [c[cand_layers[layer]] for c in cand_runs]
+        ref_values = real(ref_runs, ref_layers[layer])
+        cand_values = real(cand_runs, cand_layers[layer])
         annotation = annotations.get(layer, {})
         transformed = transformed_layers.get(layer)
         result.layers.append({
