@@ -90,9 +90,11 @@ def _calibration_options(func):
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("--backend", type=click.Choice(["simulate", "ort"]), default="simulate", show_default=True,
               help="simulate: the Q/DQ form; ort: onnxruntime integer kernels (MatMulIntegerToFloat, MatMulInteger, MatMulNBits).")
+@click.option("--dialect", type=click.Choice(["ort", "qdq"]), default="ort", show_default=True,
+              help="With --backend ort: ort (contrib kernels such as MatMulNBits) or qdq (standard ONNX Q/DQ, opset 21).")
 @_calibration_options
-def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, calib, tokenizer,
-                    batch_size, max_length, debug) -> None:
+def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, dialect, calib,
+                    tokenizer, batch_size, max_length, debug) -> None:
     """Compile MODEL (ONNX file, Hugging Face folder, or 'minilm') through a pass pipeline."""
     from qcompiler.compiler import compile as run_compile
 
@@ -101,7 +103,7 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
         result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
                              normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,
                              batch_size=batch_size, max_length=max_length, progress=not quiet, log=log,
-                             backend=backend)
+                             backend=backend, dialect=dialect)
         if not quiet:
             result.report.print(stdout)
             fidelity = result.manifest.get("fidelity") if result.manifest else None

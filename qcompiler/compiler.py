@@ -92,6 +92,7 @@ def resolve_calibration(
 
 
 BACKENDS = ("simulate", "ort")
+DIALECTS = ("ort", "qdq")
 
 
 @dataclass
@@ -117,15 +118,20 @@ def compile(
     max_length: int = 128,
     progress: bool = False,
     backend: str = "simulate",
+    dialect: str = "ort",
     log: Callable[[str], None] = lambda message: None,
 ) -> CompileResult:
     """Load ``model``, run ``passes`` (after normalization), lower for ``backend``, write ``output`` if given.
 
     ``backend`` is ``simulate`` (the quantize pass's Q/DQ form, which runs everywhere ONNX
-    runs) or ``ort`` (onnxruntime's integer kernels where it has them).
+    runs) or ``ort`` (onnxruntime's integer kernels where it has them). With ``ort``,
+    ``dialect="qdq"`` keeps standard ONNX instead of contrib ops: static int8 Q/DQ and
+    blocked 4-bit DequantizeLinear (opset 21), which other runtimes read too.
     """
     if backend not in BACKENDS:
         raise QCompilerError(f"Unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
+    if dialect not in DIALECTS:
+        raise QCompilerError(f"Unknown dialect '{dialect}'; choose one of {', '.join(DIALECTS)}.")
     target = Path(output) if output is not None else None
     if target is not None:
         _check_output_dir(target, force)
@@ -143,9 +149,14 @@ def compile(
         report.notes.append("calibrated on qcompiler's built-in sentences (no --calib given)")
     kernels: dict = {}
     if backend == "ort":
-        from qcompiler.backends.ort.lower import lower
+        from qcompiler.backends.ort.lower import lower, qdq_dialect
 
-        kernels = lower(ir_model).to_dict()
+        kernels = (lower(ir_model) if dialect == "ort" else qdq_dialect(ir_model)).to_dict()
+        if dialect == "qdq":
+            report.notes.append(
+                "qdq dialect: onnxruntime fuses blocked 4-bit DequantizeLinear + MatMul into MatMulNBits at load and by "
+                "default computes it with int8 activations; set the session config "
+                "'session.qdq_matmulnbits_accuracy_level' to 0 for the W4A16 numbers")
     fidelity = _fidelity(manager, ir_model)
     details = artifact.manifest(source=model if isinstance(model, (str, os.PathLike)) else source,
                                 pipeline=report.pipeline, backend=backend, layers=_layers(ir_model, kernels, backend),

@@ -71,6 +71,30 @@ def lower(model: ir.Model) -> Lowering:
     return result
 
 
+def qdq_dialect(model: ir.Model) -> Lowering:
+    """The standard-ONNX dialect: no rewriting; says per layer what onnxruntime makes of the Q/DQ form.
+
+    Static int8 Q/DQ pairs fuse into MatMulIntegerToFloat and blocked 4-bit
+    DequantizeLinear + MatMul into MatMulNBits when onnxruntime loads the model; other
+    runtimes read the same standard ops. Per-token activations stay float ops.
+    """
+    result = Lowering()
+    for node in model.graph:
+        if ANNOTATION not in node.metadata_props:
+            continue
+        annotation = json.loads(node.metadata_props[ANNOTATION])
+        weight, activation = annotation["weight"], annotation["activation"]
+        kernel = _choose(weight, activation)
+        if kernel == "QDQ":
+            result.kernels[annotation["layer"]] = "Q/DQ (onnxruntime fuses it into MatMulIntegerToFloat)"
+        elif kernel == "MatMulNBits" and weight["granularity"] == "group" and activation is None:
+            result.kernels[annotation["layer"]] = "blocked 4-bit DequantizeLinear (onnxruntime fuses it into MatMulNBits)"
+        else:
+            result.simulated[annotation["layer"]] = _why_simulated(weight, activation) if kernel is None else \
+                "standard ops only in the qdq dialect (the ort dialect has a kernel for it)"
+    return result
+
+
 def _choose(weight: dict, activation: dict | None) -> str | None:
     stored = weight["stored"] == "DequantizeLinear"
     element = weight["format"]

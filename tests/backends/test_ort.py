@@ -96,3 +96,16 @@ def test_matmul_nbits_packing_on_odd_shapes():
         expected = x @ quantized.dequantize()
         assert lower(model).kernels == {"linear": "MatMulNBits"}
         np.testing.assert_allclose(make_session(model).run(None, {"x": x})[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_qdq_dialect_is_standard_onnx_that_onnxruntime_fuses(normalized_files, minilm_calibration, tmp_path):
+    from qcompiler.compiler import compile as run_compile
+
+    result = run_compile(ir.load(normalized_files("minilm")), "w4a16", calib=minilm_calibration, normalize=False,
+                         backend="ort", dialect="qdq", verify=False)
+    model = result.model
+    assert all(node.domain in ("", "ai.onnx", "qcompiler") for node in model.graph)
+    weights = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(weights) == 37 and all(n.inputs[0].const_value.dtype == ir.DataType.UINT4 for n in weights)
+    assert all(info["kernel"].startswith("blocked 4-bit") for info in result.manifest["layers"].values())
+    assert optimized_ops(model, tmp_path)["MatMulNBits"] == 37
