@@ -14,12 +14,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +27,7 @@ import onnx_ir as ir  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import ort_baselines  # noqa: E402
+from docs_section import machine_stamp, replace_section  # noqa: E402
 from qcompiler.calibration import data as calib_data  # noqa: E402
 from qcompiler.capture import load, load_tokenizer  # noqa: E402
 from qcompiler.compiler import NORMALIZE, builtin_sentences, model_inputs  # noqa: E402
@@ -42,8 +40,6 @@ PRESETS = ["w8a8", "w8a8-dyn", "w4a16", "w4a8", "w4a4", "fp8", "mxfp8", "mxfp4",
 PIPELINES = ["", "smooth(search=true)", "shift(scale=true)", "rotate", "smooth(search=true),rotate"]
 WEIGHT_QUANTIZERS = {"w4a16": ["gptq", "awq", "awq-gptq"], "w4a8": ["gptq", "awq"], "w4a4": ["gptq"]}
 GPTQ = "weights=gptq,act_order=true,damp=0.1"
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-START, END = "<!-- fidelity:start -->", "<!-- fidelity:end -->"
 
 
 def embeddings(session, batches) -> np.ndarray:
@@ -164,17 +160,11 @@ def render(ours, theirs, presets, pipelines) -> str:
 
 
 def write_docs(table: str) -> None:
-    stamp = (f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores), "
-             "`.venv/bin/python benchmarks/fidelity.py --write`. Mean cosine to FP32 of held-out sentence embeddings; "
-             "rows are presets, columns transform pipelines before the preset, `gptq` is "
-             f"`{GPTQ}`, `awq` is `weights=awq`, `awq-gptq` AWQ's scales then GPTQ with the same options.")
-    section = f"{START}\n{stamp}\n\n{table}\n{END}"
-    text = DOCS.read_text(encoding="utf-8")
-    if START in text:
-        text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-    else:
-        text = text.rstrip() + "\n\n## Quantization fidelity (MiniLM)\n\n" + section + "\n"
-    DOCS.write_text(text, encoding="utf-8")
+    stamp = machine_stamp(".venv/bin/python benchmarks/fidelity.py --write") + (
+        " Mean cosine to FP32 of held-out sentence embeddings; rows are presets, columns transform pipelines before "
+        f"the preset, `gptq` is `{GPTQ}`, `awq` is `weights=awq`, `awq-gptq` AWQ's scales then GPTQ with the same "
+        "options.")
+    replace_section("fidelity", "Quantization fidelity (MiniLM)", f"{stamp}\n\n{table}")
 
 
 if __name__ == "__main__":

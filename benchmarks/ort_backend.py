@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import re
 import sys
 import tempfile
 import time
-from datetime import date
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_ir as ir  # noqa: E402
 
 import ort_baselines  # noqa: E402
+from docs_section import machine_stamp, replace_section  # noqa: E402
 from qcompiler.benchmarking import compare_latency, synthetic_feeds  # noqa: E402
 from qcompiler.calibration import data as calib_data  # noqa: E402
 from qcompiler.capture import load_tokenizer  # noqa: E402
@@ -35,8 +33,6 @@ from qcompiler.compiler import builtin_sentences, compile as run_compile, model_
 OURS = {"w8a8": "w8a8", "rotate,w8a8": "rotate,w8a8", "w8a8-dyn": "w8a8-dyn", "w4a16": "w4a16",
         "w4a8": "w4a8", "rotate,w4a8 (gptq)": "rotate,w4a8(weights=gptq,act_order=true,damp=0.1)"}
 LINEAR_OPS = {"MatMul", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DequantizeLinear", "Gemm"}
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
-START, END = "<!-- ort-backend:start -->", "<!-- ort-backend:end -->"
 
 
 def linear_weight_bytes(model: ir.Model) -> int:
@@ -100,16 +96,9 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        stamp = (f"Measured {date.today().isoformat()} on {platform.machine()} ({os.cpu_count()} cores), "
-                 f"`.venv/bin/python benchmarks/ort_backend.py --write`: MiniLM, batch 8 x 128 tokens, "
-                 f"{args.runs} interleaved runs per model in one process.")
-        section = f"{START}\n{stamp}\n\n{table}\n{END}"
-        text = DOCS.read_text(encoding="utf-8")
-        if START in text:
-            text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
-        else:
-            text = text.rstrip() + "\n\n## ORT backend: latency and size (MiniLM)\n\n" + section + "\n"
-        DOCS.write_text(text, encoding="utf-8")
+        stamp = machine_stamp(".venv/bin/python benchmarks/ort_backend.py --write") + (
+            f" MiniLM, batch 8 x 128 tokens, {args.runs} interleaved runs per model in one process.")
+        replace_section("ort-backend", "ORT backend: latency and size (MiniLM)", f"{stamp}\n\n{table}")
 
 
 if __name__ == "__main__":
