@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/qcompile minilm --passes rotate,w8a8 -o out/minilm --force
+	$(BIN)/qcompile minilm --passes rotate,w8a8 --backend ort -o out/minilm --force
 	$(BIN)/qcompile eval minilm out/minilm --data qcompiler/data/heldout.txt
 
 test: $(STAMP)
