@@ -1,0 +1,1 @@
+"""TVM backend: generated CPU/GPU kernels for quantized linears."""
