@@ -31,11 +31,10 @@ from qcompiler.analysis.linears import Linear, constant_array, find_linears
 from qcompiler.quant import awq, weights
 from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
-from qcompiler.quant.simulate import dequantized_weight, per_consumer, quantized_activation, weight_is_native
+from qcompiler.quant.simulate import ANNOTATION, dequantized_weight, per_consumer, quantized_activation, weight_is_native
 from qcompiler.quant.spec import QuantizedTensor, sqnr_db
 from qcompiler.registry import Pass, PassOutcome, register
 
-ANNOTATION = "qcompiler.quant"
 
 
 @dataclass

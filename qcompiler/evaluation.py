@@ -26,9 +26,9 @@ from qcompiler.absorb import OUTPUT_TRANSFORMED
 from qcompiler.analysis.linears import Linear
 from qcompiler.calibration.data import real_tokens, token_mask
 from qcompiler.errors import QCompilerError
+from qcompiler.quant.simulate import ANNOTATION
 from qcompiler.runtime import make_session, run_batches
 
-ANNOTATION = "qcompiler.quant"
 
 
 @dataclass

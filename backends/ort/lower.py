@@ -30,8 +30,8 @@ import onnx_ir as ir
 
 from qcompiler.graph import add_initializer, unique_node_name
 from qcompiler.quant.formats import pack
+from qcompiler.quant.simulate import ANNOTATION
 
-ANNOTATION = "qcompiler.quant"
 MS_DOMAIN = "com.microsoft"
 NBITS_BLOCK = 128
 

@@ -22,6 +22,8 @@ from qcompiler.graph import add_initializer, unique_node_name
 from qcompiler.quant.formats import ElementFormat
 from qcompiler.quant.spec import E4M3_MAX, QuantizedTensor, QuantSpec, quantize
 
+# Metadata key on each quantized MatMul: the resolved specs, which backends lower from.
+ANNOTATION = "qcompiler.quant"
 DEQUANTIZABLE = {"int8", "uint8", "int4", "uint4", "fp8-e4m3", "fp8-e5m2"}
 TINY = 1e-30
 
