@@ -11,7 +11,7 @@ Fast path (``A`` is the normalized power-of-two Sylvester matrix, checked numeri
 is first multiplied on the right by the small dense ``B / sqrt(a)`` (the scale folded into ``B``,
 so it costs nothing), then an in-place fast Walsh-Hadamard butterfly runs along the ``a`` axis,
 where every butterfly adds and subtracts two contiguous ``b``-float vectors. When ``B`` is also
-Sylvester (``n`` a power of two, e.g. ``factor_pair(4096) = (H_1, H_4096)``), ``A kron B`` is the
+Sylvester (``n`` a power of two, e.g. ``factor_pair(4096) = (H_64, H_64)``), ``A kron B`` is the
 Sylvester ``H_n`` itself, so the kernel regroups it as ``H_{n/16} kron H_16``: a 16-wide dense
 product (one AVX-512 vector) and ``log2(n) - 4`` butterfly stages. Otherwise (``A`` not Sylvester)
 both sides are small dense products. Rows are split over the TVM thread pool (``TVM_NUM_THREADS``,

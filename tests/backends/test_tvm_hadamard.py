@@ -14,7 +14,7 @@ from qcompiler.backends.tvm.hadamard import build
 from qcompiler.online_rotation import factor_pair, rotate_last_axis
 
 # factor_pair(n) -> (A, B): 384 = 32 x 12, 768 = 64 x 12, 1536 = 128 x 12 (Sylvester A, Paley-type B),
-# 64 = 1 x 64 and 4096 = 1 x 4096 (all Sylvester), 12 = 1 x 12, 40 = 2 x 20, 172 = 4 x 43.
+# 64 = 8 x 8 and 4096 = 64 x 64 (all Sylvester), 12 = 1 x 12, 40 = 2 x 20, 172 = 4 x 43.
 SIZES = [384, 768, 1536, 64, 4096, 12, 40, 172]
 ROWS = [1, 37]
 
