@@ -1,1 +1,1 @@
-"""Quantization arithmetic: fake quantization for searches, later formats and quantizers."""
+"""Quantization: formats, specs, presets, weight quantizers, observers, and the simulate form."""
