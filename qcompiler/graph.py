@@ -35,3 +35,41 @@ def unique_node_name(graph: ir.Graph, base: str) -> str:
     while unique in taken:
         unique, suffix = f"{base}_{suffix}", suffix + 1
     return unique
+
+
+def swap_node(graph: ir.Graph, node: ir.Node, replacement: ir.Node) -> None:
+    """Put ``replacement`` where ``node`` was: its output takes the old output's name, uses and metadata."""
+    graph.insert_before(node, replacement)
+    old = node.outputs[0]
+    new = replacement.outputs[0]
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    name = old.name
+    old.name = f"{name}_replaced"
+    new.name, new.shape, new.type = name, old.shape, old.type
+    replacement.metadata_props.update(node.metadata_props)
+    graph.remove(node, safe=True)
+
+
+def value_named(graph: ir.Graph, name: str) -> ir.Value:
+    """The graph input or node output called ``name`` (annotations refer to values by name)."""
+    for value in graph.inputs:
+        if value.name == name:
+            return value
+    for node in graph:
+        for output in node.outputs:
+            if output.name == name:
+                return output
+    raise ValueError(f"the graph has no value named '{name}'")
+
+
+def drop_unused(graph: ir.Graph) -> None:
+    """Remove nodes and initializers that nothing reads any more (what a lowering left behind)."""
+    changed = True
+    while changed:
+        changed = False
+        for node in reversed(list(graph)):
+            if all(not output.uses() and not output.is_graph_output() for output in node.outputs):
+                graph.remove(node, safe=True)
+                changed = True
+    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
+        graph.initializers.pop(name)

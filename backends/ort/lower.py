@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.graph import add_initializer, unique_node_name
+from qcompiler.graph import add_initializer, drop_unused, swap_node, unique_node_name, value_named
 from qcompiler.quant.formats import pack
-from qcompiler.quant.simulate import ANNOTATION
+from qcompiler.quant.simulate import ANNOTATION, weight_parts
 
 MS_DOMAIN = "com.microsoft"
 NBITS_BLOCK = 128
@@ -67,7 +67,7 @@ def lower(model: ir.Model) -> Lowering:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
             _to_matmul_integer(graph, node, activation, tokens)
         result.kernels[layer] = kernel if kernel != "QDQ" else "MatMulIntegerToFloat (fused from Q/DQ)"
-    _drop_unused(graph)
+    drop_unused(graph)
     return result
 
 
@@ -125,18 +125,9 @@ def _why_simulated(weight: dict, activation: dict | None) -> str:
     return f"onnxruntime has no CPU kernel for {weight['spec']} weights with {activation['spec']} activations"
 
 
-def _weight_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, ir.Node]:
-    """Codes, scale and zero point of the DequantizeLinear feeding ``node``'s weight."""
-    dq = node.inputs[1].producer()
-    codes = dq.inputs[0].const_value.numpy()
-    scale = dq.inputs[1].const_value.numpy().astype(np.float32)
-    zero = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
-    return codes, scale, zero, dq
-
-
 def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: dict, activation: dict | None) -> None:
     graph = model.graph
-    codes, scale, zero, _ = _weight_parts(node)
+    codes, scale, zero, _ = weight_parts(node)
     k, n = codes.shape
     unsigned = codes.astype(np.int16) + (0 if weight["format"] == "uint4" else 8)
     if weight["granularity"] == "group":
@@ -168,8 +159,8 @@ def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: dict, activation: d
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     if activation is not None:
         # MatMulNBits quantizes its input itself; read the float activation, not the simulated one.
-        replacement.replace_input_with(0, _value_named(graph, activation["source"]))
-    _swap(graph, node, replacement)
+        replacement.replace_input_with(0, value_named(graph, activation["source"]))
+    swap_node(graph, node, replacement)
 
 
 def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict, tokens: dict) -> None:
@@ -179,7 +170,7 @@ def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict, tokens:
     u8 x s8 path x86 kernels are fastest at); MatMulIntegerToFloat applies the per-column
     weight scale, one Mul the per-row activation scale.
     """
-    codes, scale, _, _ = _weight_parts(node)
+    codes, scale, _, _ = weight_parts(node)
     source = activation["source"]
     base = node.name or "linear"
     nodes: list[ir.Node] = []
@@ -191,7 +182,7 @@ def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict, tokens:
         return made.outputs[0]
 
     if source not in tokens:
-        x = _value_named(graph, source)
+        x = value_named(graph, source)
         axes = add_initializer(graph, f"{source}_token_axes", np.array([-1], np.int64))
         row_scale = op("Max", op("Div", op("ReduceMax", op("Abs", x), axes, keepdims=1),
                                 add_initializer(graph, f"{source}_qmax", np.array(127.0, np.float32))),
@@ -218,39 +209,3 @@ def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict, tokens:
     output.name, output.shape, output.type = old.name, old.shape, old.type
     old.name = f"{old.name}_replaced"
     graph.remove(node, safe=True)
-
-
-def _swap(graph: ir.Graph, node: ir.Node, replacement: ir.Node) -> None:
-    graph.insert_before(node, replacement)
-    old = node.outputs[0]
-    new = replacement.outputs[0]
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    name = old.name
-    old.name = f"{name}_replaced"
-    new.name, new.shape, new.type = name, old.shape, old.type
-    replacement.metadata_props.update(node.metadata_props)
-    graph.remove(node, safe=True)
-
-
-def _value_named(graph: ir.Graph, name: str) -> ir.Value:
-    for value in graph.inputs:
-        if value.name == name:
-            return value
-    for node in graph:
-        for output in node.outputs:
-            if output.name == name:
-                return output
-    raise ValueError(f"the annotated activation source '{name}' is not in the graph")
-
-
-def _drop_unused(graph: ir.Graph) -> None:
-    """Remove the simulate nodes and initializers that nothing reads any more."""
-    changed = True
-    while changed:
-        changed = False
-        for node in reversed(list(graph)):
-            if all(not output.uses() and not output.is_graph_output() for output in node.outputs):
-                graph.remove(node, safe=True)
-                changed = True
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-        graph.initializers.pop(name)

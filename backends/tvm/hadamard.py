@@ -128,9 +128,19 @@ class Hadamard:
         return y.numpy()
 
 
-def build(rows: int, a_matrix: np.ndarray, b_matrix: np.ndarray,
-          target: tvm.target.Target | str | dict | None = None) -> Hadamard:
-    """Compile ``x @ (A kron B)`` for ``x`` of shape ``[rows, a * b]``, picking the path from ``A`` and ``B``."""
+@dataclass
+class KernelPlan:
+    """The kernel for one ``(rows, A, B)`` before compilation: its function and the factors it takes."""
+
+    func: tvm.tirx.PrimFunc
+    factors: tuple[np.ndarray, ...]
+    path: str
+    a: int
+    b: int
+
+
+def plan(rows: int, a_matrix: np.ndarray, b_matrix: np.ndarray) -> KernelPlan:
+    """Pick the path from ``A`` and ``B`` and write the kernel for ``x`` of shape ``[rows, a * b]``."""
     a_matrix, b_matrix = np.asarray(a_matrix, np.float64), np.asarray(b_matrix, np.float64)
     a, b = a_matrix.shape[0], b_matrix.shape[0]
     if rows < 1 or a_matrix.shape != (a, a) or b_matrix.shape != (b, b):
@@ -140,10 +150,16 @@ def build(rows: int, a_matrix: np.ndarray, b_matrix: np.ndarray,
         # H_a kron H_b = H_n: regroup as H_{n/w} kron H_w with w one vector wide.
         b = min(n, DENSE_WIDTH)
         a = n // b
-        func, factors, path = fast_kernel(rows, a, b), (hadamard_matrix(b) / math.sqrt(n),), "fwht"
-    elif is_sylvester(a_matrix):
-        func, factors, path = fast_kernel(rows, a, b), (b_matrix / math.sqrt(a),), "fwht"
-    else:
-        func, factors, path = dense_kernel(rows, a, b), (a_matrix.T, b_matrix), "dense"
+        return KernelPlan(fast_kernel(rows, a, b), (hadamard_matrix(b) / math.sqrt(n),), "fwht", a, b)
+    if is_sylvester(a_matrix):
+        return KernelPlan(fast_kernel(rows, a, b), (b_matrix / math.sqrt(a),), "fwht", a, b)
+    return KernelPlan(dense_kernel(rows, a, b), (a_matrix.T, b_matrix), "dense", a, b)
+
+
+def build(rows: int, a_matrix: np.ndarray, b_matrix: np.ndarray,
+          target: tvm.target.Target | str | dict | None = None) -> Hadamard:
+    """Compile ``x @ (A kron B)`` for ``x`` of shape ``[rows, a * b]``."""
+    chosen = plan(rows, a_matrix, b_matrix)
     target = default_target() if target is None else tvm.target.Target(target)
-    return Hadamard(tvm.compile(tvm.IRModule({"main": func}), target), rows, n, a, b, path, factors)
+    return Hadamard(tvm.compile(tvm.IRModule({"main": chosen.func}), target), rows, chosen.a * chosen.b,
+                    chosen.a, chosen.b, chosen.path, chosen.factors)

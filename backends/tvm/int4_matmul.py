@@ -269,12 +269,18 @@ class Int4Matmul:
         return y.numpy()
 
 
-def build(m: int, k: int, n: int, group: int, target: tvm.target.Target | str | dict | None = None,
-          schedule: ScheduleName | None = None) -> Int4Matmul:
-    """Compile the kernel for one shape (``schedule`` defaults by M: gemv below 32 rows, else gemm)."""
+def scheduled(m: int, k: int, n: int, group: int, schedule: ScheduleName | None = None) -> tvm.tirx.PrimFunc:
+    """The scheduled kernel for one shape (``schedule`` defaults by M: gemv below 32 rows, else gemm)."""
     if min(m, k, n, group) < 1:
         raise ValueError(f"M, K, N and the group size must be positive, got {(m, k, n, group)}")
     schedule = schedule or ("gemv" if m < GEMM_FROM_ROWS else "gemm")
-    scheduled = {"gemv": schedule_gemv, "gemm": schedule_gemm}[schedule](m, k, n, group)
+    return {"gemv": schedule_gemv, "gemm": schedule_gemm}[schedule](m, k, n, group)["main"]
+
+
+def build(m: int, k: int, n: int, group: int, target: tvm.target.Target | str | dict | None = None,
+          schedule: ScheduleName | None = None) -> Int4Matmul:
+    """Compile the kernel for one shape."""
+    schedule = schedule or ("gemv" if m < GEMM_FROM_ROWS else "gemm")
     target = default_target() if target is None else tvm.target.Target(target)
-    return Int4Matmul(tvm.compile(scheduled, target), m, k, n, group, schedule)
+    func = scheduled(m, k, n, group, schedule)
+    return Int4Matmul(tvm.compile(tvm.IRModule({"main": func}), target), m, k, n, group, schedule)

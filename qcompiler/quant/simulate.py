@@ -216,3 +216,12 @@ def _power_of_two_floor(emit: _Emitter, value: ir.Value) -> ir.Value:
                        estimate)
     doubled = emit.op("Mul", estimate, emit.scalar("double", 2.0))
     return emit.op("Where", emit.op("LessOrEqual", doubled, safe), doubled, estimate)
+
+
+def weight_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, ir.Node]:
+    """Codes, scale and zero point of the DequantizeLinear feeding linear ``node``'s weight (the simulate form)."""
+    dq = node.inputs[1].producer()
+    codes = dq.inputs[0].const_value.numpy()
+    scale = dq.inputs[1].const_value.numpy().astype(np.float32)
+    zero = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    return codes, scale, zero, dq
