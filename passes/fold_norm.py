@@ -9,9 +9,19 @@ LLMs into weights::
 
 Only norms whose output is read by linears alone are folded: in post-norm models
 (BERT) the norm output also feeds the residual stream, where gamma must stay.
+
+``rmsnorm=true`` then turns the LayerNorms of a pre-norm residual stream into RMSNorm
+(SliceGPT): every writer of the stream drops its mean over channels, ``W' = W (I -
+11^T/n)``, so ``LayerNorm(x) = RMSNorm(x)`` with the same epsilon and gamma. It is an
+option, off by default, because it rewrites every writer of the stream and takes away
+the beta that shift absorbs into; rotate does the same conversion by itself when it
+rotates a LayerNorm stream (it cannot rotate one without it), so the option is for
+using the RMSNorm form without a rotation.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -19,13 +29,21 @@ import onnx_ir as ir
 from qcompiler.absorb import absorb_affine
 from qcompiler.analysis.linears import constant_array
 from qcompiler.analysis.regions import SHIFT, find_regions
+from qcompiler.analysis.residual import CENTER, find_streams
 from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.residual import center_stream
+
+
+@dataclass
+class FoldNormOptions:
+    rmsnorm: bool = False
 
 
 @register
 class FoldNorm(Pass):
     name = "fold-norm"
     summary = "Fold LayerNorm/RMSNorm gamma and beta into the linears reading them (pre-norm regions)."
+    Options = FoldNormOptions
 
     def run(self, model: ir.Model, ctx) -> PassOutcome:
         graph = model.graph
@@ -42,7 +60,21 @@ class FoldNorm(Pass):
                 else None
             absorb_affine(graph, region, gamma, None if beta is None else beta.astype(np.float64), notes)
             folded.append(f"{name} ({region.kind})")
-        return PassOutcome(bool(folded), {"folded": folded, "skipped": skipped, "notes": notes})
+        details = {"folded": folded, "skipped": skipped, "notes": notes}
+        if self.options.rmsnorm:
+            details["rmsnorm"], details["rmsnorm_skipped"] = self._to_rmsnorm(graph, notes)
+        return PassOutcome(bool(folded or details.get("rmsnorm")), details)
+
+    @staticmethod
+    def _to_rmsnorm(graph: ir.Graph, notes: list[str]) -> tuple[list[str], dict[str, str]]:
+        """Center every stream whose readers are all LayerNorms; the norms converted, and why others were not."""
+        converted, skipped = [], {}
+        for stream in find_streams(graph):
+            if stream.can(CENTER):
+                converted += center_stream(graph, stream, notes)
+            else:
+                skipped[stream.name] = stream.refused[CENTER]
+        return converted, skipped
 
     @staticmethod
     def _refusal(region) -> str | None:

@@ -5,11 +5,18 @@ and per-token scales stop being dominated by it; ``Q`` is orthogonal, so::
 
     x' = x Q        W' = Q^T W        (x' W' = x W)
 
-Offline: a linear producer emits ``x Q`` with ``W_p' = W_p Q, b_p' = b_p Q``; through
-attention, v_proj absorbs one head-sized ``Q_D`` per head (``softmax(.) V`` is linear in
-``V``). Online: a ``qcompiler.Hadamard`` node rotates the activation in front of the
-sinks (norm outputs of models whose stream cannot be rotated, gated products, GELU
-outputs), with ``Q^T`` folded into the sinks. Sizes ``2^k m`` use known Hadamard
+Offline, first the residual stream of a pre-norm model (QuaRot): every writer (embedding
+tables, o_proj/down_proj/fc2, patch embeddings) takes ``E Q``, ``W Q``, ``b Q``; norms
+with a folded gamma commute (``RMSNorm(x Q) = RMSNorm(x) Q``) and their linears take
+``Q^T W``. A stream read by LayerNorms is first made zero-mean so they become RMSNorms
+(`qcompiler.residual.center_stream`; done here because the rotation needs it and it is
+exact; ``fold-norm(rmsnorm=true)`` offers it alone). A stream is rotated whole or not at
+all (`qcompiler.analysis.residual` says why not: post-norm, unfolded gamma, ...).
+Then per region: a linear producer emits ``x Q`` with ``W_p' = W_p Q, b_p' = b_p Q``;
+through attention, v_proj absorbs one head-sized ``Q_D`` per head (``softmax(.) V`` is
+linear in ``V``). Online: a ``qcompiler.Hadamard`` node rotates the activation in front
+of the sinks (norm outputs of models whose stream cannot be rotated, gated products,
+GELU outputs), with ``Q^T`` folded into the sinks. Sizes ``2^k m`` use known Hadamard
 matrices of order ``m``; see `qcompiler.hadamard` for what is covered.
 """
 
@@ -24,9 +31,11 @@ import onnx_ir as ir
 from qcompiler.absorb import mark_output_transformed, rewrite_constant
 from qcompiler.analysis.linears import constant_array
 from qcompiler.analysis.regions import ROTATE, Region, find_regions
+from qcompiler.analysis.residual import find_streams
 from qcompiler.hadamard import orthogonal_matrix, rotation_plan
 from qcompiler.online_rotation import factor_pair, insert_hadamard, rotate_last_axis
 from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.residual import UNROTATE, center_stream, rotate_stream
 
 
 @dataclass
@@ -66,12 +75,16 @@ class Rotate(Pass):
 
     def run(self, model: ir.Model, ctx) -> PassOutcome:
         graph = model.graph
-        analysis = find_regions(graph)
         notes: list[str] = []
+        residual, rotated_norms = self._residual(graph, notes) if self.options.mode != "online" else ({}, set())
         absorbed, online, skipped = [], [], {}
-        for region in analysis.regions:
+        for region in find_regions(graph).regions:
             name = region.name
-            if region.can(ROTATE) and self.options.mode != "online":
+            if region.producer is not None and id(region.producer) in rotated_norms:
+                absorbed.append(f"{name} ({region.kind}, by the residual stream rotation)")
+            elif any(UNROTATE in s.linear.matmul.metadata_props for s in region.sinks):
+                continue  # read through a Q^T node of the residual rotation: already exact, not a layer
+            elif region.can(ROTATE) and self.options.mode != "online":
                 self._absorb(graph, region, notes)
                 absorbed.append(f"{name} ({region.kind}{', per head' if region.kind == 'attention' else ''})")
             elif self.options.mode != "offline":
@@ -83,11 +96,32 @@ class Rotate(Pass):
                 skipped[name] = region.refused.get(ROTATE, "mode=offline")
         if self.options.kind == "random" and online:
             notes.append("online rotations use Hadamard factors (a dense random rotation online would cost O(n^2))")
-        return PassOutcome(bool(absorbed or online),
-                           {"absorbed": absorbed, "online": online, "skipped": skipped, "notes": notes})
+        rotated = any(stream.get("rotated") for stream in residual.values())
+        return PassOutcome(bool(absorbed or online or rotated),
+                           {"residual": residual, "absorbed": absorbed, "online": online, "skipped": skipped,
+                            "notes": notes})
 
     def _matrix(self, n: int) -> np.ndarray:
         return orthogonal_matrix(n, self.options.kind, self.options.seed)
+
+    def _residual(self, graph: ir.Graph, notes: list[str]) -> tuple[dict[str, dict], set[int]]:
+        """Rotate every admissible residual stream; per stream what was done or why not, and the norms rotated."""
+        report: dict[str, dict] = {}
+        norms: set[int] = set()
+        for stream in find_streams(graph):
+            if not stream.can(ROTATE):
+                report[stream.name] = {"rotated": False, "reason": stream.refused[ROTATE]}
+                continue
+            converted = center_stream(graph, stream, notes) if stream.needs_centering else []
+            inserted = rotate_stream(graph, stream, self._matrix(stream.channels), notes)
+            norms |= {id(r.node) for r in stream.readers if r.kind == "rmsnorm" and r.plain}
+            report[stream.name] = {
+                "rotated": True, "channels": stream.channels,
+                "writers": [f"{w.name} ({w.kind})" for w in stream.writers],
+                "readers": [f"{r.name} ({r.kind})" for r in stream.readers],
+                "layernorm_to_rmsnorm": converted, "unrotate": inserted,
+            }
+        return report, norms
 
     def _absorb(self, graph: ir.Graph, region: Region, notes: list[str]) -> None:
         producer = region.absorber

@@ -1,8 +1,9 @@
 """`qcompile inspect`: what is in a model and where its activation outliers are.
 
-Four tables: op counts, every linear with its shapes, the regions (which producer
-absorbs which channel transform offline, and why the others are refused), and (given
-calibration data) one row per distinct linear input with the max/median ratio of
+Five tables: op counts, every linear with its shapes, the regions (which producer
+absorbs which channel transform offline, and why the others are refused), the residual
+streams (writers, readers, and whether rotate can turn the whole stream offline), and
+(given calibration data) one row per distinct linear input with the max/median ratio of
 per-channel absmax and the kurtosis of its values: the two numbers that say whether
 per-tensor activation quantization will struggle there.
 """
@@ -17,6 +18,7 @@ from rich.table import Table
 
 from qcompiler.analysis.linears import Linear, find_linears
 from qcompiler.analysis.regions import CAPABILITIES, Region, find_regions
+from qcompiler.analysis.residual import CENTER, ROTATE, Stream, find_streams
 from qcompiler.calibration.engine import CalibrationEngine
 from qcompiler.calibration.stats import TensorStats
 
@@ -92,6 +94,26 @@ def region_dict(region: Region) -> dict:
     }
 
 
+def stream_table(streams: list[Stream]) -> Table:
+    table = Table(title="residual streams (rotated offline as a whole, or refused as a whole)", title_justify="left")
+    for header in ("stream", "channels", "writers", "readers", "rotate", "layernorm -> rmsnorm"):
+        table.add_column(header)
+    for stream in streams:
+        row = stream_dict(stream)
+        table.add_row(stream.name, str(stream.channels), ", ".join(row["writers"]), ", ".join(row["readers"]),
+                      row[ROTATE], row[CENTER])
+    return table
+
+
+def stream_dict(stream: Stream) -> dict:
+    return {
+        "stream": stream.name, "channels": stream.channels,
+        "writers": [f"{w.name} ({w.kind})" for w in stream.writers],
+        "readers": [f"{r.name} ({r.kind})" for r in stream.readers],
+        ROTATE: stream.refused.get(ROTATE, "admissible"), CENTER: stream.refused.get(CENTER, "admissible"),
+    }
+
+
 def outlier_table(rows: list[OutlierRow]) -> Table:
     table = Table(title="linear inputs: activation outliers", title_justify="left")
     for header in ("tensor", "sinks", "channels", "absmax", "max/median ch", "kurtosis", "p99.9 |x|"):
@@ -112,5 +134,6 @@ def inspection_dict(model: ir.Model, rows: list[OutlierRow] | None) -> dict:
             for l in find_linears(model.graph)
         ],
         "regions": [region_dict(r) for r in find_regions(model.graph).regions],
+        "streams": [stream_dict(s) for s in find_streams(model.graph)],
         "outliers": [{"tensor": r.tensor, "sinks": r.sinks, **r.stats.summary()} for r in rows or []],
     }
