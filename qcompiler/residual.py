@@ -52,7 +52,7 @@ def rotate_stream(graph: ir.Graph, stream: Stream, q: np.ndarray, notes: Notes) 
             mark_output_transformed(writer.linear, "rotate")
     inserted: dict[ir.Value, ir.Value] = {}
     for reader in stream.readers:
-        if reader.kind == "rmsnorm" and reader.plain or reader.kind == "linear":
+        if (reader.kind == "rmsnorm" and reader.plain) or reader.kind == "linear":
             for sink in reader.sinks:
                 rewrite_constant(graph, sink.matmul, 1, lambda w: q.T @ w, notes)
             for exposure in reader.exposed:

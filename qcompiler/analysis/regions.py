@@ -221,11 +221,12 @@ def _classify(source: ir.Value, producer: ir.Node | None, absorber: Linear | Non
         return "unabsorbable", {c: reason for c in CAPABILITIES}
     op = producer.op_type
     if op == "LayerNormalization" and is_constant(producer.inputs[1]) and _norm_on_last_axis(producer):
-        return "layernorm", {ROTATE: "LayerNorm does not commute with a rotation"}
+        return "layernorm", {ROTATE: "LayerNorm does not commute with a rotation (rotate makes it an RMSNorm and "
+                                     "rotates it with the residual stream when the stream allows)"}
     if op == "RMSNormalization" and is_constant(producer.inputs[1]) and _norm_on_last_axis(producer):
         return "rmsnorm", {SHIFT: "RMSNorm has no bias to absorb a shift",
-                           ROTATE: "RMSNorm absorbs a rotation only through a rotated residual stream, "
-                                   "which is not implemented yet"}
+                           ROTATE: "RMSNorm absorbs a rotation only through the residual stream rotation "
+                                   "(see the residual streams)"}
     reason = f"producer {op} is not linear in its output channels"
     if op == "Mul":
         reason = "producer is a product of two activations"

@@ -26,7 +26,7 @@ from qcompiler.analysis.linears import Linear, constant_array, find_linears, is_
 
 ROTATE, CENTER = "rotate", "center"
 NORMS = ("LayerNormalization", "RMSNormalization")
-_RESHAPES = {"Reshape", "Squeeze", "Unsqueeze", "Expand", "Identity", "Dropout"}
+_SHAPE_OPS = {"Reshape", "Squeeze", "Unsqueeze", "Expand", "Identity", "Dropout"}
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,8 @@ class Writer:
     def name(self) -> str:
         if self.linear is not None:
             return self.linear.name
+        if self.kind == "constant":
+            return self.value.name or "constant"
         node = self.targets[0].node if self.targets else self.value.producer()
         return (node.name or node.op_type) if node is not None else (self.value.name or "?")
 
@@ -186,7 +188,7 @@ def _data_inputs(node: ir.Node | None) -> list[int]:
         return []
     if node.op_type in ("Add", "Concat"):
         return list(range(len(node.inputs)))
-    if node.op_type in _RESHAPES or node.op_type in ("Transpose", "Gather"):
+    if node.op_type in _SHAPE_OPS or node.op_type in ("Transpose", "Gather"):
         return [0]
     return []
 
