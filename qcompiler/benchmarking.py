@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -39,10 +39,11 @@ def synthetic_feeds(model: ir.Model, batch: int, sequence: int, seed: int = 0) -
     return feeds
 
 
-def compare_latency(models: Mapping[str, ir.Model], feeds: Mapping[str, np.ndarray], runs: int = 20,
+def compare_latency(models: Mapping[str, ir.Model | Any], feeds: Mapping[str, np.ndarray], runs: int = 20,
                     threads: int = 0) -> dict[str, dict[str, float]]:
-    """Median latency of each model and its ratio to the first one's."""
-    sessions = {name: make_session(model, threads=threads) for name, model in models.items()}
+    """Median latency of each model (or ready session, such as a TVM one) and its ratio to the first one's."""
+    sessions = {name: model if hasattr(model, "run") else make_session(model, threads=threads)
+                for name, model in models.items()}
     for session in sessions.values():
         session.run(None, dict(feeds))  # warm-up: allocations, kernel selection
     times: dict[str, list[float]] = {name: [] for name in sessions}

@@ -88,13 +88,17 @@ def _calibration_options(func):
 @click.option("--no-verify", is_flag=True, help="Skip output verification after passes.")
 @click.option("--no-normalize", is_flag=True, help="Do not prepend the normalize preset.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--backend", type=click.Choice(["simulate", "ort"]), default="simulate", show_default=True,
-              help="simulate: the Q/DQ form; ort: onnxruntime integer kernels (MatMulIntegerToFloat, MatMulInteger, MatMulNBits).")
+@click.option("--backend", type=click.Choice(["simulate", "ort", "tvm"]), default="simulate", show_default=True,
+              help="simulate: the Q/DQ form; ort: onnxruntime integer kernels (MatMulIntegerToFloat, MatMulNBits); "
+                   "tvm: model.so with qcompiler's TIR kernels.")
+@click.option("--target", default="llvm", show_default=True, help="With --backend tvm: the TVM target (llvm: this CPU).")
+@click.option("--shape", default="1x128", show_default=True,
+              help="With --backend tvm: BATCHxSEQUENCE, the static shape the library is built for.")
 @click.option("--dialect", type=click.Choice(["ort", "qdq"]), default="ort", show_default=True,
               help="With --backend ort: ort (contrib kernels such as MatMulNBits) or qdq (standard ONNX Q/DQ, opset 21).")
 @_calibration_options
-def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, dialect, calib,
-                    tokenizer, batch_size, max_length, debug) -> None:
+def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, target, shape,
+                    dialect, calib, tokenizer, batch_size, max_length, debug) -> None:
     """Compile MODEL (ONNX file, Hugging Face folder, or 'minilm') through a pass pipeline."""
     from qcompiler.compiler import compile as run_compile
 
@@ -103,7 +107,7 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
         result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
                              normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,
                              batch_size=batch_size, max_length=max_length, progress=not quiet, log=log,
-                             backend=backend, dialect=dialect)
+                             backend=backend, dialect=dialect, target=target, shape=_parse_shape(shape))
         if not quiet:
             result.report.print(stdout)
             fidelity = result.manifest.get("fidelity") if result.manifest else None
@@ -111,9 +115,18 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
                 e = fidelity["embedding"]
                 stdout.print(f"held-out sentence embeddings vs the source: mean cosine {e['mean_cosine']:.5f}, "
                              f"min {e['min_cosine']:.5f}")
-            stdout.print(f"wrote {result.output}/ (model.onnx, manifest.json, report.json, report.md)")
+            library = ", model.so" if backend == "tvm" else ""
+            stdout.print(f"wrote {result.output}/ (model.onnx{library}, manifest.json, report.json, report.md)")
 
     _guard(debug, action)
+
+
+def _parse_shape(text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"'{text}' is not BATCHxSEQUENCE with positive integers (e.g. 1x128).",
+                                 param_hint="--shape")
+    return int(parts[0]), int(parts[1])
 
 
 @main.command("passes")
@@ -243,13 +256,13 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
 
         from qcompiler.artifact import open_artifact
         from qcompiler.calibration import data as calib_data
-        from qcompiler.runtime import make_session, run_batches
+        from qcompiler.runtime import run_batches
 
-        path, _ = open_artifact(artifact_dir)
+        path, manifest = open_artifact(artifact_dir)
         model = _load_onnx(path)
         data = calib_data.from_npz(inputs, batch_size=1 << 30)
         calib_data.validate(data, model)
-        results = run_batches(make_session(model), data.batches)[0]
+        results = run_batches(_session(artifact_dir, manifest, model), data.batches)[0]
         if output:
             if os.path.exists(output):
                 raise QCompilerError(f"'{output}' exists; qcompiler will not overwrite it.")
@@ -268,9 +281,14 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
 @click.option("--sequence", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--runs", type=click.IntRange(min=3), default=20, show_default=True)
 @click.option("--threads", type=click.IntRange(min=0), default=0, help="onnxruntime intra-op threads (0: its default).")
+@click.option("--against", multiple=True, type=click.Path(file_okay=False),
+              help="Another artifact (e.g. the ORT one of the same pipeline) to time in the same runs; repeatable.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def bench_command(artifact_dir, reference, batch, sequence, runs, threads, debug) -> None:
-    """Latency of ARTIFACT_DIR against its FP32 source, in one process, runs interleaved."""
+def bench_command(artifact_dir, reference, batch, sequence, runs, threads, against, debug) -> None:
+    """Latency of ARTIFACT_DIR against its FP32 source (and --against artifacts), in one process, runs interleaved.
+
+    A TVM artifact is built for one input shape: --batch and --sequence then come from its manifest.
+    """
 
     def action():
         from qcompiler.artifact import open_artifact
@@ -283,12 +301,29 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, threads, debug
         if not source:
             raise QCompilerError("The manifest records no source; name the FP32 model with --reference.")
         fp32 = load(source)
+        if manifest.get("backend") == "tvm":
+            batch, sequence = next(iter(manifest["tvm"]["inputs"].values()))["shape"][:2]
         feeds = synthetic_feeds(fp32, batch, sequence)
-        rows = compare_latency({"fp32": fp32, "compiled": compiled}, feeds, runs, threads)
+        models = {"fp32": fp32, "compiled": _session(artifact_dir, manifest, compiled, threads)}
+        for other in against:
+            other_path, other_manifest = open_artifact(other)
+            models[os.path.basename(os.path.normpath(other))] = _session(other, other_manifest, _load_onnx(other_path), threads)
+        rows = compare_latency(models, feeds, runs, threads)
         for name, row in rows.items():
             stdout.print(f"{name:10s} median {row['median_ms']:8.2f} ms   ratio to fp32 {row['ratio']:.3f}")
 
     _guard(debug, action)
+
+
+def _session(folder, manifest: dict, model, threads: int = 0):
+    """What runs an artifact: its TVM library, or an onnxruntime session of its model."""
+    if manifest.get("backend") != "tvm":
+        from qcompiler.runtime import make_session
+
+        return make_session(model, threads=threads)
+    from qcompiler.backends.tvm.build import LIBRARY, TVMSession
+
+    return TVMSession(os.path.join(folder, LIBRARY), manifest["tvm"])
 
 
 def _load_onnx(path):

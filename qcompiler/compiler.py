@@ -91,7 +91,7 @@ def resolve_calibration(
     return data
 
 
-BACKENDS = ("simulate", "ort")
+BACKENDS = ("simulate", "ort", "tvm")
 DIALECTS = ("ort", "qdq")
 
 
@@ -119,6 +119,8 @@ def compile(
     progress: bool = False,
     backend: str = "simulate",
     dialect: str = "ort",
+    target: str = "llvm",
+    shape: tuple[int, int] = (1, 128),
     log: Callable[[str], None] = lambda message: None,
 ) -> CompileResult:
     """Load ``model``, run ``passes`` (after normalization), lower for ``backend``, write ``output`` if given.
@@ -126,29 +128,46 @@ def compile(
     ``backend`` is ``simulate`` (the quantize pass's Q/DQ form, which runs everywhere ONNX
     runs) or ``ort`` (onnxruntime's integer kernels where it has them). With ``ort``,
     ``dialect="qdq"`` keeps standard ONNX instead of contrib ops: static int8 Q/DQ and
-    blocked 4-bit DequantizeLinear (opset 21), which other runtimes read too.
+    blocked 4-bit DequantizeLinear (opset 21), which other runtimes read too. ``tvm`` builds
+    ``model.so`` for ``target`` with qcompiler's TIR kernels for the quantized linears, for
+    static inputs of ``shape`` = (batch, sequence) (fixed dimensions stay as they are);
+    ``model.onnx`` beside it is then the simulate form, which ``qcompile eval`` reads.
     """
     if backend not in BACKENDS:
         raise QCompilerError(f"Unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
     if dialect not in DIALECTS:
         raise QCompilerError(f"Unknown dialect '{dialect}'; choose one of {', '.join(DIALECTS)}.")
-    target = Path(output) if output is not None else None
-    if target is not None:
-        _check_output_dir(target, force)
+    if backend == "tvm":
+        from qcompiler.backends.tvm.build import check_target
+
+        check_target(target)
+    output_dir = Path(output) if output is not None else None
+    if output_dir is not None:
+        _check_output_dir(output_dir, force)
     pipeline = parse_pipeline(passes)
     if normalize and not (pipeline and pipeline[0].name == "convert-opset"):
         pipeline = parse_pipeline(NORMALIZE) + pipeline
     source = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
     ir_model = load(model)
     data = resolve_calibration(calib, ir_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-    trace = ChannelTrace(list(pipeline)) if target is not None and data is not None else None
+    trace = ChannelTrace(list(pipeline)) if output_dir is not None and data is not None else None
     manager = PassManager(pipeline, calibration=data, tolerance=tolerance, verify=verify, progress=progress, log=log,
                           after_pass=trace)
     report = manager.run(ir_model, source=str(source))
     if data is not None and calib is None:
         report.notes.append("calibrated on qcompiler's built-in sentences (no --calib given)")
     kernels: dict = {}
-    if backend == "ort":
+    built = None
+    if backend == "tvm":
+        from qcompiler.backends.tvm.build import compile_model
+        from qcompiler.benchmarking import synthetic_feeds
+
+        shapes = {name: array.shape for name, array in synthetic_feeds(ir_model, *shape).items()}
+        built = compile_model(ir_model, shapes, target)
+        kernels = built.lowering.to_dict()
+        report.notes.append(f"TVM library built for {target} and inputs "
+                            + ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items()))
+    elif backend == "ort":
         from qcompiler.backends.ort.lower import lower, qdq_dialect
 
         kernels = (lower(ir_model) if dialect == "ort" else qdq_dialect(ir_model)).to_dict()
@@ -161,9 +180,12 @@ def compile(
     details = artifact.manifest(source=model if isinstance(model, (str, os.PathLike)) else source,
                                 pipeline=report.pipeline, backend=backend, layers=_layers(ir_model, kernels, backend),
                                 fidelity=fidelity, notes=report.notes)
-    if target is not None:
-        write_output(ir_model, report, target, force, details, trace)
-    return CompileResult(ir_model, report, target, details)
+    if built is not None:
+        details["tvm"] = built.signature
+    if output_dir is not None:
+        write_output(ir_model, report, output_dir, force, details, trace,
+                     library=built.executable if built is not None else None)
+    return CompileResult(ir_model, report, output_dir, details)
 
 
 def _fidelity(manager: PassManager, model: ir.Model) -> dict | None:
@@ -188,9 +210,9 @@ def _layers(model: ir.Model, kernels: dict, backend: str) -> dict[str, dict]:
     for layer, annotation in quantization_annotations(model, full=True).items():
         info = {"preset": annotation["preset"], "scheme": annotation["scheme"],
                 "weight_sqnr_db": annotation["weight_sqnr_db"]}
-        if backend == "ort" and layer in kernels.get("kernels", {}):
+        if backend in ("ort", "tvm") and layer in kernels.get("kernels", {}):
             info["kernel"] = kernels["kernels"][layer]
-        elif backend == "ort":
+        elif backend in ("ort", "tvm"):
             info["simulated"] = kernels.get("simulated", {}).get(layer, "no kernel")
         else:
             info["simulated"] = "simulate form (QuantizeLinear/DequantizeLinear and float ops)"
@@ -214,13 +236,18 @@ def save_model(model: ir.Model, path: Path) -> None:
 
 
 def write_output(model: ir.Model, report: Report, target: Path, force: bool, details: dict | None = None,
-                 trace: ChannelTrace | None = None) -> None:
-    """Write ``model.onnx``, ``report.json`` (and with ``details`` the manifest, report.md and figures) atomically."""
+                 trace: ChannelTrace | None = None, library: Any = None) -> None:
+    """Write ``model.onnx``, ``report.json`` (and with ``details`` the manifest, report.md and figures) atomically.
+
+    ``library`` is a TVM executable, exported as ``model.so`` beside the model.
+    """
     _check_output_dir(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         save_model(model, staging / "model.onnx")
+        if library is not None:
+            library.export_library(str(staging / "model.so"))
         report.write_json(staging / "report.json")
         if details is not None:
             table = Console(width=140, file=io.StringIO(), color_system=None)

@@ -1,0 +1,334 @@
+"""Lower a quantized model to a TVM Relax module whose quantized linears run qcompiler's TIR kernels.
+
+Two steps, so the float part of the model keeps TVM's own ONNX importer:
+
+1. `fuse_quantized_linears` rewrites the ONNX IR: each quantized linear becomes one node of
+   domain ``qcompiler.tvm`` that carries its kernel's packed weights:
+
+   - ``Int4MatMul(x, packed, scale, zero)``: 4-bit weights in groups along K (per channel is one
+     group of K). Float activations (W4A16), or int8 per-token activations (W4A8: the codes
+     enter the same kernel as exact small integers, so each group's sum is an exact integer
+     product; the row scale multiplies the result).
+   - ``Int8MatMul(x, packed, zcorr, scale)``: int8 weights with int8 activations, static per
+     tensor or per token: the VNNI int8 x int8 -> int32 kernel.
+
+   The linears come from the quantize pass's annotations (qcompiler's own models) or, for
+   models quantized elsewhere, from ``com.microsoft.MatMulNBits`` and from a MatMul whose
+   weight is a constant 4-bit ``DequantizeLinear`` (blocked or per axis). Nothing else
+   changes: other annotated layers stay in the simulate form (Q/DQ and float ops) and the
+   lowering says why.
+2. `to_relax` imports the result with TVM's ONNX frontend plus converters for those ops and
+   for the rotate pass's ``qcompiler.Hadamard`` (the Walsh-Hadamard kernel). TVM 0.27's
+   frontend has no registration hook, so the converter table is extended for the duration
+   of the import only. Shapes are static: every kernel is specialized to its M.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+import onnx_ir as ir
+import onnxscript
+import tvm
+from tvm import relax
+from tvm.relax.frontend.onnx import onnx_frontend
+
+from qcompiler.backends.tvm import hadamard, int4_matmul, int8_matmul
+from qcompiler.errors import QCompilerError
+from qcompiler.graph import add_initializer, drop_unused, swap_node, unique_node_name, value_named
+from qcompiler.online_rotation import DOMAIN as HADAMARD_DOMAIN
+from qcompiler.online_rotation import OP as HADAMARD_OP
+from qcompiler.quant.formats import unpack
+from qcompiler.quant.simulate import ANNOTATION, weight_parts
+
+KERNEL_DOMAIN = "qcompiler.tvm"
+INT4, INT8 = "Int4MatMul", "Int8MatMul"
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class Lowering:
+    """What each linear became."""
+
+    kernels: dict[str, str] = field(default_factory=dict)  # layer -> kernel
+    simulated: dict[str, str] = field(default_factory=dict)  # layer -> why no native kernel
+
+    def to_dict(self) -> dict:
+        return {"kernels": self.kernels, "simulated": self.simulated}
+
+
+# ---------------------------------------------------------------- step 1: ONNX rewrite
+
+
+def fuse_quantized_linears(model: ir.Model) -> Lowering:
+    """Rewrite every quantized linear of ``model`` (in place) into a ``qcompiler.tvm`` kernel node."""
+    result = Lowering()
+    graph = model.graph
+    for node in list(graph):
+        if ANNOTATION in node.metadata_props:
+            _fuse_annotated(model, node, result)
+        elif node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
+            _fuse_matmul_nbits(model, node, result)
+        elif node.op_type == "MatMul" and _constant_4bit_weight(node) is not None:
+            _fuse_dequantized_matmul(model, node, result)
+    drop_unused(graph)
+    return result
+
+
+def _fuse_annotated(model: ir.Model, node: ir.Node, result: Lowering) -> None:
+    annotation = json.loads(node.metadata_props[ANNOTATION])
+    layer, weight, activation = annotation["layer"], annotation["weight"], annotation["activation"]
+    if weight["stored"] != "DequantizeLinear":
+        result.simulated[layer] = f"{weight['spec']} weights are stored dequantized (no integer codes to run on)"
+        return
+    tokens = activation is not None and activation["format"] == "int8" and activation["dynamic"] \
+        and activation["granularity"] == "token" and activation["symmetric"]
+    static = activation is not None and activation["format"] == "int8" and not activation["dynamic"] \
+        and activation["granularity"] == "tensor"
+    codes, scale, zero, _ = weight_parts(node)
+    if weight["format"] in ("int4", "uint4") and weight["granularity"] in ("group", "channel") \
+            and (activation is None or tokens):
+        x = value_named(model.graph, activation["source"]) if tokens else node.inputs[0]
+        group = int(weight["group_size"]) if weight["granularity"] == "group" else codes.shape[0]
+        _emit_int4(model, node, x, codes, scale, zero, group, signed=weight["format"] == "int4", tokens=tokens)
+        result.kernels[layer] = "TVM int4 matmul (W4A8: int8 per-token codes)" if tokens else "TVM int4 matmul (W4A16)"
+    elif weight["format"] == "int8" and weight["granularity"] in ("channel", "tensor") and (tokens or static):
+        if tokens:
+            x, activation_scale, activation_zero = value_named(model.graph, activation["source"]), None, 0
+        else:  # static: the consumer's own Q/DQ pair holds the scale and zero point
+            dq = node.inputs[0].producer()
+            x = dq.inputs[0].producer().inputs[0]
+            activation_scale = float(dq.inputs[1].const_value.numpy())
+            activation_zero = int(dq.inputs[2].const_value.numpy()) if len(dq.inputs) > 2 and dq.inputs[2] else 0
+        _emit_int8(model, node, x, codes, scale, activation_scale, activation_zero)
+        result.kernels[layer] = "TVM int8 VNNI matmul (" + ("per-token" if tokens else "static per-tensor") + ")"
+    else:
+        spec = weight["spec"] + (f" with {activation['spec']} activations" if activation else " weight-only")
+        result.simulated[layer] = f"no TVM kernel for {spec}; runs as Q/DQ and float ops"
+
+
+def _emit_int4(model: ir.Model, node: ir.Node, x: ir.Value, codes: np.ndarray, scale: np.ndarray,
+               zero: np.ndarray | None, group: int, *, signed: bool, tokens: bool) -> None:
+    """Replace ``node`` by an Int4MatMul on uint4 codes (signed codes shifted by 8, as their zero point)."""
+    k, n = codes.shape
+    groups = -(-k // group)
+    unsigned = (codes.astype(np.int16) + (8 if signed else 0)).astype(np.uint8)
+    if zero is None:
+        zero_u4 = np.full((groups, n), 8 if signed else 0, np.uint8)
+    else:
+        zero_u4 = (np.asarray(zero, np.int16).reshape(-1, n) + (8 if signed else 0)).astype(np.uint8)
+    scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, n), (groups, n))
+    zero_u4 = np.broadcast_to(zero_u4, (groups, n))
+    packed = int4_matmul.pack_weights(unsigned, scale, zero_u4, group)
+    _replace(model, node, INT4, x, packed, ("packed", "scale", "zero"), k=k, n=n, group=group, tokens=int(tokens))
+
+
+def _emit_int8(model: ir.Model, node: ir.Node, x: ir.Value, codes: np.ndarray, scale: np.ndarray,
+               activation_scale: float | None, activation_zero: int) -> None:
+    """Replace ``node`` by an Int8MatMul; its activations are uint8 codes ``q + 128``."""
+    k, n = codes.shape
+    packed = int8_matmul.pack_weights(codes.astype(np.int8), scale, activation_zero + 128)
+    static = {} if activation_scale is None else {"activation_scale": activation_scale,
+                                                  "activation_zero": activation_zero}
+    _replace(model, node, INT8, x, packed, ("packed", "zcorr", "scale"), k=k, n=n,
+             tokens=int(activation_scale is None), **static)
+
+
+def _replace(model: ir.Model, node: ir.Node, op: str, x: ir.Value, packed: dict[str, np.ndarray],
+             order: tuple[str, ...], **attributes) -> None:
+    graph = model.graph
+    base = node.inputs[1].name or node.name
+    weights = [add_initializer(graph, f"{base}_{op.lower()}_{name}", packed[name]) for name in order]
+    replacement = ir.node(op, [x, *weights], attributes=attributes, domain=KERNEL_DOMAIN,
+                          name=unique_node_name(graph, f"{node.name}_{op.lower()}"))
+    model.opset_imports.setdefault(KERNEL_DOMAIN, 1)
+    swap_node(graph, node, replacement)
+
+
+def _fuse_matmul_nbits(model: ir.Model, node: ir.Node, result: Lowering) -> None:
+    """``MatMulNBits`` (4 bits, constant weights, no g_idx or bias) as an Int4MatMul."""
+    attrs = {name: attr.value for name, attr in node.attributes.items()}
+    constants = [value.const_value if value is not None else None for value in node.inputs[1:]]
+    label = node.name or node.outputs[0].name
+    if attrs.get("bits", 4) != 4 or len(node.inputs) > 4 or constants[0] is None or constants[1] is None:
+        result.simulated[label] = "MatMulNBits with bits != 4, g_idx, bias or runtime weights has no TVM kernel"
+        return
+    k, n, block = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
+    blocks = -(-k // block)
+    codes = unpack(constants[0].numpy().reshape(-1), 4, n * blocks * block).reshape(n, blocks * block).T[:k]
+    scale = constants[1].numpy().astype(np.float32).reshape(n, blocks).T
+    if len(constants) > 2 and constants[2] is not None:
+        zero_bytes = constants[2].numpy()
+        if zero_bytes.dtype != np.uint8:
+            result.simulated[label] = "MatMulNBits with float zero points has no TVM kernel"
+            return
+        zero = unpack(zero_bytes.reshape(n, -1).reshape(-1), 4, n * -(-blocks // 2) * 2).reshape(n, -1)[:, :blocks].T
+    else:
+        zero = np.full((blocks, n), 8, np.uint8)
+    _emit_int4(model, node, node.inputs[0], codes.astype(np.uint8), scale, zero, block, signed=False, tokens=False)
+    result.kernels[label] = "TVM int4 matmul (imported MatMulNBits)"
+
+
+def _constant_4bit_weight(node: ir.Node) -> ir.Node | None:
+    """The constant 4-bit DequantizeLinear that is ``node``'s weight, if it is one."""
+    dq = node.inputs[1].producer() if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if dq is None or dq.op_type != "DequantizeLinear" or dq.inputs[0].const_value is None:
+        return None
+    if dq.inputs[0].const_value.dtype not in (ir.DataType.INT4, ir.DataType.UINT4) or len(dq.inputs[0].shape) != 2:
+        return None
+    return dq
+
+
+def _fuse_dequantized_matmul(model: ir.Model, node: ir.Node, result: Lowering) -> None:
+    """``MatMul(x, DequantizeLinear(4-bit codes))`` from a model quantized elsewhere, as an Int4MatMul."""
+    dq = _constant_4bit_weight(node)
+    codes = dq.inputs[0].const_value.numpy()
+    k, n = codes.shape
+    axis = dq.attributes["axis"].value if "axis" in dq.attributes else 1
+    block = dq.attributes["block_size"].value if "block_size" in dq.attributes else 0
+    label = node.name or node.outputs[0].name
+    scale = dq.inputs[1].const_value.numpy().astype(np.float32)
+    zero = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    if block and axis in (0, -2):
+        group = block
+    elif not block and axis in (1, -1):
+        group, scale = k, scale.reshape(1, n)
+        zero = None if zero is None else zero.reshape(1, n)
+    else:
+        result.simulated[label] = f"4-bit DequantizeLinear on axis {axis} (block {block}) has no TVM kernel"
+        return
+    signed = dq.inputs[0].const_value.dtype == ir.DataType.INT4
+    _emit_int4(model, node, node.inputs[0], codes, scale, zero, group, signed=signed, tokens=False)
+    result.kernels[label] = "TVM int4 matmul (imported 4-bit DequantizeLinear)"
+
+
+# ---------------------------------------------------------------- step 2: Relax import
+
+
+def specialize(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> None:
+    """Fix the input shapes and fold what they determine (in place).
+
+    Exported attention masks compute their size at run time (Shape, Range, Expand); TVM's
+    importer cannot infer through them, but with static inputs they fold to constants.
+    Model-local functions (the Hadamard nodes) are kept, not inlined: they have a kernel.
+    """
+    inputs = {v.name: v for v in model.graph.inputs if v.name not in model.graph.initializers}
+    for name, value in inputs.items():
+        if name not in shapes:
+            raise QCompilerError(f"The TVM backend needs a static shape for input '{name}'.")
+        if len(shapes[name]) != len(value.shape or shapes[name]):
+            raise QCompilerError(f"Input '{name}' has rank {len(value.shape)}, but the shape given is {shapes[name]}.")
+        value.shape = ir.Shape(list(shapes[name]))
+    onnxscript.optimizer.optimize(model, inline=False)
+
+
+def to_relax(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> tvm.IRModule:
+    """The Relax module of a fused, specialized model, for the static input ``shapes``."""
+    proto = ir.serde.serialize_model(model)
+    dtypes = {v.name: v.dtype.numpy().name for v in model.graph.inputs if v.name not in model.graph.initializers}
+    with _kernel_converters():
+        return onnx_frontend.from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()}, dtype_dict=dtypes)
+
+
+@contextlib.contextmanager
+def _kernel_converters() -> Iterator[None]:
+    original = onnx_frontend._get_convert_map
+
+    def extended() -> dict:
+        table = dict(original())
+        table.update({INT4: _Int4Converter, INT8: _Int8Converter, HADAMARD_OP: _HadamardConverter})
+        return table
+
+    onnx_frontend._get_convert_map = extended
+    try:
+        yield
+    finally:
+        onnx_frontend._get_convert_map = original
+
+
+def _static_shape(x: relax.Expr, what: str) -> list[int]:
+    shape = x.ty.shape
+    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
+        raise QCompilerError(f"The TVM backend needs static shapes, but the input of {what} is {shape}; "
+                             "give every input a fixed shape.")
+    return [int(d) for d in shape.values]
+
+
+def _kernel_call(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, args: list, shape: list[int]) -> relax.Var:
+    """``call_tir`` of ``func``, added once per name (the kernels are specialized to their shapes)."""
+    module = bb.get()
+    gvar = module.get_global_var(name) if name in [g.name_hint for g in module.get_global_vars()] \
+        else bb.add_func(func.with_attr("global_symbol", name), name)
+    return bb.emit(relax.call_tir(gvar, args, relax.TensorType(shape, "float32")))
+
+
+def _per_token(bb: relax.BlockBuilder, x: relax.Expr) -> tuple[relax.Expr, relax.Expr]:
+    """Symmetric int8 per-token codes of ``x`` (as float) and their row scales ``max|x| / 127``."""
+    peak = relax.op.max(relax.op.abs(x), axis=[-1], keepdims=True)
+    scale = bb.emit(relax.op.maximum(relax.op.divide(peak, relax.const(127.0)), relax.const(1e-30)))
+    codes = relax.op.clip(relax.op.round(relax.op.divide(x, scale)), -128, 127)
+    return bb.emit(codes), scale
+
+
+class _Int4Converter(onnx_frontend.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x, packed, scale, zero = inputs
+        k, n, group, tokens = attr["k"], attr["n"], attr["group"], attr["tokens"]
+        shape = _static_shape(x, "an int4 matmul")
+        m = int(np.prod(shape[:-1]))
+        rows = bb.emit(relax.op.reshape(x, (m, k)))
+        if tokens:
+            rows, row_scale = _per_token(bb, rows)
+        y = _kernel_call(bb, int4_matmul.scheduled(m, k, n, group), f"int4_matmul_{m}x{k}x{n}_g{group}",
+                         [rows, packed, scale, zero], [m, n])
+        if tokens:
+            y = relax.op.multiply(y, row_scale)
+        return relax.op.reshape(y, (*shape[:-1], n))
+
+
+class _Int8Converter(onnx_frontend.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x, packed, zcorr, scale = inputs
+        k, n = attr["k"], attr["n"]
+        shape = _static_shape(x, "an int8 matmul")
+        m = int(np.prod(shape[:-1]))
+        rows = bb.emit(relax.op.reshape(x, (m, k)))
+        if attr["tokens"]:
+            codes, row_scale = _per_token(bb, rows)
+            row_scale = relax.op.reshape(row_scale, (m,))
+        else:
+            s, z = attr["activation_scale"], attr["activation_zero"]
+            codes = relax.op.clip(relax.op.add(relax.op.round(relax.op.divide(rows, relax.const(s))),
+                                               relax.const(float(z))), -128, 127)
+            row_scale = relax.op.full((m,), relax.const(s, "float32"), "float32")
+        u8 = relax.op.astype(relax.op.add(codes, relax.const(128.0)), "uint8")
+        quads = int8_matmul.quadruples(k)
+        if 4 * quads != k:
+            u8 = relax.op.nn.pad(u8, [0, 0, 0, 4 * quads - k])
+        y = _kernel_call(bb, int8_matmul.kernel(m, k, n), f"int8_matmul_{m}x{k}x{n}",
+                         [bb.emit(u8), packed, zcorr, scale, bb.emit(row_scale)], [m, n])
+        return relax.op.reshape(y, (*shape[:-1], n))
+
+
+class _HadamardConverter(onnx_frontend.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x, a_matrix, b_matrix = inputs
+        if not all(isinstance(f, tvm.ir.expr.GenericConst) for f in (a_matrix, b_matrix)):
+            raise QCompilerError("A qcompiler.Hadamard node has runtime factors; the TVM backend needs constant ones.")
+        shape = _static_shape(x, "an online Hadamard rotation")
+        rows, n = int(np.prod(shape[:-1])), shape[-1]
+        chosen = hadamard.plan(rows, a_matrix.value.numpy(), b_matrix.value.numpy())
+        factors = [relax.const(np.ascontiguousarray(f, np.float32)) for f in chosen.factors]
+        # Same shape, different factors (random rotations, other seeds): one kernel each, named by digest.
+        digest = hashlib.sha1(b"".join(f.tobytes() for f in chosen.factors)).hexdigest()[:8]
+        y = _kernel_call(bb, chosen.func, f"hadamard_{rows}x{chosen.a}x{chosen.b}_{chosen.path}_{digest}",
+                         [bb.emit(relax.op.reshape(x, (rows, n))), *factors], [rows, n])
+        return relax.op.reshape(y, shape)
