@@ -79,6 +79,14 @@ def _calibration_options(func):
     return func
 
 
+def _parse_shape(ctx: click.Context, param: click.Parameter, text: str) -> tuple[int, int]:
+    parts = text.lower().split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"'{text}' is not BATCHxSEQUENCE with positive integers (e.g. 1x128).",
+                                 param_hint="--shape")
+    return int(parts[0]), int(parts[1])
+
+
 @main.command("compile")
 @click.argument("model")
 @click.option("--passes", "passes", default="", help="Pipeline, e.g. 'normalize' or 'convert-opset(version=21),simplify' (see 'qcompile passes').")
@@ -93,7 +101,7 @@ def _calibration_options(func):
                    "tvm: model.so with qcompiler's TIR kernels.")
 @click.option("--target", default="llvm", show_default=True, help="With --backend tvm: the TVM target (llvm: this CPU).")
 @click.option("--shape", default="1x128", show_default=True,
-              help="With --backend tvm: BATCHxSEQUENCE, the static shape the library is built for.")
+              callback=_parse_shape, help="With --backend tvm: BATCHxSEQUENCE, the static shape the library is built for.")
 @click.option("--dialect", type=click.Choice(["ort", "qdq"]), default="ort", show_default=True,
               help="With --backend ort: ort (contrib kernels such as MatMulNBits) or qdq (standard ONNX Q/DQ, opset 21).")
 @_calibration_options
@@ -107,7 +115,7 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
         result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
                              normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,
                              batch_size=batch_size, max_length=max_length, progress=not quiet, log=log,
-                             backend=backend, dialect=dialect, target=target, shape=_parse_shape(shape))
+                             backend=backend, dialect=dialect, target=target, shape=shape)
         if not quiet:
             result.report.print(stdout)
             fidelity = result.manifest.get("fidelity") if result.manifest else None
@@ -119,14 +127,6 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
             stdout.print(f"wrote {result.output}/ (model.onnx{library}, manifest.json, report.json, report.md)")
 
     _guard(debug, action)
-
-
-def _parse_shape(text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise click.BadParameter(f"'{text}' is not BATCHxSEQUENCE with positive integers (e.g. 1x128).",
-                                 param_hint="--shape")
-    return int(parts[0]), int(parts[1])
 
 
 @main.command("passes")

@@ -43,12 +43,13 @@ from qcompiler.errors import QCompilerError
 from qcompiler.graph import add_initializer, drop_unused, swap_node, unique_node_name, value_named
 from qcompiler.online_rotation import DOMAIN as HADAMARD_DOMAIN
 from qcompiler.online_rotation import OP as HADAMARD_OP
-from qcompiler.quant.formats import unpack
+from qcompiler.quant.formats import ELEMENT_FORMATS, unpack
 from qcompiler.quant.simulate import ANNOTATION, weight_parts
 
 KERNEL_DOMAIN = "qcompiler.tvm"
 INT4, INT8 = "Int4MatMul", "Int8MatMul"
 MS_DOMAIN = "com.microsoft"
+UINT4 = ELEMENT_FORMATS["uint4"]
 
 
 @dataclass
@@ -57,9 +58,10 @@ class Lowering:
 
     kernels: dict[str, str] = field(default_factory=dict)  # layer -> kernel
     simulated: dict[str, str] = field(default_factory=dict)  # layer -> why no native kernel
+    rotations: int = 0  # online Hadamard nodes, each run by the Walsh-Hadamard kernel
 
     def to_dict(self) -> dict:
-        return {"kernels": self.kernels, "simulated": self.simulated}
+        return {"kernels": self.kernels, "simulated": self.simulated, "rotations": self.rotations}
 
 
 # ---------------------------------------------------------------- step 1: ONNX rewrite
@@ -76,6 +78,8 @@ def fuse_quantized_linears(model: ir.Model) -> Lowering:
             _fuse_matmul_nbits(model, node, result)
         elif node.op_type == "MatMul" and _constant_4bit_weight(node) is not None:
             _fuse_dequantized_matmul(model, node, result)
+        elif node.op_type == HADAMARD_OP and node.domain == HADAMARD_DOMAIN:
+            result.rotations += 1
     drop_unused(graph)
     return result
 
@@ -160,14 +164,14 @@ def _fuse_matmul_nbits(model: ir.Model, node: ir.Node, result: Lowering) -> None
         return
     k, n, block = int(attrs["K"]), int(attrs["N"]), int(attrs["block_size"])
     blocks = -(-k // block)
-    codes = unpack(constants[0].numpy().reshape(-1), 4, n * blocks * block).reshape(n, blocks * block).T[:k]
+    codes = unpack(constants[0].numpy().reshape(-1), UINT4, n * blocks * block).reshape(n, blocks * block).T[:k]
     scale = constants[1].numpy().astype(np.float32).reshape(n, blocks).T
     if len(constants) > 2 and constants[2] is not None:
         zero_bytes = constants[2].numpy()
         if zero_bytes.dtype != np.uint8:
             result.simulated[label] = "MatMulNBits with float zero points has no TVM kernel"
             return
-        zero = unpack(zero_bytes.reshape(n, -1).reshape(-1), 4, n * -(-blocks // 2) * 2).reshape(n, -1)[:, :blocks].T
+        zero = unpack(zero_bytes.reshape(-1), UINT4, n * -(-blocks // 2) * 2).reshape(n, -1)[:, :blocks].T
     else:
         zero = np.full((blocks, n), 8, np.uint8)
     _emit_int4(model, node, node.inputs[0], codes.astype(np.uint8), scale, zero, block, signed=False, tokens=False)
