@@ -167,6 +167,7 @@ def inspect_command(model, no_normalize, as_json, pipeline, calib, tokenizer, ba
     def action():
         from qcompiler import inspection
         from qcompiler.analysis.regions import find_regions
+        from qcompiler.analysis.residual import find_streams
         from qcompiler.calibration.engine import CalibrationEngine
         from qcompiler.capture import load
         from qcompiler.compiler import NORMALIZE, resolve_calibration
@@ -187,6 +188,7 @@ def inspect_command(model, no_normalize, as_json, pipeline, calib, tokenizer, ba
         stdout.print(inspection.op_table(ir_model))
         stdout.print(inspection.linear_table(ir_model))
         stdout.print(inspection.region_table(find_regions(ir_model.graph).regions))
+        stdout.print(inspection.stream_table(find_streams(ir_model.graph)))
         if rows is None:
             stdout.print("no calibration data: give --calib (and --tokenizer for text) for the outlier table")
         else:
