@@ -1,0 +1,107 @@
+"""The TVM backend against onnxruntime: the int8 kernel alone, then whole MiniLM artifacts.
+
+    .venv/bin/python benchmarks/tvm_backend.py [--runs N] [--write]
+
+1. int8 GEMM, K = N = 4096: qcompiler's VNNI kernel (uint8 codes x int8 weights -> int32, row and
+   column scales applied) beside onnxruntime's ``MatMulIntegerToFloat`` on the same codes (the kernel
+   its W8A8 path runs), M = 1 and 128. Both results are checked against numpy first.
+2. MiniLM, batch 1 x 128 tokens: the FP32 model, and for w8a8 and w4a16 the ORT artifact and the TVM
+   artifact of the same pipeline, timed interleaved in one process (`qcompiler.benchmarking`).
+
+Ratios are to the first row of each table. ``--write`` puts both tables in docs/backends/tvm.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TVM_NUM_THREADS", "2")
+os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from docs_section import machine_stamp, replace_section  # noqa: E402
+from qcompiler.backends.tvm import int8_matmul  # noqa: E402
+from qcompiler.backends.tvm.build import TVMSession, compile_model  # noqa: E402
+from qcompiler.benchmarking import compare_latency, synthetic_feeds  # noqa: E402
+from qcompiler.compiler import compile as qcompile  # noqa: E402
+from qcompiler.capture import load  # noqa: E402
+from tvm_int4 import medians, relative_error  # noqa: E402
+
+K = N = 4096
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "backends" / "tvm.md"
+
+
+def integer_session(codes: np.ndarray, scale: np.ndarray) -> ort.InferenceSession:
+    """One ``MatMulIntegerToFloat`` node: A uint8 [M, K] with zero point 128, B int8 constant, scales."""
+    initializers = [numpy_helper.from_array(codes, "B"), numpy_helper.from_array(np.float32(1.0).reshape(()), "a_scale"),
+                    numpy_helper.from_array(scale, "b_scale"), numpy_helper.from_array(np.uint8(128).reshape(()), "a_zero")]
+    node = helper.make_node("MatMulIntegerToFloat", ["A", "B", "a_scale", "b_scale", "a_zero"], ["Y"],
+                            domain="com.microsoft")
+    graph = helper.make_graph([node], "int8", [helper.make_tensor_value_info("A", TensorProto.UINT8, ["M", K])],
+                              [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", N])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = 2, 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def kernel_table(runs: int) -> list[str]:
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (K, N)).astype(np.int8)
+    scale = rng.uniform(1e-3, 1e-2, N).astype(np.float32)
+    weights = int8_matmul.pack_weights(codes, scale, 128)
+    session = integer_session(codes, scale)
+    rows = ["| M | TVM int8 (ms) | ORT MatMulIntegerToFloat (ms) | ORT / TVM |", "|---:|---:|---:|---:|"]
+    for m in (1, 128):
+        x = rng.integers(0, 256, (m, K)).astype(np.uint8)
+        kernel = int8_matmul.build(m, K, N)
+        ones = np.ones(m, np.float32)
+        expected = (x.astype(np.int64) - 128) @ codes.astype(np.int64) * scale
+        assert relative_error(kernel(x, ones, weights), expected) < 1e-5
+        assert relative_error(session.run(None, {"A": x})[0], expected) < 1e-5
+        times = medians({"tvm": lambda: kernel(x, ones, weights), "ort": lambda: session.run(None, {"A": x})},
+                        runs, interleave=True)
+        rows.append(f"| {m} | {times['tvm'] * 1e3:.3f} | {times['ort'] * 1e3:.3f} | {times['ort'] / times['tvm']:.2f} |")
+    return rows
+
+
+def model_table(runs: int) -> list[str]:
+    fp32 = load("minilm")
+    feeds = synthetic_feeds(fp32, 1, 128)
+    shapes = {name: array.shape for name, array in feeds.items()}
+    contenders: dict[str, object] = {"FP32 (onnxruntime)": fp32}
+    for preset in ("w8a8", "w4a16"):
+        ort_model = qcompile("minilm", preset, backend="ort", verify=False).model
+        simulate = qcompile("minilm", preset, verify=False).model
+        built = compile_model(simulate, shapes)
+        contenders[f"{preset} ORT artifact"] = ort_model
+        contenders[f"{preset} TVM artifact"] = TVMSession(built.executable, built.signature)
+    result = compare_latency(contenders, feeds, runs, threads=2)
+    rows = ["| model (1 x 128 tokens) | median (ms) | ratio to FP32 |", "|---|---:|---:|"]
+    rows += [f"| {name} | {row['median_ms']:.1f} | {row['ratio']:.2f} |" for name, row in result.items()]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=20)
+    parser.add_argument("--write", action="store_true", help="rewrite the measured section of docs/backends/tvm.md")
+    args = parser.parse_args()
+    body = ["int8 GEMM, K = N = 4096:", "", *kernel_table(args.runs), "", "Whole MiniLM:", "",
+            *model_table(args.runs), "", machine_stamp(".venv/bin/python benchmarks/tvm_backend.py --write")]
+    print("\n".join(body))
+    if args.write:
+        replace_section("tvm-backend", "Measured: int8 kernel and whole-model artifacts", "\n".join(body), PAGE)
+
+
+if __name__ == "__main__":
+    main()
