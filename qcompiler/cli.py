@@ -303,9 +303,10 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, threads, again
         if not source:
             raise QCompilerError("The manifest records no source; name the FP32 model with --reference.")
         fp32 = load(source)
+        rows_and_tokens = (batch, sequence)
         if manifest.get("backend") == "tvm":
-            batch, sequence = next(iter(manifest["tvm"]["inputs"].values()))["shape"][:2]
-        feeds = synthetic_feeds(fp32, batch, sequence)
+            rows_and_tokens = next(iter(manifest["tvm"]["inputs"].values()))["shape"][:2]
+        feeds = synthetic_feeds(fp32, *rows_and_tokens)
         models = {"fp32": fp32, "compiled": _session(artifact_dir, manifest, compiled, threads)}
         for other in against:
             other_path, other_manifest = open_artifact(other)
