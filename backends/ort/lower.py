@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from qcompiler.graph import add_initializer, drop_unused, swap_node, unique_node_name, value_named
 from qcompiler.quant.formats import pack
-from qcompiler.quant.simulate import ANNOTATION, weight_parts
+from qcompiler.quant.simulate import ANNOTATION, is_int8_per_token, weight_parts
 
 MS_DOMAIN = "com.microsoft"
 NBITS_BLOCK = 128
@@ -100,21 +100,16 @@ def _choose(weight: dict, activation: dict | None) -> str | None:
     element = weight["format"]
     if not stored:
         return None
-    if element in ("int4", "uint4") and (activation is None or _is_int8_token(activation)):
+    if element in ("int4", "uint4") and (activation is None or is_int8_per_token(activation)):
         if weight["granularity"] in ("group", "channel"):
             return "MatMulNBits"
         return None
     if element == "int8" and weight["granularity"] in ("channel", "tensor") and activation is not None:
         if activation["format"] == "int8" and not activation["dynamic"]:
             return "QDQ"
-        if _is_int8_token(activation):
+        if is_int8_per_token(activation):
             return "MatMulIntegerToFloat (per-token)"
     return None
-
-
-def _is_int8_token(activation: dict) -> bool:
-    return activation["format"] == "int8" and activation["dynamic"] and activation["granularity"] == "token" \
-        and activation["symmetric"]
 
 
 def _why_simulated(weight: dict, activation: dict | None) -> str:

@@ -44,7 +44,7 @@ from qcompiler.graph import add_initializer, drop_unused, swap_node, unique_node
 from qcompiler.online_rotation import DOMAIN as HADAMARD_DOMAIN
 from qcompiler.online_rotation import OP as HADAMARD_OP
 from qcompiler.quant.formats import ELEMENT_FORMATS, unpack
-from qcompiler.quant.simulate import ANNOTATION, weight_parts
+from qcompiler.quant.simulate import ANNOTATION, is_int8_per_token, weight_parts
 
 KERNEL_DOMAIN = "qcompiler.tvm"
 INT4, INT8 = "Int4MatMul", "Int8MatMul"
@@ -90,8 +90,7 @@ def _fuse_annotated(model: ir.Model, node: ir.Node, result: Lowering) -> None:
     if weight["stored"] != "DequantizeLinear":
         result.simulated[layer] = f"{weight['spec']} weights are stored dequantized (no integer codes to run on)"
         return
-    tokens = activation is not None and activation["format"] == "int8" and activation["dynamic"] \
-        and activation["granularity"] == "token" and activation["symmetric"]
+    tokens = is_int8_per_token(activation)
     static = activation is not None and activation["format"] == "int8" and not activation["dynamic"] \
         and activation["granularity"] == "tensor"
     codes, scale, zero, _ = weight_parts(node)

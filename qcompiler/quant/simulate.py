@@ -225,3 +225,9 @@ def weight_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
     scale = dq.inputs[1].const_value.numpy().astype(np.float32)
     zero = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
     return codes, scale, zero, dq
+
+
+def is_int8_per_token(activation: dict | None) -> bool:
+    """Whether an annotation's activation is symmetric int8 per token: what the backends' integer kernels take."""
+    return activation is not None and activation["format"] == "int8" and activation["dynamic"] \
+        and activation["granularity"] == "token" and activation["symmetric"]
