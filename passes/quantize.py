@@ -3,7 +3,8 @@
 One pass per preset (``w8a8``, ``w8a8-dyn``, ``w8a16``, ``w4a16``, ``w4a8``, ``w4a4``, ``fp8``,
 ``mxfp8``, ``mxfp4``, ``nvfp4``), plus ``quantize(preset=...)``. Per-layer choices go by glob
 on the layer's module path (``encoder.layer.3.output.dense``), node name or weight name: ``skip=*pooler*`` keeps those linears float,
-``override=*output.dense*:w8a8`` gives them another preset (several with ``;``).
+``override=*output.dense*:w8a8`` gives them another preset (several with ``;``). The ``Q^T``
+MatMuls that ``rotate`` inserts in front of graph outputs stay float.
 
 The weight quantizer is ``rtn``, ``mse`` (clipping search), ``gptq`` (``X^T X`` of each
 linear's input from calibration, by default as the already-quantized layers before it
@@ -34,6 +35,7 @@ from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
 from qcompiler.quant.simulate import ANNOTATION, dequantized_weight, per_consumer, quantized_activation, weight_is_native
 from qcompiler.quant.spec import QuantizedTensor, sqnr_db
 from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.residual import UNROTATE
 
 
 
@@ -90,6 +92,11 @@ class Quantize(Pass):
         for linear in find_linears(graph):
             if ANNOTATION in linear.matmul.metadata_props:
                 continue  # quantized by an earlier pass (a pre-dequantized grid still looks like a linear)
+            if UNROTATE in linear.matmul.metadata_props:
+                # rotate's exact Q^T in front of a graph output or a kept norm: it carries no learned weight,
+                # and rounding it would add error the unrotated model never had.
+                skipped.append(f"{linear.matmul.name} (rotate's Q^T compensation)")
+                continue
             names = (linear.layer, linear.matmul.name or "", linear.weight.name or "")
             if any(fnmatch.fnmatchcase(n, glob) for glob in self.options.skip for n in names):
                 skipped.append(linear.layer)

@@ -170,3 +170,15 @@ def test_inspection_lists_the_stream(normalized_files):
     (stream,) = inspection_dict(ir.load(normalized_files("opt")), None)["streams"]
     assert len(stream["writers"]) == 6 and len(stream["readers"]) == 5
     assert stream["rotate"] == "admissible"
+
+
+def test_quantize_leaves_rotates_unrotate_matmul_float(normalized_files):
+    model = ir.load(normalized_files("vit"))  # its final norm feeds a graph output: one Q^T MatMul
+    randomize_norms(model)
+    *_, quantize = PassManager(parse_pipeline("fold-norm,rotate,w8a8"), calibration=zoo_calibration(model),
+                               progress=False).run(model).passes
+    (unrotate,) = [n for n in model.graph if "qcompiler.unrotate" in n.metadata_props]
+    assert "qcompiler.quant" not in unrotate.metadata_props
+    assert unrotate.inputs[1].producer() is None  # its Q^T is still a float initializer, not a DequantizeLinear
+    assert any("Q^T compensation" in s for s in quantize.details["skipped"])
+    assert quantize.details["layers"]
