@@ -19,6 +19,7 @@ import onnx_ir as ir
 import tvm
 from tvm import relax
 
+from qcompiler.backends.tvm import cpu_schedule
 from qcompiler.backends.tvm.int4_matmul import default_target
 from qcompiler.backends.tvm.lower import Lowering, fuse_quantized_linears, specialize, to_relax
 from qcompiler.errors import QCompilerError
@@ -47,7 +48,8 @@ def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]], target
     lowering = fuse_quantized_linears(work)
     specialize(work, dict(shapes))
     module = to_relax(work, dict(shapes))
-    executable = tvm.compile(module, default_target())
+    target_ = default_target()
+    executable = tvm.compile(module, target_, relax_pipeline=cpu_schedule.pipeline(target_))
     inputs = {v.name: {"shape": list(shapes[v.name]), "dtype": v.dtype.numpy().name}
               for v in work.graph.inputs if v.name not in work.graph.initializers}
     signature = {"inputs": inputs, "outputs": [v.name for v in work.graph.outputs], "target": str(default_target())}

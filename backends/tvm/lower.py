@@ -50,6 +50,7 @@ KERNEL_DOMAIN = "qcompiler.tvm"
 INT4, INT8 = "Int4MatMul", "Int8MatMul"
 MS_DOMAIN = "com.microsoft"
 UINT4 = ELEMENT_FORMATS["uint4"]
+OPAQUE = 8  # relax.transform's OpPatternKind.kOpaque: never fused with other ops
 
 
 @dataclass
@@ -263,10 +264,17 @@ def _static_shape(x: relax.Expr, what: str) -> list[int]:
 
 
 def _kernel_call(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, args: list, shape: list[int]) -> relax.Var:
-    """``call_tir`` of ``func``, added once per name (the kernels are specialized to their shapes)."""
+    """``call_tir`` of ``func``, added once per name (the kernels are specialized to their shapes).
+
+    The kernel is marked opaque and scheduled, so that fusion neither merges it with its
+    neighbours nor hands it to the CPU schedule rules: it is already scheduled by hand.
+    """
     module = bb.get()
-    gvar = module.get_global_var(name) if name in [g.name_hint for g in module.get_global_vars()] \
-        else bb.add_func(func.with_attr("global_symbol", name), name)
+    if name in [g.name_hint for g in module.get_global_vars()]:
+        gvar = module.get_global_var(name)
+    else:
+        func = func.with_attrs({"global_symbol": name, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+        gvar = bb.add_func(func, name)
     return bb.emit(relax.call_tir(gvar, args, relax.TensorType(shape, "float32")))
 
 

@@ -1,0 +1,151 @@
+"""CPU schedules for the float ops around the kernels: the rest of the model, made parallel and vectorized.
+
+TVM's default CPU pipeline legalizes every Relax op to TIR and compiles it as written: one
+scalar thread per op. On MiniLM that left the attention matmuls, softmax and GELU taking most
+of the time while the quantized linears ran on our kernels. This module supplies the
+schedules, as dlight rules, applied to every fused function the kernels do not cover:
+
+- `Matmul` (batched ``C[b, i, j] = sum_k A[b, i, k] B[b, k, j]`` plus elementwise epilogue, as
+  attention's ``Q K^T`` and ``P V``): a register tile of ``ROWS`` rows x one vector of columns
+  accumulated in registers over ``k``, tiles spread over the cores.
+- dlight's own CPU `GEMV` (a one-row matmul) and `Reduction` (softmax, LayerNorm: parallel rows,
+  vectorized inner loops).
+- `Elementwise` (GELU, the activation quantizers, casts, transposes, gathers): producers
+  inlined into one loop nest, flattened, vectorized by the target's vector width and
+  parallel when it is big enough to pay for waking the thread pool.
+
+`pipeline(target)` is TVM's CPU pipeline with `fast_math` first (vectorizable GELU, softmax,
+exp) and these rules inserted right after fusion.
+Functions already scheduled (our kernels carry ``tirx.is_scheduled``) are left alone; a
+function no rule accepts keeps TVM's default lowering.
+"""
+
+from __future__ import annotations
+
+import tvm
+from tvm import s_tir, tirx
+from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.s_tir import dlight
+from tvm.s_tir.dlight.analysis import normalize_prim_func
+from tvm.s_tir.dlight.base import try_inline, try_inline_contiguous_spatial
+from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.target.codegen import llvm_get_vector_width
+
+from qcompiler.backends.tvm.fast_math import fast_math
+
+ROWS = 4  # rows of a matmul register tile
+PARALLEL_MIN = 4096  # elements below which an elementwise loop stays on one thread
+
+
+def vector_lanes(target: tvm.target.Target, bits: int = 32) -> int:
+    width = llvm_get_vector_width(target)
+    return max((width if width > 0 else 128) // bits, 2)
+
+
+def _extent(sch: s_tir.Schedule, loop) -> int | None:
+    extent = sch.get(loop).extent
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+class Elementwise(CPUScheduleRule):
+    """Functions made only of injective blocks: inline into the last, flatten, vectorize, go parallel."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = normalize_prim_func(sch)
+        if not infos or not all(info.is_injective() for info in infos):
+            return None
+        remaining = try_inline(sch, infos)
+        lanes = vector_lanes(target)
+        for info in remaining:
+            loops = sch.get_loops(info.block_rv)
+            if not loops:
+                continue
+            flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
+            total = _extent(sch, flat)
+            if total is not None and total < lanes:
+                continue
+            outer, inner = sch.split(flat, factors=[None, lanes])
+            sch.vectorize(inner)
+            if total is None or total >= PARALLEL_MIN:
+                sch.parallel(outer)
+        return sch
+
+
+class Matmul(CPUScheduleRule):
+    """One ``S..S R`` block (batched matmul) with optional injective prologue and epilogue blocks."""
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, _: bool) -> s_tir.Schedule | None:
+        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+            return None
+        sch = s_tir.Schedule(func)
+        infos = try_inline_contiguous_spatial(sch, normalize_prim_func(sch))
+        if not infos:
+            return None
+        reductions = [info for info in infos if not info.is_injective()]
+        if len(reductions) != 1 or reductions[0].dom_kind().count("R") != 1 or not reductions[0].dom_kind().endswith("R"):
+            return None
+        main = reductions[0].block_rv
+        epilogues = [info.block_rv for info in infos[infos.index(reductions[0]) + 1:]]
+        loops = sch.get_loops(main)
+        if len(loops) < 3:
+            return None  # a plain reduction (no i, j): dlight's Reduction rule's case
+        *batch, i, j, k = loops
+        lanes = vector_lanes(target)
+        rows = ROWS if (_extent(sch, i) or 0) % ROWS == 0 else 1
+        i_outer, i_inner = sch.split(i, factors=[None, rows])
+        j_outer, j_inner = sch.split(j, factors=[None, lanes])
+        sch.reorder(*batch, i_outer, j_outer, k, i_inner, j_inner)
+        accumulator = sch.cache_write(main, 0, "local")
+        sch.reverse_compute_at(accumulator, j_outer)
+        for epilogue in epilogues:
+            sch.reverse_compute_inline(epilogue)
+        # Loop annotations over the update go first: once its init is split off, the update no longer
+        # counts as a reduction block and the schedule refuses to touch loops around it.
+        sch.unroll(i_inner)
+        sch.vectorize(j_inner)
+        sch.parallel(sch.fuse(*batch, i_outer) if batch else i_outer)
+        init = sch.decompose_reduction(main, k)
+        for block in (init, accumulator):
+            *_, row, column = sch.get_loops(block)
+            sch.vectorize(column)
+            sch.unroll(row)
+        return sch
+
+
+def rules() -> list[CPUScheduleRule]:
+    return [Matmul(), dlight.cpu.GEMV(), dlight.cpu.Reduction(), Elementwise()]
+
+
+def apply_schedules(target: tvm.target.Target) -> tvm.transform.Pass:
+    """Schedule every unscheduled PrimFunc with the first rule that accepts it (rules that raise decline)."""
+    return dlight.ApplyDefaultSchedule(*[_Declining(rule) for rule in rules()])
+
+
+class _Declining(CPUScheduleRule):
+    """A rule whose schedule primitive errors (a shape it does not fit) declines instead of failing the build."""
+
+    def __init__(self, rule: CPUScheduleRule) -> None:
+        self.rule = rule
+
+    def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> s_tir.Schedule | None:
+        try:
+            return self.rule.apply(func, target, tunable)
+        except tvm.TVMError:
+            return None
+
+
+def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
+    """TVM's default CPU pipeline with `fast_math` first and `apply_schedules` after legalization and fusion."""
+
+    @tvm.transform.module_pass(opt_level=0, name="QCompilerCPUPipeline")
+    def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
+        with target:
+            passes = ([fast_math] + cpu_pipeline.library_dispatch_passes(target) + cpu_pipeline.legalize_passes(target)
+                      + [apply_schedules(target)] + cpu_pipeline.dataflow_lower_passes(target)
+                      + cpu_pipeline.finalize_passes(target))
+            return tvm.transform.Sequential(passes)(module)
+
+    return run
