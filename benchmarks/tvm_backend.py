@@ -64,11 +64,12 @@ def kernel_table(runs: int) -> list[str]:
     for m in (1, 128):
         x = rng.integers(0, 256, (m, K)).astype(np.uint8)
         kernel = int8_matmul.build(m, K, N)
+        uploaded = kernel.upload(weights)  # once, as the artifact holds them: calls copy activations only
         ones = np.ones(m, np.float32)
         expected = (x.astype(np.int64) - 128) @ codes.astype(np.int64) * scale
-        assert relative_error(kernel(x, ones, weights), expected) < 1e-5
+        assert relative_error(kernel(x, ones, uploaded), expected) < 1e-5
         assert relative_error(session.run(None, {"A": x})[0], expected) < 1e-5
-        times = medians({"tvm": lambda: kernel(x, ones, weights), "ort": lambda: session.run(None, {"A": x})},
+        times = medians({"tvm": lambda: kernel(x, ones, uploaded), "ort": lambda: session.run(None, {"A": x})},
                         runs, interleave=True)
         rows.append(f"| {m} | {times['tvm'] * 1e3:.3f} | {times['ort'] * 1e3:.3f} | {times['ort'] / times['tvm']:.2f} |")
     return rows

@@ -12,7 +12,7 @@ The correction ``zu8 * colsum[n]`` is precomputed per column, so the inner loop 
 ``vpdpbusd`` instruction: four adjacent uint8 activations times four int8 weights, summed into
 each of 16 int32 lanes. One activation quadruple is broadcast to all lanes and multiplied with
 four weight vectors (64 columns); four rows share the weight vectors, so a register tile is
-4 rows x 64 columns (16 accumulators).
+4 rows x 64 columns (16 accumulators), or M rows when M < 4 (a GEMV computes no discarded rows).
 
 Storage layout (`pack_weights`; T = 64 columns per tile, Q = ceil(K / 4) quadruples)::
 
@@ -27,6 +27,7 @@ read as anything but zero products) and N with zero columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import tvm
@@ -74,7 +75,8 @@ def pack_weights(codes: np.ndarray, scale: np.ndarray, zero_u8: int) -> dict[str
 def kernel(m: int, k: int, n: int) -> tvm.tirx.PrimFunc:
     """The scheduled kernel for one shape: ``X`` uint8 ``[M, 4Q]``, row scales ``[M]``, ``Y`` float32 ``[M, N]``."""
     q, width = quadruples(k), _width(n)
-    tiles, row_tiles = width // TILE, -(-m // ROWS)
+    rows = min(m, ROWS)  # a one-row GEMV gets a one-row tile: no discarded rows
+    tiles, row_tiles = width // TILE, -(-m // rows)
     ragged = n % TILE != 0
 
     @T.prim_func
@@ -84,31 +86,31 @@ def kernel(m: int, k: int, n: int) -> tvm.tirx.PrimFunc:
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         quads = T.decl_buffer((m, q), "int32", data=X.data)  # four uint8 codes per int32
         for task in T.parallel(tiles * row_tiles):
-            acc = T.decl_buffer((ROWS, TILE), "int32", scope="local")
-            for r in T.unroll(ROWS):
+            acc = T.decl_buffer((rows, TILE), "int32", scope="local")
+            for r in T.unroll(rows):
                 for l in T.vectorized(TILE):
                     acc[r, l] = 0
             for kq in range(q):
-                for r in T.unroll(ROWS):
+                for r in T.unroll(rows):
                     # Rows past M repeat the last row; they are computed and never stored.
-                    row = T.meta_var(T.min((task % row_tiles) * ROWS + r, m - 1))
+                    row = T.meta_var(T.min((task % row_tiles) * rows + r, m - 1))
                     a = T.meta_var(T.reinterpret("uint8x64", T.broadcast(quads[row, kq], LANES)))
                     for j in T.unroll(4):
                         acc[r, T.ramp(j * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
                             "int32x16", VNNI, acc[r, T.ramp(j * LANES, 1, LANES)], a,
                             packed[task // row_tiles, kq, T.ramp(j * TILE, 1, TILE)])
-            for r in range(ROWS):
-                if (task % row_tiles) * ROWS + r < m:
+            for r in range(rows):
+                if (task % row_tiles) * rows + r < m:
                     if ragged:
                         for l in range(TILE):
                             if (task // row_tiles) * TILE + l < n:
-                                Y[(task % row_tiles) * ROWS + r, (task // row_tiles) * TILE + l] = (
-                                    row_scale[(task % row_tiles) * ROWS + r] * scale[(task // row_tiles) * TILE + l]
+                                Y[(task % row_tiles) * rows + r, (task // row_tiles) * TILE + l] = (
+                                    row_scale[(task % row_tiles) * rows + r] * scale[(task // row_tiles) * TILE + l]
                                     * T.Cast("float32", acc[r, l] - zcorr[(task // row_tiles) * TILE + l]))
                     else:
                         for l in T.vectorized(TILE):
-                            Y[(task % row_tiles) * ROWS + r, (task // row_tiles) * TILE + l] = (
-                                row_scale[(task % row_tiles) * ROWS + r] * scale[(task // row_tiles) * TILE + l]
+                            Y[(task % row_tiles) * rows + r, (task // row_tiles) * TILE + l] = (
+                                row_scale[(task % row_tiles) * rows + r] * scale[(task // row_tiles) * TILE + l]
                                 * T.Cast("float32", acc[r, l] - zcorr[(task // row_tiles) * TILE + l]))
 
     return int8_matmul
@@ -116,20 +118,40 @@ def kernel(m: int, k: int, n: int) -> tvm.tirx.PrimFunc:
 
 @dataclass
 class Int8Matmul:
-    """One compiled shape: ``matmul(x_u8, row_scale, weights)`` returns float32 ``[M, N]``."""
+    """One compiled shape: ``matmul(x_u8, row_scale, weights)`` returns float32 ``[M, N]``.
+
+    ``weights`` is `pack_weights`' dict; pass it through `upload` once so calls do not copy
+    the weights again.
+    """
 
     executable: tvm.runtime.Executable
     m: int
     k: int
     n: int
 
-    def __call__(self, x_u8: np.ndarray, row_scale: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
-        device = tvm.cpu()
+    def __post_init__(self) -> None:
+        self._main = self.executable["main"]
+        self._device = tvm.cpu()
+
+    def upload(self, weights: Mapping[str, np.ndarray]) -> dict[str, tvm.runtime.Tensor]:
+        """The packed weights as TVM tensors, after checking their shapes against this build."""
+        width = _width(self.n)
+        expected = {"packed": (width // TILE, quadruples(self.k), 4 * TILE), "zcorr": (width,), "scale": (width,)}
+        for name, shape in expected.items():
+            if tuple(weights[name].shape) != shape:
+                raise ValueError(f"{name} is {tuple(weights[name].shape)}, this kernel needs {shape}")
+        return {name: value if isinstance(value := weights[name], tvm.runtime.Tensor)
+                else tvm.runtime.tensor(np.ascontiguousarray(value), self._device) for name in expected}
+
+    def __call__(self, x_u8: np.ndarray, row_scale: np.ndarray,
+                 weights: Mapping[str, np.ndarray | tvm.runtime.Tensor]) -> np.ndarray:
+        if any(not isinstance(weights[name], tvm.runtime.Tensor) for name in ("packed", "zcorr", "scale")):
+            weights = self.upload(weights)
         padded = np.zeros((self.m, 4 * quadruples(self.k)), np.uint8)
         padded[:, :self.k] = x_u8
-        y = tvm.runtime.empty((self.m, self.n), "float32", device)
-        args = [padded, weights["packed"], weights["zcorr"], weights["scale"], np.asarray(row_scale, np.float32)]
-        self.executable["main"](*[tvm.runtime.tensor(np.ascontiguousarray(a), device) for a in args], y)
+        y = tvm.runtime.empty((self.m, self.n), "float32", self._device)
+        self._main(tvm.runtime.tensor(padded, self._device), weights["packed"], weights["zcorr"], weights["scale"],
+                   tvm.runtime.tensor(np.ascontiguousarray(row_scale, np.float32), self._device), y)
         return y.numpy()
 
 
