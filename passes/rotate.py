@@ -16,7 +16,8 @@ Then per region: a linear producer emits ``x Q`` with ``W_p' = W_p Q, b_p' = b_p
 through attention, v_proj absorbs one head-sized ``Q_D`` per head (``softmax(.) V`` is
 linear in ``V``). Online: a ``qcompiler.Hadamard`` node rotates the activation in front
 of the sinks (norm outputs of models whose stream cannot be rotated, gated products,
-GELU outputs), with ``Q^T`` folded into the sinks. Sizes ``2^k m`` use known Hadamard
+GELU outputs), with ``Q^T`` folded into the sinks; a region already behind such a node
+(a second rotate) is left as it is. Sizes ``2^k m`` use known Hadamard
 matrices of order ``m``; see `qcompiler.hadamard` for what is covered.
 """
 
@@ -30,7 +31,7 @@ import onnx_ir as ir
 
 from qcompiler.absorb import mark_output_transformed, rewrite_constant
 from qcompiler.analysis.linears import constant_array
-from qcompiler.analysis.regions import ROTATE, Region, find_regions
+from qcompiler.analysis.regions import ONLINE_ROTATION, ROTATE, Region, find_regions
 from qcompiler.analysis.residual import find_streams
 from qcompiler.hadamard import orthogonal_matrix, rotation_plan
 from qcompiler.online_rotation import factor_pair, insert_hadamard, rotate_last_axis
@@ -84,6 +85,8 @@ class Rotate(Pass):
                 absorbed.append(f"{name} ({region.kind}, by the residual stream rotation)")
             elif any(UNROTATE in s.linear.matmul.metadata_props for s in region.sinks):
                 continue  # read through a Q^T node of the residual rotation: already exact, not a layer
+            elif region.kind == ONLINE_ROTATION:
+                skipped[name] = region.refused[ROTATE]  # a second Hadamard would only cost time
             elif region.can(ROTATE) and self.options.mode != "online":
                 self._absorb(graph, region, notes)
                 absorbed.append(f"{name} ({region.kind}{', per head' if region.kind == 'attention' else ''})")

@@ -6,8 +6,12 @@ For sinks ``y = x W + b`` (``W`` stored ``[C_in, C_out]``) reading ``x' = (x - z
 
 so sinks get ``W' = T^-1 W``, ``b' = b + z W`` and the producer is changed to emit
 ``x'``. ``T`` is ``diag(1/s)`` (smooth, shift's scaling) or an orthogonal ``Q`` (rotate,
-``Q^-1 = Q^T``). Uses of the producer's output outside the region get a compensating
-``x = x' * s + z`` node, so they still see ``x``. Weights are rewritten copy-on-write:
+``Q^-1 = Q^T``). An online Hadamard node cannot change what it emits, so behind one
+the transform goes into a per-channel ``y * m + c`` after it (a Mul and/or an Add,
+created the first time a scale or shift needs one, rewritten in place afterwards: one
+elementwise op online per region for a scale or a shift, two for both). Uses of the
+producer's output outside the region get a compensating ``x = x' * s + z`` node, so
+they still see ``x``. Weights are rewritten copy-on-write:
 an initializer that something outside the rewrite also reads (tied embeddings, an
 exporter's de-duplicated constants) is duplicated first, never changed in place, and
 the duplication is recorded.
@@ -21,7 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.linears import Linear, constant_array
-from qcompiler.analysis.regions import Region, Sink
+from qcompiler.analysis.regions import OnlineAffine, Region, Sink
 from qcompiler.graph import add_initializer, replace_graph_output, unique_node_name
 
 Notes = list[str]
@@ -114,10 +118,19 @@ def absorb_affine(graph: ir.Graph, region: Region, scale: np.ndarray | None, shi
     channels = region.channels
     s = np.ones(channels) if scale is None else scale.astype(np.float64)
     z = None if shift is None or not np.any(shift) else shift.astype(np.float64)
+    if region.online is not None:
+        region.source = _online_ops(graph, region.online, scale is not None, z is not None)
     _compensate_foreign(graph, region, s if scale is not None else None, z)
     transform_sinks(graph, region, lambda sink, w: w * sink_rows(sink, s)[:, None], z, notes)
     producer = region.producer
     offset = np.zeros(channels) if z is None else z
+    if region.online is not None:
+        # y * m + c becomes ((y * m + c) - z) / s = y * (m / s) + (c - z) / s.
+        if region.online.mul is not None:
+            rewrite_constant(graph, region.online.mul, 1, lambda m: m / s, notes)
+        if region.online.add is not None:
+            rewrite_constant(graph, region.online.add, 1, lambda c: (c - offset) / s, notes)
+        return
     if region.kind in ("layernorm", "rmsnorm"):
         rewrite_constant(graph, producer, 1, lambda gamma: gamma / s, notes)
         has_beta = len(producer.inputs) > 2 and producer.inputs[2] is not None
@@ -134,6 +147,33 @@ def absorb_affine(graph: ir.Graph, region: Region, scale: np.ndarray | None, shi
     mark_output_transformed(absorber, "scale/shift")
     if absorber.bias is not None:
         _rewrite_bias(graph, absorber, lambda b: ((b.reshape(-1) - offset) / s).reshape(b.shape), notes)
+
+
+def _online_ops(graph: ir.Graph, online: OnlineAffine, scale: bool, shift: bool) -> ir.Value:
+    """Give the Hadamard node the Mul (for a scale) and Add (for a shift) it lacks, as identities; the new output."""
+    value = online.hadamard.outputs[0]
+    channels = int(value.shape[-1])
+    dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.float32
+    if scale and online.mul is None:
+        online.mul = _insert_elementwise(graph, "Mul", value, np.ones(channels, dtype), "scaled")
+    if shift and online.add is None:
+        online.add = _insert_elementwise(graph, "Add", online.output, np.zeros(channels, dtype), "shifted")
+    return online.output
+
+
+def _insert_elementwise(graph: ir.Graph, op: str, value: ir.Value, vector: np.ndarray, suffix: str) -> ir.Node:
+    """``op(value, vector)`` right after ``value``'s producer, read by every former reader of ``value``."""
+    name = unique_node_name(graph, f"{value.name}_{suffix}")
+    node = ir.node(op, [value, add_initializer(graph, f"{name}_vector", vector)], name=name)
+    result = node.outputs[0]
+    result.name, result.shape, result.type = name, value.shape, value.type
+    for use in list(value.uses()):
+        if use.node is not node:
+            use.node.replace_input_with(use.idx, result)
+    if value.is_graph_output():
+        replace_graph_output(graph, value, result)
+    graph.insert_after(value.producer(), node)
+    return node
 
 
 def _compensate_foreign(graph: ir.Graph, region: Region, s: np.ndarray | None, z: np.ndarray | None) -> None:

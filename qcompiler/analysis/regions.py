@@ -7,7 +7,12 @@ linear's input through ops that only move channels around (Reshape, Transpose,
 Unsqueeze, Squeeze, Expand, Identity, Dropout, Gather on a token axis), through
 attention's ``P @ V`` (linear in ``V``), through ReLU (commutes with positive scales) and
 through a gated product ``act(gate) * up`` (commutes with a per-channel scale of ``up``),
-to the first node that is none of these: the producer. The map from sink channels to
+to the first node that is none of these: the producer. An online ``qcompiler.Hadamard``
+node (inserted by rotate where no producer can absorb a rotation) is a producer too: it
+cannot absorb anything itself, but per-channel ``y * m + c`` right after it (one Mul and
+one Add by constant vectors, created on demand and rewritten in place by later passes)
+can absorb any scale and shift, so smooth and shift see through the rotation at the cost
+of one elementwise op online. The map from sink channels to
 producer channels is obtained by replaying that path on an index probe, not assumed
 from names or head counts, so grouped-query attention and token selection come out
 right. Nothing here depends on layer names.
@@ -21,9 +26,12 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.linears import Linear, constant_array, find_linears, is_constant
+from qcompiler.online_rotation import DOMAIN as HADAMARD_DOMAIN
+from qcompiler.online_rotation import OP as HADAMARD_OP
 
 SCALE, SHIFT, ROTATE = "scale", "shift", "rotate"
 CAPABILITIES = (SCALE, SHIFT, ROTATE)
+ONLINE_ROTATION = "online-rotation"
 
 _LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Identity", "Dropout", "Gather"}
 
@@ -37,15 +45,30 @@ class Sink:
 
 
 @dataclass
+class OnlineAffine:
+    """An online Hadamard node and the per-channel ``y * m + c`` after it (``mul``, ``add``: absent until needed)."""
+
+    hadamard: ir.Node
+    mul: ir.Node | None = None
+    add: ir.Node | None = None
+
+    @property
+    def output(self) -> ir.Value:
+        """What the sinks read: the last of Hadamard, Mul, Add."""
+        return (self.add or self.mul or self.hadamard).outputs[0]
+
+
+@dataclass
 class Region:
     """One absorbable (or not) activation and everything a channel transform of it touches.
 
     ``kind`` is the producer's class: ``layernorm``, ``rmsnorm``, ``linear``,
-    ``attention`` (v_proj to o_proj), ``gated`` (up_proj in ``act(gate) * up``) or
-    ``unabsorbable``. ``capabilities`` are the transforms the producer can absorb
-    offline; ``refused`` says, per transform, why it cannot. ``foreign`` lists uses of
-    ``source`` outside the region (``None`` for a graph output): an elementwise
-    transform there is undone by a compensating node.
+    ``attention`` (v_proj to o_proj), ``gated`` (up_proj in ``act(gate) * up``),
+    ``online-rotation`` (a ``qcompiler.Hadamard`` node, ``online`` holds it and the
+    elementwise ops after it) or ``unabsorbable``. ``capabilities`` are the transforms
+    the producer can absorb; ``refused`` says, per transform, why it cannot. ``foreign``
+    lists uses of ``source`` outside the region (``None`` for a graph output): an
+    elementwise transform there is undone by a compensating node.
     """
 
     kind: str
@@ -58,6 +81,7 @@ class Region:
     capabilities: frozenset[str]
     refused: dict[str, str]
     head_dim: int | None = None
+    online: OnlineAffine | None = None
 
     @property
     def name(self) -> str:
@@ -73,6 +97,8 @@ class Region:
             return "graph input"
         if self.absorber is not None:
             return f"{self.absorber.name} ({self.kind})"
+        if self.online is not None:
+            return f"{self.online.hadamard.name} (online Hadamard)"
         return f"{self.producer.name or self.producer.op_type} ({self.producer.op_type})"
 
     def can(self, capability: str) -> bool:
@@ -184,7 +210,8 @@ def _build_region(source: ir.Value, members: list[tuple[Linear, _Walk]], by_outp
     path = _ordered_path(members)
     producer = source.producer()
     absorber = by_output.get(source)
-    kind, refused = _classify(source, producer, absorber, tags)
+    online = _online_affine(producer) if absorber is None else None
+    kind, refused = _classify(source, producer, absorber, tags, online)
     head_dim = next((w.head_dim for _, w in members if w.head_dim), None)
     sinks, probe_error = _probe_sinks(source, members)
     foreign, foreign_inside = _foreign_uses(source, path, [l for l, _ in members])
@@ -204,11 +231,11 @@ def _build_region(source: ir.Value, members: list[tuple[Linear, _Walk]], by_outp
             if reason:
                 refused[ROTATE] = reason
     capabilities = frozenset(c for c in CAPABILITIES if c not in refused)
-    return Region(kind, source, producer, absorber, sinks, path, foreign, capabilities, refused, head_dim)
+    return Region(kind, source, producer, absorber, sinks, path, foreign, capabilities, refused, head_dim, online)
 
 
 def _classify(source: ir.Value, producer: ir.Node | None, absorber: Linear | None,
-              tags: set[str]) -> tuple[str, dict[str, str]]:
+              tags: set[str], online: OnlineAffine | None) -> tuple[str, dict[str, str]]:
     if absorber is not None:
         if "gated" in tags:
             reason = "a gated product act(gate) * up commutes only with per-channel scales"
@@ -219,6 +246,8 @@ def _classify(source: ir.Value, producer: ir.Node | None, absorber: Linear | Non
     if producer is None:
         reason = "producer is a graph input" if not is_constant(source) else "the linear reads a constant"
         return "unabsorbable", {c: reason for c in CAPABILITIES}
+    if online is not None:
+        return ONLINE_ROTATION, {ROTATE: "already rotated online by a qcompiler.Hadamard node"}
     op = producer.op_type
     if op == "LayerNormalization" and is_constant(producer.inputs[1]) and _norm_on_last_axis(producer):
         return "layernorm", {ROTATE: "LayerNorm does not commute with a rotation (rotate makes it an RMSNorm and "
@@ -231,6 +260,34 @@ def _classify(source: ir.Value, producer: ir.Node | None, absorber: Linear | Non
     if op == "Mul":
         reason = "producer is a product of two activations"
     return "unabsorbable", {c: reason for c in CAPABILITIES}
+
+
+def _online_affine(node: ir.Node | None) -> OnlineAffine | None:
+    """The Hadamard node behind ``node`` through at most an Add, then a Mul, by per-channel constants."""
+    add = mul = None
+    if _per_channel_op(node, "Add"):
+        add, node = node, _sole_producer(node.inputs[0])
+    if _per_channel_op(node, "Mul"):
+        mul, node = node, _sole_producer(node.inputs[0])
+    if node is None or (node.domain, node.op_type) != (HADAMARD_DOMAIN, HADAMARD_OP):
+        return None
+    return OnlineAffine(node, mul, add)
+
+
+def _per_channel_op(node: ir.Node | None, op: str) -> bool:
+    """``op(x, v)`` with ``v`` a constant vector of ``x``'s channel count."""
+    if node is None or node.op_type != op or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return False
+    vector = constant_array(node.inputs[1])
+    return (vector is not None and vector.ndim == 1 and not is_constant(node.inputs[0])
+            and _last_dim(node.inputs[0]) == vector.shape[0])
+
+
+def _sole_producer(value: ir.Value) -> ir.Node | None:
+    """The producer of a value nothing else reads (so rewriting what follows it changes no one else)."""
+    if len(value.uses()) != 1 or value.is_graph_output():
+        return None
+    return value.producer()
 
 
 def _norm_on_last_axis(node: ir.Node) -> bool:

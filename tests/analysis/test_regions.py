@@ -9,7 +9,9 @@ import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
 
-from qcompiler.analysis.regions import ROTATE, SCALE, SHIFT, find_regions
+from qcompiler.analysis.regions import ONLINE_ROTATION, ROTATE, SCALE, SHIFT, find_regions
+from qcompiler.pass_manager import PassManager
+from qcompiler.pipeline import parse_pipeline
 
 # kind -> count, per architecture (2 layers; MiniLM has 6 plus the pooler).
 EXPECTED_REGIONS = {
@@ -76,3 +78,22 @@ def test_rejected_candidates_say_why():
     (region,) = find_regions(_linear_on_graph_input().graph).regions
     assert region.kind == "unabsorbable"
     assert region.refused[SCALE] == "producer is a graph input"
+
+
+# After rotate: the FFN-internal activations (gated products, GELU/ReLU outputs) sit behind online Hadamards.
+AFTER_ROTATE = {
+    "llama": {"rmsnorm": 5, "attention": 2, "online-rotation": 2},
+    "gpt2": {"rmsnorm": 5, "attention": 2, "online-rotation": 2},
+}
+
+
+@pytest.mark.parametrize("arch", sorted(AFTER_ROTATE))
+def test_online_hadamard_is_a_region_that_absorbs_scales_and_shifts(normalized_files, arch):
+    model = ir.load(normalized_files(arch))
+    PassManager(parse_pipeline("rotate"), verify=False, progress=False).run(model)
+    regions = find_regions(model.graph).regions
+    assert dict(collections.Counter(r.kind for r in regions)) == AFTER_ROTATE[arch]
+    for region in find_regions(model.graph).of_kind(ONLINE_ROTATION):
+        assert region.capabilities == frozenset({SCALE, SHIFT}) and "already rotated" in region.refused[ROTATE]
+        assert region.online.hadamard is region.producer and region.online.output is region.source
+        assert "Hadamard" in region.producer_label

@@ -65,6 +65,35 @@ def test_any_order_stays_function_preserving(normalized_files, arch, order):
     assert [r.name for r in records] == order.split(",")
 
 
+def online_affine_ops(model: ir.Model) -> list[list[str]]:
+    """Per Hadamard node, the ops of the chain of single readers that follows it up to the sinks."""
+    chains = []
+    for node in (n for n in model.graph if n.op_type == "Hadamard"):
+        chain, value = [], node.outputs[0]
+        while len(value.uses()) == 1 and (reader := value.uses()[0].node).op_type in ("Mul", "Add"):
+            chain.append(reader.op_type)
+            value = reader.outputs[0]
+        chains.append(chain)
+    return chains
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2", "opt", "vit"])
+def test_scale_and_shift_see_through_online_hadamards(normalized_files, arch):
+    model = ir.load(normalized_files(arch))
+    rotate, smooth, shift, again, rerotate = run(model, "rotate,smooth,shift(scale=true,grid=5),smooth,rotate",
+                                                 zoo_calibration(model))
+    online = len(rotate.details["online"])
+    assert online >= 2
+    for record, listed in ((smooth, "smoothed"), (shift, "shifted"), (again, "smoothed")):
+        assert sum("online-rotation" in entry for entry in record.details[listed]) == online, record.name
+    # The second smooth rewrote the Mul and Add in place; the second rotate added no Hadamard behind the first
+    # ones (its new Hadamards sit in front of the norms, whose gamma smooth put back).
+    chains = online_affine_ops(model)
+    assert chains.count(["Mul", "Add"]) == online and chains.count([]) == len(rerotate.details["online"])
+    assert len(rerotate.details["skipped"]) == online
+    assert all("already rotated" in reason for reason in rerotate.details["skipped"].values())
+
+
 @pytest.fixture(scope="module")
 def minilm_calibration_48(tokenizer):
     from qcompiler.compiler import builtin_sentences
@@ -83,3 +112,14 @@ def test_minilm_transforms_preserve_function(normalized_files, minilm_calibratio
     if rotate is not None:
         assert len(rotate.details["absorbed"]) == 6  # v_proj -> o_proj per head, each layer
         assert len(rotate.details["online"]) == 19  # LayerNorm outputs and GELU outputs: 384 = 32 x 12, 1536 = 128 x 12
+
+
+def test_minilm_smooth_after_rotate_searches_the_online_regions(normalized_files, minilm_calibration_48):
+    model = ir.load(normalized_files("minilm"))
+    rotate, smooth = run(model, "rotate,smooth(search=true,grid=4)", minilm_calibration_48)
+    online = [entry.split()[0] + "_rotated" for entry in rotate.details["online"]]
+    assert len(online) == 19 and not smooth.details["skipped"]
+    assert set(online) <= set(smooth.details["alpha"])
+    smoothed = sum("online-rotation" in entry for entry in smooth.details["smoothed"])
+    assert smoothed == sum(smooth.details["alpha"][name] is not None for name in online)
+    assert online_affine_ops(model).count(["Mul"]) == smoothed
