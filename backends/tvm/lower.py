@@ -6,8 +6,11 @@ Two steps, so the float part of the model keeps TVM's own ONNX importer:
    domain ``qcompiler.tvm`` that carries its kernel's packed weights:
 
    - ``Int4MatMul(x, packed, scale, zero)``: 4-bit weights in groups along K (per channel is one
-     group of K). Float activations (W4A16), or int8 per-token activations (W4A8: the codes
-     enter the same kernel as exact small integers, so each group's sum is an exact integer
+     group of K), float activations (W4A16).
+   - ``W4A8MatMul(x, packed, scale, zero, corr)``: the same weights with int8 per-token
+     activations, multiplied in integers by the VNNI kernel (`w4a8_matmul`). Where the CPU
+     lacks VNNI or the group size is not a multiple of 4, W4A8 takes ``Int4MatMul`` on the int8
+     codes instead (exact small integers in float32, so each group's sum is the same integer
      product; the row scale multiplies the result).
    - ``Int8MatMul(x, packed, zcorr, scale)``: int8 weights with int8 activations, static per
      tensor or per token: the VNNI int8 x int8 -> int32 kernel.
@@ -38,7 +41,7 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
-from qcompiler.backends.tvm import hadamard, int4_matmul, int8_matmul
+from qcompiler.backends.tvm import hadamard, int4_matmul, int8_matmul, w4a8_matmul
 from qcompiler.errors import QCompilerError
 from qcompiler.graph import add_initializer, drop_unused, swap_node, unique_node_name, value_named
 from qcompiler.online_rotation import DOMAIN as HADAMARD_DOMAIN
@@ -47,7 +50,7 @@ from qcompiler.quant.formats import ELEMENT_FORMATS, unpack
 from qcompiler.quant.simulate import ANNOTATION, is_int8_per_token, weight_parts
 
 KERNEL_DOMAIN = "qcompiler.tvm"
-INT4, INT8 = "Int4MatMul", "Int8MatMul"
+INT4, INT8, W4A8 = "Int4MatMul", "Int8MatMul", "W4A8MatMul"
 MS_DOMAIN = "com.microsoft"
 UINT4 = ELEMENT_FORMATS["uint4"]
 OPAQUE = 8  # relax.transform's OpPatternKind.kOpaque: never fused with other ops
@@ -99,8 +102,12 @@ def _fuse_annotated(model: ir.Model, node: ir.Node, result: Lowering) -> None:
             and (activation is None or tokens):
         x = value_named(model.graph, activation["source"]) if tokens else node.inputs[0]
         group = int(weight["group_size"]) if weight["granularity"] == "group" else codes.shape[0]
-        _emit_int4(model, node, x, codes, scale, zero, group, signed=weight["format"] == "int4", tokens=tokens)
-        result.kernels[layer] = "TVM int4 matmul (W4A8: int8 per-token codes)" if tokens else "TVM int4 matmul (W4A16)"
+        integer = tokens and w4a8_matmul.supports(group) and int8_matmul.has_vnni()
+        _emit_int4(model, node, x, codes, scale, zero, group, signed=weight["format"] == "int4", tokens=tokens,
+                   integer=integer)
+        result.kernels[layer] = ("TVM W4A8 VNNI matmul (int8 per-token x int4)" if integer
+                                 else "TVM int4 matmul (W4A8: int8 per-token codes)" if tokens
+                                 else "TVM int4 matmul (W4A16)")
     elif weight["format"] == "int8" and weight["granularity"] in ("channel", "tensor") and (tokens or static):
         if tokens:
             x, activation_scale, activation_zero = value_named(model.graph, activation["source"]), None, 0
@@ -117,8 +124,11 @@ def _fuse_annotated(model: ir.Model, node: ir.Node, result: Lowering) -> None:
 
 
 def _emit_int4(model: ir.Model, node: ir.Node, x: ir.Value, codes: np.ndarray, scale: np.ndarray,
-               zero: np.ndarray | None, group: int, *, signed: bool, tokens: bool) -> None:
-    """Replace ``node`` by an Int4MatMul on uint4 codes (signed codes shifted by 8, as their zero point)."""
+               zero: np.ndarray | None, group: int, *, signed: bool, tokens: bool, integer: bool = False) -> None:
+    """Replace ``node`` by an Int4MatMul, or with ``integer`` a W4A8MatMul, on uint4 codes.
+
+    Signed codes are shifted by 8, which becomes their zero point.
+    """
     k, n = codes.shape
     groups = -(-k // group)
     unsigned = (codes.astype(np.int16) + (8 if signed else 0)).astype(np.uint8)
@@ -128,6 +138,10 @@ def _emit_int4(model: ir.Model, node: ir.Node, x: ir.Value, codes: np.ndarray, s
         zero_u4 = (np.asarray(zero, np.int16).reshape(-1, n) + (8 if signed else 0)).astype(np.uint8)
     scale = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, n), (groups, n))
     zero_u4 = np.broadcast_to(zero_u4, (groups, n))
+    if integer:
+        packed = w4a8_matmul.pack_weights(unsigned, scale, zero_u4, group)
+        _replace(model, node, W4A8, x, packed, ("packed", "scale", "zero", "corr"), k=k, n=n, group=group)
+        return
     packed = int4_matmul.pack_weights(unsigned, scale, zero_u4, group)
     _replace(model, node, INT4, x, packed, ("packed", "scale", "zero"), k=k, n=n, group=group, tokens=int(tokens))
 
@@ -245,7 +259,8 @@ def _kernel_converters() -> Iterator[None]:
 
     def extended() -> dict:
         table = dict(original())
-        table.update({INT4: _Int4Converter, INT8: _Int8Converter, HADAMARD_OP: _HadamardConverter})
+        table.update({INT4: _Int4Converter, INT8: _Int8Converter, W4A8: _W4A8Converter,
+                      HADAMARD_OP: _HadamardConverter})
         return table
 
     onnx_frontend._get_convert_map = extended
@@ -325,6 +340,26 @@ class _Int8Converter(onnx_frontend.OnnxOpConverter):
             u8 = relax.op.nn.pad(u8, [0, 0, 0, 4 * quads - k])
         y = _kernel_call(bb, int8_matmul.kernel(m, k, n), f"int8_matmul_{m}x{k}x{n}",
                          [bb.emit(u8), packed, zcorr, scale, bb.emit(row_scale)], [m, n])
+        return relax.op.reshape(y, (*shape[:-1], n))
+
+
+class _W4A8Converter(onnx_frontend.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x, packed, scale, zero, corr = inputs
+        k, n, group = attr["k"], attr["n"], attr["group"]
+        shape = _static_shape(x, "a W4A8 matmul")
+        m = int(np.prod(shape[:-1]))
+        groups = -(-k // group)
+        codes, row_scale = _per_token(bb, bb.emit(relax.op.reshape(x, (m, k))))
+        u8 = relax.op.astype(relax.op.add(codes, relax.const(128.0)), "uint8")
+        if groups * group != k:  # padding codes 128 are zero activations
+            u8 = relax.op.nn.pad(u8, [0, 0, 0, groups * group - k], pad_value=128.0)
+        u8 = bb.emit(u8)
+        rowsum = relax.op.sum(relax.op.reshape(relax.op.astype(u8, "int32"), (m, groups, group)), axis=[-1])
+        y = _kernel_call(bb, w4a8_matmul.kernel(m, k, n, group), f"w4a8_matmul_{m}x{k}x{n}_g{group}",
+                         [u8, packed, scale, zero, corr, bb.emit(rowsum), bb.emit(relax.op.reshape(row_scale, (m,)))],
+                         [m, n])
         return relax.op.reshape(y, (*shape[:-1], n))
 
 
