@@ -5,7 +5,7 @@
 1. int8 GEMM, K = N = 4096: qcompiler's VNNI kernel (uint8 codes x int8 weights -> int32, row and
    column scales applied) beside onnxruntime's ``MatMulIntegerToFloat`` on the same codes (the kernel
    its W8A8 path runs), M = 1 and 128. Both results are checked against numpy first.
-2. MiniLM, batch 1 x 128 tokens: the FP32 model, and for w8a8 and w4a16 the ORT artifact and the TVM
+2. MiniLM, batch 1 x 128 tokens: the FP32 model, and for w8a8, w4a16 and w4a8 the ORT artifact and the TVM
    artifact of the same pipeline, timed interleaved in one process (`qcompiler.benchmarking`).
 
 Ratios are to the first row of each table. ``--write`` puts both tables in docs/backends/tvm.md.
@@ -80,7 +80,7 @@ def model_table(runs: int) -> list[str]:
     feeds = synthetic_feeds(fp32, 1, 128)
     shapes = {name: array.shape for name, array in feeds.items()}
     contenders: dict[str, object] = {"FP32 (onnxruntime)": fp32}
-    for preset in ("w8a8", "w4a16"):
+    for preset in ("w8a8", "w4a16", "w4a8"):
         ort_model = qcompile("minilm", preset, backend="ort", verify=False).model
         simulate = qcompile("minilm", preset, verify=False).model
         built = compile_model(simulate, shapes)

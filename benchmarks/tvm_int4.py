@@ -1,6 +1,6 @@
 """Latency of the TVM fused int4 matmul beside onnxruntime's MatMulNBits, K = N = 4096, g = 128.
 
-    .venv/bin/python benchmarks/tvm_int4.py [--runs N] [--threads T] [--spin]
+    .venv/bin/python benchmarks/tvm_int4.py [--runs N] [--threads T] [--spin] [--write]
 
 One process, runs interleaved (TVM, ORT level 0, ORT level 4, TVM, ...) so every kernel sees
 the same machine noise; medians and their ratio to TVM's are what to read. Each call takes a
@@ -18,8 +18,13 @@ The same uint4 asymmetric weights (qcompiler's quantizer, groups of 128 along K)
 - ORT ``com.microsoft.MatMulNBits`` ``accuracy_level=0``: float32 compute, the same math.
 - ORT ``accuracy_level=4``: X quantized to int8 per block of 128 along K, integer dot products
   (so W4A8 numerics, checked against numpy with X quantized the same way).
+- TVM W4A8 (`qcompiler.backends.tvm.w4a8_matmul`, on CPUs with AVX-512 VNNI): X quantized to
+  int8 per row (qcompiler's W4A8), integer dot products. Its timed call includes that
+  quantization and the per-group row sums, done in numpy (inside a model they are fused Relax
+  ops), so it is level 4's counterpart, not a kernel-only figure.
 
-Every result is checked against numpy before timing.
+Every result is checked against numpy before timing. ``--write`` puts the table in
+docs/backends/tvm.md.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 THREADS = 2
@@ -39,16 +45,22 @@ os.environ["TVM_NUM_THREADS"] = str(THREADS)
 if not SPIN:
     os.environ["TVM_THREAD_POOL_SPIN_COUNT"] = "0"
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
+from docs_section import machine_stamp, replace_section  # noqa: E402
+from qcompiler.backends.tvm import w4a8_matmul  # noqa: E402
 from qcompiler.backends.tvm.int4_matmul import build, pack_weights  # noqa: E402
+from qcompiler.backends.tvm.int8_matmul import has_vnni  # noqa: E402
 from qcompiler.quant.spec import QuantSpec, quantize  # noqa: E402
 
 K = N = 4096
 GROUP = 128
 ROWS = (1, 128)
+PAGE = Path(__file__).resolve().parent.parent / "docs" / "backends" / "tvm.md"
 
 
 def nbits_session(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, accuracy_level: int,
@@ -90,6 +102,13 @@ def int8_blocks(x: np.ndarray) -> np.ndarray:
     return (codes * step).reshape(m, k)
 
 
+def int8_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """X as qcompiler's W4A8 sees it: symmetric int8 per row, as uint8 codes ``q + 128`` and row scales."""
+    step = np.maximum(np.abs(x).max(axis=1) / 127, 1e-30).astype(np.float32)
+    codes = np.clip(np.round(x / step[:, None]), -128, 127)
+    return (codes + 128).astype(np.uint8), step
+
+
 def relative_error(actual: np.ndarray, expected: np.ndarray) -> float:
     return float(np.abs(actual - expected).max() / np.abs(expected).max())
 
@@ -123,6 +142,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=0, help="timed rounds per M (default: 300 for M=1, 40 for M=128)")
     parser.add_argument("--threads", type=int, default=THREADS, help="TVM and ORT threads")
     parser.add_argument("--spin", action="store_true", help="thread pools spin between calls; runs back to back")
+    parser.add_argument("--write", action="store_true", help="rewrite the int4 section of docs/backends/tvm.md")
     args = parser.parse_args()
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
 
@@ -132,6 +152,7 @@ def main() -> None:
     codes, scale, zero = q.values.astype(np.uint8), q.scale, q.zero_point.astype(np.uint8)
     w = q.dequantize().astype(np.float64)
     packed = pack_weights(codes, scale, zero, GROUP)
+    w4a8_weights = w4a8_matmul.pack_weights(codes, scale, zero, GROUP) if has_vnni() else None
     sessions = {level: nbits_session(codes, scale, zero, level, args.threads) for level in (0, 4)}
 
     lines = ["| M | kernel | median ms | time / TVM | error vs its numpy reference | error vs float X @ W |",
@@ -146,24 +167,38 @@ def main() -> None:
                    "ORT MatMulNBits level 0": sessions[0].run(None, feeds)[0],
                    "ORT MatMulNBits level 4": sessions[4].run(None, feeds)[0]}
         references = dict(zip(outputs, [expected, expected, int8_blocks(x) @ w]))
+        calls = dict(zip(outputs, [lambda: matmul(x, weights), lambda: sessions[0].run(None, feeds),
+                                  lambda: sessions[4].run(None, feeds)]))
+        if has_vnni():
+            integer = w4a8_matmul.build(m, K, N, GROUP)
+            resident = integer.upload(w4a8_weights)
+
+            def w4a8_call(x=x, integer=integer, resident=resident) -> np.ndarray:
+                return integer(*int8_rows(x), resident)
+
+            codes_u8, step = int8_rows(x)
+            outputs["TVM W4A8 (VNNI, int8 per-row X)"] = w4a8_call()
+            references["TVM W4A8 (VNNI, int8 per-row X)"] = ((codes_u8.astype(np.float64) - 128) * step[:, None]) @ w
+            calls["TVM W4A8 (VNNI, int8 per-row X)"] = w4a8_call
         errors = {name: relative_error(y, references[name]) for name, y in outputs.items()}
         for name, error in errors.items():
             if error > 1e-4:
                 raise SystemExit(f"M={m}: {name} is off the numpy reference by {error:.1e} of the output's scale")
-        calls = dict(zip(outputs, [lambda: matmul(x, weights), lambda: sessions[0].run(None, feeds),
-                                  lambda: sessions[4].run(None, feeds)]))
         timings = medians(calls, args.runs or (300 if m == 1 else 40), interleave=not args.spin)
         baseline = next(iter(timings.values()))
         for name, seconds in timings.items():
             lines.append(f"| {m} | {name} | {seconds * 1e3:.3f} | {seconds / baseline:.2f} | {errors[name]:.1e} "
                          f"| {relative_error(outputs[name], expected):.1e} |")
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; TVM_NUM_THREADS={args.threads}, "
-          f"ORT intra_op_num_threads={args.threads}; onnxruntime {ort.__version__}; K=N={K}, group {GROUP}, "
-          "uint4 asymmetric weights; errors are max |difference| / max |reference|, level 4's reference "
-          "quantizes X to int8 per block as it does. "
-          + ("Pools spinning, runs back to back.\n" if args.spin else "Pools not spinning, runs interleaved.\n"))
-    print("\n".join(lines))
+    header = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; TVM_NUM_THREADS={args.threads}, "
+              f"ORT intra_op_num_threads={args.threads}; onnxruntime {ort.__version__}; K=N={K}, group {GROUP}, "
+              "uint4 asymmetric weights; errors are max |difference| / max |reference|, level 4's reference "
+              "quantizes X to int8 per block as it does. "
+              + ("Pools spinning, runs back to back." if args.spin else "Pools not spinning, runs interleaved."))
+    body = "\n".join([header, "", *lines, "", machine_stamp(".venv/bin/python benchmarks/tvm_int4.py --write")])
+    print(body)
+    if args.write:
+        replace_section("tvm-int4", "Measured: int4 kernels", body, PAGE)
 
 
 if __name__ == "__main__":
