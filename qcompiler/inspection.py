@@ -70,7 +70,8 @@ def linear_table(model: ir.Model) -> Table:
 
 
 def region_table(regions: list[Region]) -> Table:
-    table = Table(title="regions (offline = absorbed into weights; refused ones run online or not at all)",
+    table = Table(title="regions (offline = absorbed into weights, or into a Mul/Add after an online Hadamard; "
+                        "refused ones run online or not at all)",
                   title_justify="left")
     for header in ("region", "kind", "producer", "sinks", "offline", "refused"):
         table.add_column(header)
@@ -81,8 +82,14 @@ def region_table(regions: list[Region]) -> Table:
         else:
             refused = "; ".join(f"{c}: {why}" for c, why in region.refused.items())
         table.add_row(region.name, region.kind, region.producer_label, ", ".join(s.linear.name for s in region.sinks),
-                      ",".join(c for c in CAPABILITIES if region.can(c)) or "-", refused or "-")
+                      _absorbed(region), refused or "-")
     return table
+
+
+def _absorbed(region: Region) -> str:
+    """The transforms a region absorbs; behind an online Hadamard they cost an elementwise op after it."""
+    able = ",".join(c for c in CAPABILITIES if region.can(c)) or "-"
+    return f"{able} (Mul/Add after the Hadamard)" if region.online is not None else able
 
 
 def region_dict(region: Region) -> dict:

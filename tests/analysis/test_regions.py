@@ -8,8 +8,10 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper
+from rich.console import Console
 
 from qcompiler.analysis.regions import ONLINE_ROTATION, ROTATE, SCALE, SHIFT, find_regions
+from qcompiler.inspection import region_table
 from qcompiler.pass_manager import PassManager
 from qcompiler.pipeline import parse_pipeline
 
@@ -97,3 +99,6 @@ def test_online_hadamard_is_a_region_that_absorbs_scales_and_shifts(normalized_f
         assert region.capabilities == frozenset({SCALE, SHIFT}) and "already rotated" in region.refused[ROTATE]
         assert region.online.hadamard is region.producer and region.online.output is region.source
         assert "Hadamard" in region.producer_label
+    console = Console(record=True, width=400)
+    console.print(region_table(regions))
+    assert console.export_text().count("scale,shift (Mul/Add after the Hadamard)") == AFTER_ROTATE[arch][ONLINE_ROTATION]
