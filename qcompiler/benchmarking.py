@@ -41,8 +41,12 @@ def synthetic_feeds(model: ir.Model, batch: int, sequence: int, seed: int = 0) -
 
 def compare_latency(models: Mapping[str, ir.Model | Any], feeds: Mapping[str, np.ndarray], runs: int = 20,
                     threads: int = 0) -> dict[str, dict[str, float]]:
-    """Median latency of each model (or ready session, such as a TVM one) and its ratio to the first one's."""
-    sessions = {name: model if hasattr(model, "run") else make_session(model, threads=threads)
+    """Median latency of each model (or ready session, such as a TVM one) and its ratio to the first one's.
+
+    Runs are interleaved so every contender sees the same machine noise; onnxruntime's pools do
+    not spin between runs (a spinning pool would hold the cores the next contender runs on).
+    """
+    sessions = {name: model if hasattr(model, "run") else make_session(model, threads=threads, spinning=False)
                 for name, model in models.items()}
     for session in sessions.values():
         session.run(None, dict(feeds))  # warm-up: allocations, kernel selection

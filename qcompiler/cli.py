@@ -282,7 +282,8 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
 @click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--sequence", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--runs", type=click.IntRange(min=3), default=20, show_default=True)
-@click.option("--threads", type=click.IntRange(min=0), default=0, help="onnxruntime intra-op threads (0: its default).")
+@click.option("--threads", type=click.IntRange(min=0), default=0,
+              help="Threads for onnxruntime and TVM (0: their defaults).")
 @click.option("--against", multiple=True, type=click.Path(file_okay=False),
               help="Another artifact (e.g. the ORT one of the same pipeline) to time in the same runs; repeatable.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
@@ -307,10 +308,11 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, threads, again
         if manifest.get("backend") == "tvm":
             rows_and_tokens = next(iter(manifest["tvm"]["inputs"].values()))["shape"][:2]
         feeds = synthetic_feeds(fp32, *rows_and_tokens)
-        models = {"fp32": fp32, "compiled": _session(artifact_dir, manifest, compiled, threads)}
+        models = {"fp32": fp32, "compiled": _session(artifact_dir, manifest, compiled, threads, timed=True)}
         for other in against:
             other_path, other_manifest = open_artifact(other)
-            models[os.path.basename(os.path.normpath(other))] = _session(other, other_manifest, _load_onnx(other_path), threads)
+            models[os.path.basename(os.path.normpath(other))] = _session(other, other_manifest, _load_onnx(other_path),
+                                                                         threads, timed=True)
         rows = compare_latency(models, feeds, runs, threads)
         for name, row in rows.items():
             stdout.print(f"{name:10s} median {row['median_ms']:8.2f} ms   ratio to fp32 {row['ratio']:.3f}")
@@ -318,15 +320,20 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, threads, again
     _guard(debug, action)
 
 
-def _session(folder, manifest: dict, model, threads: int = 0):
-    """What runs an artifact: its TVM library, or an onnxruntime session of its model."""
+def _session(folder, manifest: dict, model, threads: int = 0, timed: bool = False):
+    """What runs an artifact: its TVM library, or an onnxruntime session of its model.
+
+    ``timed`` sessions take turns with others, so their thread pools must not spin between runs.
+    """
     if manifest.get("backend") != "tvm":
         from qcompiler.runtime import make_session
 
-        return make_session(model, threads=threads)
+        return make_session(model, threads=threads, spinning=not timed)
+    if timed:  # read when TVM starts its pool, which the first library call does
+        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     from qcompiler.backends.tvm.build import LIBRARY, TVMSession
 
-    return TVMSession(os.path.join(folder, LIBRARY), manifest["tvm"])
+    return TVMSession(os.path.join(folder, LIBRARY), manifest["tvm"], threads)
 
 
 def _load_onnx(path):

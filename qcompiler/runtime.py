@@ -63,9 +63,16 @@ def exposed_outputs(model: ir.Model, names: Sequence[str]) -> Iterator[list[str]
             graph.outputs.remove(value)
 
 
-def make_session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads: int = 0) -> ort.InferenceSession:
-    """An onnxruntime CPU session for ``model`` that also returns ``extra_outputs``."""
+def make_session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads: int = 0,
+                 spinning: bool = True) -> ort.InferenceSession:
+    """An onnxruntime CPU session for ``model`` that also returns ``extra_outputs``.
+
+    ``spinning=False`` stops idle worker threads from busy-waiting after each run: when
+    sessions are timed in turn, a spinning pool takes the cores the next contender needs.
+    """
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     # onnxruntime fuses DequantizeLinear(4-bit) + MatMul into MatMulNBits and by default
     # computes it with int8-quantized activations (accuracy level 4); a W4A16 model would

@@ -64,7 +64,10 @@ class _Named:
 class TVMSession:
     """A built library behind onnxruntime's session interface (``run``, ``get_inputs``, ``get_outputs``)."""
 
-    def __init__(self, library: str | Path | tvm.runtime.Executable, signature: dict) -> None:
+    def __init__(self, library: str | Path | tvm.runtime.Executable, signature: dict, threads: int = 0) -> None:
+        """``threads`` > 0 resizes TVM's thread pool (one per process, so it applies to every TVM session)."""
+        if threads:
+            tvm.get_global_func("runtime.config_threadpool")(1, threads)
         module = tvm.runtime.load_module(str(library)) if isinstance(library, (str, Path)) else library
         self._device = tvm.cpu()
         self._vm = relax.VirtualMachine(module, self._device)
