@@ -1,6 +1,7 @@
 """Fidelity of every preset under every transform pipeline on MiniLM, beside onnxruntime's own.
 
     .venv/bin/python benchmarks/fidelity.py [--write] [--quick]
+    .venv/bin/python benchmarks/fidelity.py --pipeline "rotate,w4a16(weights=gptq)"
 
 Calibration: qcompiler's built-in calibration sentences (the pass manager keeps a quarter
 for verification; the rest calibrates, and onnxruntime gets exactly that part). Evaluation:
@@ -39,7 +40,7 @@ from qcompiler.runtime import make_session, run_batches  # noqa: E402
 PRESETS = ["w8a8", "w8a8-dyn", "w4a16", "w4a8", "w4a4", "fp8", "mxfp8", "mxfp4", "nvfp4"]
 PIPELINES = ["", "smooth(search=true)", "shift(scale=true)", "rotate", "smooth(search=true),rotate"]
 WEIGHT_QUANTIZERS = {"w4a16": ["gptq", "awq", "awq-gptq"], "w4a8": ["gptq", "awq"], "w4a4": ["gptq"]}
-GPTQ = "weights=gptq,act_order=true,damp=0.1"
+GPTQ = "weights=gptq,act_order=true,damp=0.1,scales=mse,refine=3"
 
 
 def embeddings(session, batches) -> np.ndarray:
@@ -57,7 +58,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--write", action="store_true", help="rewrite the fidelity section of docs/benchmarks.md")
     parser.add_argument("--quick", action="store_true", help="two presets, two pipelines, no ORT GPTQ (a smoke run)")
+    parser.add_argument("--pipeline", action="append", default=[],
+                        help="score only this full pipeline (transforms and quantize pass); repeatable")
     args = parser.parse_args()
+    if args.pipeline and args.write:
+        parser.error("--pipeline scores single pipelines; --write needs the full table")
     presets = PRESETS[:3] if args.quick else PRESETS
     pipelines = PIPELINES[::3] if args.quick else PIPELINES
 
@@ -82,6 +87,11 @@ def main() -> None:
         seconds = time.perf_counter() - tick
         ours[key] = (*score(reference, embeddings(make_session(model), heldout)), seconds)
         print(f"{full:55s} {ours[key][0]:.5f} ({ours[key][1]:.5f})  {seconds:.1f}s", flush=True)
+
+    if args.pipeline:
+        for full in args.pipeline:
+            run(full, "", ("", full))
+        return
 
     for preset in presets:
         for pipeline in pipelines:

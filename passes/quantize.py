@@ -8,8 +8,9 @@ MatMuls that ``rotate`` inserts in front of graph outputs stay float.
 
 The weight quantizer is ``rtn``, ``mse`` (clipping search), ``gptq`` (``X^T X`` of each
 linear's input from calibration, by default as the already-quantized layers before it
-produce it, as GPTQ does; ``act_order``, ``damp``, ``sequential``) or ``awq`` (activation-aware
-scales absorbed by each region's producer, then output-error clipping) or ``awq-gptq``
+produce it, as GPTQ does; ``act_order``, ``damp``, ``sequential``; ``scales=mse`` fits its
+group scales by clipping search, ``refine`` adds coordinate-descent sweeps over its rounding)
+or ``awq`` (activation-aware scales absorbed by each region's producer, then output-error clipping) or ``awq-gptq``
 (AWQ's scales, then GPTQ's rounding). Static activation
 ranges come from the observer (``minmax``, ``percentile``, ``mse``).
 
@@ -49,6 +50,8 @@ class QuantizeOptions:
     act_order: bool = False
     damp: float = 0.01
     sequential: bool = False
+    scales: Literal["minmax", "mse"] = "minmax"
+    refine: int = 0
     grid: int = 20
     rows: int = 512
     skip: tuple[str, ...] = ()
@@ -67,6 +70,10 @@ class QuantizeOptions:
             raise ValueError(f"group_size must be 0 (per channel) or positive, not {self.group_size}")
         if self.damp <= 0 or self.grid < 1 or self.rows < 1:
             raise ValueError("damp, grid and rows must be positive")
+        if self.refine < 0:
+            raise ValueError(f"refine counts coordinate-descent sweeps and must be 0 or more, not {self.refine}")
+        if (self.scales != "minmax" or self.refine) and self.weights not in ("gptq", "awq-gptq"):
+            raise ValueError(f"scales and refine tune GPTQ (weights=gptq or awq-gptq), not weights={self.weights}")
 
 
 @dataclass
@@ -140,6 +147,9 @@ class Quantize(Pass):
                     layers.append(self._quantize_weight(graph, plan, hessians, rows))
         for name in inputs:
             self._quantize_input(graph, [p for p in plans if p.linear.input.name == name], stats)
+        unrefined = sorted({p.scheme.weight.describe() for p in plans if p.scheme.weight.element.kind != "int"})
+        if uses_gptq and options.refine and unrefined:
+            details["notes"].append(f"refine moves integer codes; {', '.join(unrefined)} weights keep GPTQ's rounding")
         pre_dequantized = sorted({layer["weight"] for layer in layers if not layer["native"]})
         if pre_dequantized:
             details["notes"].append(
@@ -158,8 +168,13 @@ class Quantize(Pass):
         weight = constant_array(linear.weight).astype(np.float32)
         method = self.options.weights
         if method in ("gptq", "awq-gptq"):
-            quantized = weights.gptq(weight, hessians[linear.input.name], spec, damp=self.options.damp,
-                                     act_order=self.options.act_order)
+            hessian = hessians[linear.input.name]
+            clip = weights.clip_ratios(weight, spec, grid=self.options.grid) if self.options.scales == "mse" else 1.0
+            quantized = weights.gptq(weight, hessian, spec, damp=self.options.damp, act_order=self.options.act_order,
+                                     clip=clip)
+            if self.options.refine and spec.element.kind == "int":
+                quantized = weights.refine(weight, quantized, hessian, damp=self.options.damp,
+                                           sweeps=self.options.refine)
         elif method == "awq":
             quantized = weights.clip_search(weight, spec, weights.output_error(rows[linear.input.name]),
                                             self.options.grid)

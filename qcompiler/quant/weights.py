@@ -8,7 +8,12 @@
 
       err = (w_k - q_k) / [H^-1]_kk      W[k+1:] -= [H^-1]_{k,k+1:}^T err
 
-  with ``H^-1`` taken as its upper Cholesky factor, as in the GPTQ paper.
+  with ``H^-1`` taken as its upper Cholesky factor, as in the GPTQ paper. Group scales
+  may come from a clipping search (``clip``) instead of the min-max range.
+- ``refine``: coordinate descent over integer codes on GPTQ's own objective
+  ``(w - q)^T H (w - q)`` per output column. GPTQ decides each row once, against rows not
+  yet quantized; a later row's rounding can make an earlier decision the wrong one, and a
+  sweep that moves any code by one step when that lowers the objective recovers some of it.
 """
 
 from __future__ import annotations
@@ -53,8 +58,8 @@ def output_error(x: np.ndarray) -> ErrorMeasure:
     return measure
 
 
-def clip_search(weight: np.ndarray, spec: QuantSpec, measure: ErrorMeasure = weight_error,
-                grid: int = 20, min_ratio: float = 0.5) -> QuantizedTensor:
+def clip_ratios(weight: np.ndarray, spec: QuantSpec, measure: ErrorMeasure = weight_error,
+                grid: int = 20, min_ratio: float = 0.5) -> np.ndarray:
     """Per scale entry, the clipping ratio in ``[min_ratio, 1]`` with the least error under ``measure``."""
     weight = np.asarray(weight, np.float32)
     axis, block = spec.layout("weight", weight.shape)
@@ -69,7 +74,13 @@ def clip_search(weight: np.ndarray, spec: QuantSpec, measure: ErrorMeasure = wei
         better = error < best_error
         best_ratio = np.where(better, ratio, best_ratio).astype(np.float32)
         best_error = np.where(better, error, best_error)
-    return quantize(weight, spec, "weight", clip=best_ratio)
+    return best_ratio
+
+
+def clip_search(weight: np.ndarray, spec: QuantSpec, measure: ErrorMeasure = weight_error,
+                grid: int = 20, min_ratio: float = 0.5) -> QuantizedTensor:
+    """Round to nearest with the clipping ratios of `clip_ratios`."""
+    return quantize(weight, spec, "weight", clip=clip_ratios(weight, spec, measure, grid, min_ratio))
 
 
 def mse(weight: np.ndarray, spec: QuantSpec, grid: int = 20) -> QuantizedTensor:
@@ -77,7 +88,7 @@ def mse(weight: np.ndarray, spec: QuantSpec, grid: int = 20) -> QuantizedTensor:
 
 
 def gptq(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, *, block_size: int = 128,
-         damp: float = 0.01, act_order: bool = False) -> QuantizedTensor:
+         damp: float = 0.01, act_order: bool = False, clip: float | np.ndarray = 1.0) -> QuantizedTensor:
     """GPTQ over the input rows of ``W [K, N]`` with ``hessian = X^T X [K, K]``.
 
     Group scales (integer formats, groups along the input) are fitted when their group
@@ -94,7 +105,7 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, *, block_size
     work[dead, :] = 0.0
 
     axis, block = spec.layout("weight", weight.shape)
-    fitted = quantize(work.astype(np.float32), spec, "weight")
+    fitted = quantize(work.astype(np.float32), spec, "weight", clip=clip)
     scale = fitted.scale.copy()
     zero = None if fitted.zero_point is None else fitted.zero_point.copy()
     refit_groups = axis == 0 and block > 0 and spec.element.kind == "int" and not act_order
@@ -119,7 +130,8 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, *, block_size
             original = order[start + i]
             if refit_groups and original % block == 0:
                 pending = np.concatenate([chunk[i:], work[stop:]])[:block].astype(np.float32)
-                group = quantize(pending, spec, "weight")
+                ratio = clip if np.ndim(clip) == 0 else clip[original // block][None]
+                group = quantize(pending, spec, "weight", clip=ratio)
                 group_index = original // block
                 scale[group_index] = group.scale[0]
                 row_scales[original:original + block] = group.scale[0]
@@ -135,6 +147,46 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, *, block_size
     restored = np.empty_like(values)
     restored[order] = values
     return QuantizedTensor(restored, scale, zero, axis, block, spec, fitted.tensor_scale)
+
+
+def refine(weight: np.ndarray, quantized: QuantizedTensor, hessian: np.ndarray, *, damp: float = 0.01,
+           sweeps: int = 1) -> QuantizedTensor:
+    """Lower ``(w - q)^T (H + damp mean(diag H) I) (w - q)`` per column by moving integer codes one step.
+
+    Each sweep visits the input rows in order; for every column it takes the step (up or
+    down, within the grid) that lowers the objective most, if any, and updates the
+    gradient ``H (w - q)`` by that row's change. Scales and zero points stay as they are,
+    so the stored layout does not change. Stops early when a sweep moves nothing.
+    """
+    if quantized.spec.element.kind != "int":
+        raise ValueError(f"refine moves integer codes; {quantized.spec.format} is not an integer format")
+    h = np.array(hessian, np.float64)
+    h[np.diag_indices(len(h))] += damp * float(np.mean(np.diag(h)))
+    shape = quantized.values.shape
+    scale = np.broadcast_to(broadcast(quantized.scale, shape, quantized.axis, quantized.block), shape)
+    zero = 0.0 if quantized.zero_point is None else \
+        np.broadcast_to(broadcast(quantized.zero_point, shape, quantized.axis, quantized.block), shape)
+    values = quantized.values.astype(np.float64)
+    fmt = quantized.spec.element
+    gradient = h @ (np.asarray(weight, np.float64) - (values - zero) * scale)
+    curvature = np.diag(h)
+    for _ in range(sweeps):
+        moved = 0
+        for k in range(shape[0]):
+            step = scale[k].astype(np.float64)
+            # q_k += d changes the objective by -2 d step g_k + step^2 h_kk: at most one direction gains
+            linear, quadratic = 2.0 * step * gradient[k], step * step * curvature[k]
+            move = np.where((quadratic < linear) & (values[k] + 1 <= fmt.qmax), 1.0,
+                            np.where((quadratic < -linear) & (values[k] - 1 >= fmt.qmin), -1.0, 0.0))
+            if not move.any():
+                continue
+            moved += int(np.count_nonzero(move))
+            values[k] += move
+            gradient -= np.outer(h[:, k], move * step)
+        if not moved:
+            break
+    return QuantizedTensor(values.astype(np.float32), quantized.scale, quantized.zero_point, quantized.axis,
+                           quantized.block, quantized.spec, quantized.tensor_scale)
 
 
 def _upper_cholesky_of_inverse(h: np.ndarray) -> np.ndarray:

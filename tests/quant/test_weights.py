@@ -63,3 +63,44 @@ def test_output_error_clipping_never_worse_than_min_max():
     spec = QuantSpec("uint4", "group", 32, symmetric=False)
     searched = weights.clip_search(w, spec, weights.output_error(calib[:256]))
     assert _output_error(calib[:256], w, searched) <= _output_error(calib[:256], w, quantize(w, spec, "weight")) * (1 + 1e-6)
+
+
+def _objective(w, q, hessian, damp):
+    h = hessian + damp * np.mean(np.diag(hessian)) * np.eye(len(hessian))
+    delta = w.astype(np.float64) - q.dequantize()
+    return float(np.sum(delta * (h @ delta)))
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("uint4", "group", 32, symmetric=False), QuantSpec("int4", "channel")],
+                         ids=lambda s: s.describe())
+def test_refine_lowers_gptqs_objective_and_keeps_the_layout(spec):
+    w, calib, held = _data(5)
+    hessian = calib.T.astype(np.float64) @ calib
+    gptq = weights.gptq(w, hessian, spec, damp=0.1, act_order=True)
+    refined = weights.refine(w, gptq, hessian, damp=0.1, sweeps=3)
+    assert _objective(w, refined, hessian, 0.1) < 0.97 * _objective(w, gptq, hessian, 0.1)
+    assert _output_error(held, w, refined) < _output_error(held, w, gptq)
+    np.testing.assert_array_equal(refined.scale, gptq.scale)
+    np.testing.assert_array_equal(spec.element.round(refined.values), refined.values)
+    assert np.count_nonzero(refined.values != gptq.values) > 0
+
+
+def test_refine_is_integer_only():
+    w, calib, _ = _data(6)
+    q = weights.rtn(w, QuantSpec("nvfp4"))
+    with pytest.raises(ValueError, match="integer"):
+        weights.refine(w, q, calib.T.astype(np.float64) @ calib)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_takes_searched_clipping(act_order):
+    """With an identity Hessian GPTQ is RTN, so clipped GPTQ must be the clipping search's own result."""
+    w, _, _ = _data(7)
+    w[3, 2] = 1.5
+    spec = QuantSpec("uint4", "group", 32, symmetric=False)
+    ratios = weights.clip_ratios(w, spec)
+    assert np.any(ratios < 1)
+    gptq = weights.gptq(w, np.eye(w.shape[0]), spec, act_order=act_order, clip=ratios)
+    searched = weights.clip_search(w, spec)
+    np.testing.assert_array_equal(gptq.scale, searched.scale)
+    np.testing.assert_array_equal(gptq.values, searched.values)
