@@ -79,12 +79,15 @@ def _calibration_options(func):
     return func
 
 
-def _parse_shape(ctx: click.Context, param: click.Parameter, text: str) -> tuple[int, int]:
-    parts = text.lower().split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise click.BadParameter(f"'{text}' is not BATCHxSEQUENCE with positive integers (e.g. 1x128).",
-                                 param_hint="--shape")
-    return int(parts[0]), int(parts[1])
+def _parse_shape(ctx: click.Context, param: click.Parameter, text: str) -> list[tuple[int, int]]:
+    shapes = []
+    for item in text.split(","):
+        parts = item.strip().lower().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise click.BadParameter(f"'{item}' is not BATCHxSEQUENCE with positive integers (e.g. 1x128).",
+                                     param_hint="--shape")
+        shapes.append((int(parts[0]), int(parts[1])))
+    return shapes
 
 
 @main.command("compile")
@@ -101,7 +104,8 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, text: str) -> tuple
                    "tvm: model.so with qcompiler's TIR kernels.")
 @click.option("--target", default="llvm", show_default=True, help="With --backend tvm: the TVM target (llvm: this CPU).")
 @click.option("--shape", default="1x128", show_default=True,
-              callback=_parse_shape, help="With --backend tvm: BATCHxSEQUENCE, the static shape the library is built for.")
+              callback=_parse_shape, help="With --backend tvm: BATCHxSEQUENCE, the static shape the library is built "
+              "for; several, comma-separated (1x32,1x128), give one library with an entry per shape.")
 @click.option("--dialect", type=click.Choice(["ort", "qdq"]), default="ort", show_default=True,
               help="With --backend ort: ort (contrib kernels such as MatMulNBits) or qdq (standard ONNX Q/DQ, opset 21).")
 @_calibration_options
@@ -290,7 +294,8 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
 def bench_command(artifact_dir, reference, batch, sequence, runs, threads, against, debug) -> None:
     """Latency of ARTIFACT_DIR against its FP32 source (and --against artifacts), in one process, runs interleaved.
 
-    A TVM artifact is built for one input shape: --batch and --sequence then come from its manifest.
+    A TVM artifact is built for fixed input shapes: --batch and --sequence then come from its manifest
+    (the first shape it was built for).
     """
 
     def action():
@@ -306,7 +311,10 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, threads, again
         fp32 = load(source)
         rows_and_tokens = (batch, sequence)
         if manifest.get("backend") == "tvm":
-            rows_and_tokens = next(iter(manifest["tvm"]["inputs"].values()))["shape"][:2]
+            from qcompiler.backends.tvm.build import entries
+
+            first = next(iter(entries(manifest["tvm"]).values()))
+            rows_and_tokens = next(iter(first["inputs"].values()))["shape"][:2]
         feeds = synthetic_feeds(fp32, *rows_and_tokens)
         models = {"fp32": fp32, "compiled": _session(artifact_dir, manifest, compiled, threads, timed=True)}
         for other in against:

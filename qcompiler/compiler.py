@@ -120,7 +120,7 @@ def compile(
     backend: str = "simulate",
     dialect: str = "ort",
     target: str = "llvm",
-    shape: tuple[int, int] = (1, 128),
+    shape: tuple[int, int] | Sequence[tuple[int, int]] = (1, 128),
     log: Callable[[str], None] = lambda message: None,
 ) -> CompileResult:
     """Load ``model``, run ``passes`` (after normalization), lower for ``backend``, write ``output`` if given.
@@ -130,8 +130,8 @@ def compile(
     ``dialect="qdq"`` keeps standard ONNX instead of contrib ops: static int8 Q/DQ and
     blocked 4-bit DequantizeLinear (opset 21), which other runtimes read too. ``tvm`` builds
     ``model.so`` for ``target`` with qcompiler's TIR kernels for the quantized linears, for
-    static inputs of ``shape`` = (batch, sequence) (fixed dimensions stay as they are);
-    ``model.onnx`` beside it is then the simulate form, which ``qcompile eval`` reads.
+    static inputs of ``shape`` = (batch, sequence), or of each of a list of such shapes (one
+    library, one entry per shape; fixed dimensions stay as they are); ``model.onnx`` beside it is then the simulate form, which ``qcompile eval`` reads.
     """
     if backend not in BACKENDS:
         raise QCompilerError(f"Unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
@@ -162,11 +162,12 @@ def compile(
         from qcompiler.backends.tvm.build import compile_model
         from qcompiler.benchmarking import synthetic_feeds
 
-        shapes = {name: array.shape for name, array in synthetic_feeds(ir_model, *shape).items()}
-        built = compile_model(ir_model, shapes, target)
+        shape_sets = [{name: array.shape for name, array in synthetic_feeds(ir_model, *rows).items()}
+                      for rows in ([shape] if isinstance(shape[0], int) else shape)]
+        built = compile_model(ir_model, shape_sets, target)
         kernels = built.lowering.to_dict()
-        report.notes.append(f"TVM library built for {target} and inputs "
-                            + ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items()))
+        report.notes.append(f"TVM library built for {target} and inputs " + "; ".join(
+            ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items()) for shapes in shape_sets))
     elif backend == "ort":
         from qcompiler.backends.ort.lower import lower, qdq_dialect
 

@@ -4,8 +4,10 @@
 ``model.so``, with the weights inside it as constants; `TVMSession` loads it and runs it
 with the Relax VM behind the same ``run(names, feeds)`` interface as an onnxruntime
 session, so ``qcompile run`` and ``qcompile bench`` treat both artifacts alike. The
-library is specialized to the input shapes it was built for; they are recorded in the
-manifest and checked on every call.
+library is specialized to static input shapes, one entry function per shape (several
+shapes, e.g. sequence-length buckets, share one library and one copy of the weights:
+TVM stores identical constants once). The shapes are recorded in the manifest; each call
+runs the entry its inputs match, and inputs that match none are refused in one sentence.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ LIBRARY = "model.so"
 class Built:
     executable: tvm.runtime.Executable
     lowering: Lowering
-    signature: dict  # {"inputs": {name: {"shape", "dtype"}}, "outputs": [names], "target": str}
+    signature: dict  # {"entries": {label: {"function", "inputs": {name: {"shape", "dtype"}}}}, "outputs", "target"}
 
 
 def check_target(target: str) -> None:
@@ -41,19 +43,36 @@ def check_target(target: str) -> None:
                              f"CPUs ({', '.join(TARGETS)}).")
 
 
-def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]], target: str = "llvm") -> Built:
-    """Lower and build a copy of ``model`` for static input ``shapes`` (``model`` itself is untouched)."""
+def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Sequence[Mapping[str, tuple[int, ...]]],
+                  target: str = "llvm") -> Built:
+    """Lower and build a copy of ``model`` for static input ``shapes`` (one set, or several: one entry each)."""
     check_target(target)
-    work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
-    lowering = fuse_quantized_linears(work)
-    specialize(work, dict(shapes))
-    module = to_relax(work, dict(shapes))
-    target_ = default_target()
-    executable = tvm.compile(module, target_, relax_pipeline=cpu_schedule.pipeline(target_))
-    inputs = {v.name: {"shape": list(shapes[v.name]), "dtype": v.dtype.numpy().name}
-              for v in work.graph.inputs if v.name not in work.graph.initializers}
-    signature = {"inputs": inputs, "outputs": [v.name for v in work.graph.outputs], "target": str(default_target())}
-    return Built(executable, lowering, signature)
+    shape_sets = [dict(shapes)] if isinstance(shapes, Mapping) else [dict(s) for s in shapes]
+    module, entries, outputs = tvm.IRModule(), {}, []
+    for shape_set in shape_sets:
+        label = "x".join(str(d) for d in next(iter(shape_set.values())))
+        if label in entries:
+            raise QCompilerError(f"The shape {label} is given twice; give each shape once.")
+        work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        lowering = fuse_quantized_linears(work)
+        specialize(work, shape_set)
+        part = to_relax(work, shape_set, suffix=f"_{label}")
+        function = f"main_{label}"
+        main = part["main"].with_attr("global_symbol", function)
+        module.update(tvm.IRModule({**{var: f for var, f in part.functions_items() if var.name_hint != "main"},
+                                    tvm.ir.GlobalVar(function): main}))
+        entries[label] = {"function": function,
+                          "inputs": {v.name: {"shape": list(shape_set[v.name]), "dtype": v.dtype.numpy().name}
+                                     for v in work.graph.inputs if v.name not in work.graph.initializers}}
+        outputs = [v.name for v in work.graph.outputs]
+    host = default_target()
+    executable = tvm.compile(module, host, relax_pipeline=cpu_schedule.pipeline(host))
+    return Built(executable, lowering, {"entries": entries, "outputs": outputs, "target": str(host)})
+
+
+def entries(signature: dict) -> dict[str, dict]:
+    """The library's entry functions by shape label (a manifest from before entries had one, ``main``)."""
+    return signature.get("entries") or {"": {"function": "main", "inputs": signature["inputs"]}}
 
 
 @dataclass
@@ -71,7 +90,8 @@ class TVMSession:
         module = tvm.runtime.load_module(str(library)) if isinstance(library, (str, Path)) else library
         self._device = tvm.cpu()
         self._vm = relax.VirtualMachine(module, self._device)
-        self._inputs, self._outputs = signature["inputs"], list(signature["outputs"])
+        self._entries, self._outputs = entries(signature), list(signature["outputs"])
+        self._inputs = list(next(iter(self._entries.values()))["inputs"])
 
     def get_inputs(self) -> list[_Named]:
         return [_Named(name) for name in self._inputs]
@@ -80,16 +100,29 @@ class TVMSession:
         return [_Named(name) for name in self._outputs]
 
     def run(self, names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        arguments = []
-        for name, spec in self._inputs.items():
-            if name not in feeds:
-                raise QCompilerError(f"Input '{name}' is missing.")
-            array = np.asarray(feeds[name])
-            if list(array.shape) != spec["shape"] or array.dtype.name != spec["dtype"]:
-                raise QCompilerError(f"Input '{name}' is {array.dtype.name} {list(array.shape)}, but this TVM library "
-                                     f"was built for {spec['dtype']} {spec['shape']}; compile again with that shape.")
-            arguments.append(tvm.runtime.tensor(np.ascontiguousarray(array), self._device))
-        result = self._vm["main"](*arguments)
+        missing = [name for name in self._inputs if name not in feeds]
+        if missing:
+            raise QCompilerError(f"Input '{missing[0]}' is missing.")
+        arrays = {name: np.asarray(feeds[name]) for name in self._inputs}
+        entry = next((e for e in self._entries.values() if all(
+            list(arrays[name].shape) == spec["shape"] and arrays[name].dtype.name == spec["dtype"]
+            for name, spec in e["inputs"].items())), None)
+        if entry is None:
+            given = _describe({name: {"dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()})
+            built = " or ".join(_describe(e["inputs"]) for e in self._entries.values())
+            raise QCompilerError(f"The inputs are {given}, but this TVM library was built for {built}; "
+                                 "compile again with that shape in --shape.")
+        arguments = [tvm.runtime.tensor(np.ascontiguousarray(arrays[name]), self._device) for name in entry["inputs"]]
+        result = self._vm[entry["function"]](*arguments)
         values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         by_name = {name: value.numpy() for name, value in zip(self._outputs, values)}
         return [by_name[name] for name in (names or self._outputs)]
+
+
+def _describe(inputs: Mapping[str, dict]) -> str:
+    """``int64 [2, 16]`` when every input has that dtype and shape, else each input's."""
+    kinds = {(spec["dtype"], tuple(spec["shape"])) for spec in inputs.values()}
+    if len(kinds) == 1:
+        dtype, shape = next(iter(kinds))
+        return f"{dtype} {list(shape)}"
+    return "(" + ", ".join(f"{name} {spec['dtype']} {spec['shape']}" for name, spec in inputs.items()) + ")"

@@ -29,6 +29,7 @@ Two steps, so the float part of the model keeps TVM's own ONNX importer:
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -54,6 +55,7 @@ INT4, INT8, W4A8 = "Int4MatMul", "Int8MatMul", "W4A8MatMul"
 MS_DOMAIN = "com.microsoft"
 UINT4 = ELEMENT_FORMATS["uint4"]
 OPAQUE = 8  # relax.transform's OpPatternKind.kOpaque: never fused with other ops
+_KERNEL_SUFFIX = contextvars.ContextVar("kernel_suffix", default="")  # set by to_relax for the converters
 
 
 @dataclass
@@ -245,12 +247,21 @@ def specialize(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> None:
     onnxscript.optimizer.optimize(model, inline=False)
 
 
-def to_relax(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> tvm.IRModule:
-    """The Relax module of a fused, specialized model, for the static input ``shapes``."""
+def to_relax(model: ir.Model, shapes: dict[str, tuple[int, ...]], suffix: str = "") -> tvm.IRModule:
+    """The Relax module of a fused, specialized model, for the static input ``shapes``.
+
+    ``suffix`` is appended to every kernel's name, so that modules built for several shapes
+    can be merged into one library without two kernels sharing a name.
+    """
     proto = ir.serde.serialize_model(model)
     dtypes = {v.name: v.dtype.numpy().name for v in model.graph.inputs if v.name not in model.graph.initializers}
-    with _kernel_converters():
-        return onnx_frontend.from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()}, dtype_dict=dtypes)
+    token = _KERNEL_SUFFIX.set(suffix)
+    try:
+        with _kernel_converters():
+            return onnx_frontend.from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()},
+                                           dtype_dict=dtypes)
+    finally:
+        _KERNEL_SUFFIX.reset(token)
 
 
 @contextlib.contextmanager
@@ -284,6 +295,7 @@ def _kernel_call(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, arg
     The kernel is marked opaque and scheduled, so that fusion neither merges it with its
     neighbours nor hands it to the CPU schedule rules: it is already scheduled by hand.
     """
+    name += _KERNEL_SUFFIX.get()
     module = bb.get()
     if name in [g.name_hint for g in module.get_global_vars()]:
         gvar = module.get_global_var(name)

@@ -106,16 +106,16 @@ def test_models_quantized_for_onnxruntime_import_onto_the_int4_kernel(normalized
 @pytest.fixture(scope="module")
 def tvm_artifact(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tvm") / "w4a16"
-    result = CliRunner().invoke(main, ["minilm", "--passes", "w4a16", "--backend", "tvm", "--shape", "2x16", "-o",
-                                       str(folder), "--quiet"])
+    result = CliRunner().invoke(main, ["minilm", "--passes", "w4a16", "--backend", "tvm", "--shape", "2x16,1x8",
+                                       "-o", str(folder), "--quiet"])
     assert result.exit_code == 0, result.output
     return folder
 
 
-def test_artifact_runs_benches_and_refuses_other_shapes(tvm_artifact, tokenizer, tmp_path):
+def test_artifact_runs_each_built_shape_benches_and_refuses_others(tvm_artifact, tokenizer, tmp_path):
     manifest = json.loads((tvm_artifact / "manifest.json").read_text())
     assert manifest["backend"] == "tvm" and "model.so" in manifest["files"]
-    assert manifest["tvm"]["inputs"]["input_ids"]["shape"] == [2, 16]
+    assert [e["inputs"]["input_ids"]["shape"] for e in manifest["tvm"]["entries"].values()] == [[2, 16], [1, 8]]
     assert all(info["kernel"].startswith("TVM int4") for info in manifest["layers"].values())
     runner = CliRunner()
     encoded = tokenizer(["a first sentence", "and a second one"], padding="max_length", max_length=16,
@@ -130,10 +130,15 @@ def test_artifact_runs_benches_and_refuses_other_shapes(tvm_artifact, tokenizer,
     assert np.abs(tvm_out - onnx_out).max() < 1e-4 * np.abs(onnx_out).max()
     bench = runner.invoke(main, ["bench", str(tvm_artifact), "--runs", "3"])
     assert bench.exit_code == 0 and "compiled" in bench.output, bench.output
-    short = tmp_path / "short.npz"
-    np.savez(short, **{k: np.asarray(v, np.int64)[:, :8] for k, v in encoded.items()})
-    refused = runner.invoke(main, ["run", str(tvm_artifact), "--inputs", str(short)])
-    assert refused.exit_code == 2 and "built for int64 [2, 16]" in refused.output
+    # The second entry: one sentence of 8 tokens, from the same library.
+    short = {k: np.asarray(v, np.int64)[:1, :8] for k, v in encoded.items()}
+    session = TVMSession(tvm_artifact / "model.so", manifest["tvm"])
+    expected = make_session(ir.load(tvm_artifact / "model.onnx")).run(None, short)[0]
+    assert np.abs(session.run(None, short)[0] - expected).max() < 1e-4 * np.abs(expected).max()
+    other = tmp_path / "other.npz"
+    np.savez(other, **{k: np.asarray(v, np.int64)[:, :8] for k, v in encoded.items()})
+    refused = runner.invoke(main, ["run", str(tvm_artifact), "--inputs", str(other)])
+    assert refused.exit_code == 2 and "built for int64 [2, 16] or int64 [1, 8]" in refused.output
 
 
 def test_unsupported_target_and_bad_shape_are_one_sentence(tmp_path):
