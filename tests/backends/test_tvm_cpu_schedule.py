@@ -72,6 +72,7 @@ def test_every_float_function_gets_a_schedule():
     script = "\n".join(f.script() for f in functions.values())
     assert "T.parallel" in script and "T.vectorized" in script
     assert 'scope="local"' in script  # the matmul accumulates in a register tile (the Matmul rule took it)
+    assert "_rf" in script  # softmax and LayerNorm sum rows into vector lanes (the RowReduction rule took them)
     assert "erf(" not in script.replace("fast_erf", "")  # GELU's erf is the polynomial, not a libm call
 
 
