@@ -136,8 +136,12 @@ class RowReduction(CPUScheduleRule):
         if any(not kind.startswith("S") or ("R" in kind and kind.rstrip("R") != kind[:-1]) for kind in kinds):
             return None  # every block: spatial rows, then at most one trailing reduction axis
         reductions = [info.block_rv for info in infos if not info.is_injective()]
-        inlined = try_inline(sch, [info for info in infos[:-1] if info.is_injective()])
-        blocks = reductions + [info.block_rv for info in inlined] + [infos[-1].block_rv]
+        # An elementwise block read twice (softmax's exponential: by the sum and by the output) keeps its
+        # buffer; inlining it would compute it twice.
+        elementwise = [info for info in infos[:-1] if info.is_injective()]
+        shared = [info for info in elementwise if len(sch.get_consumers(info.block_rv)) > 1]
+        kept = try_inline(sch, [info for info in elementwise if info not in shared]) + shared
+        blocks = reductions + [info.block_rv for info in kept] + [infos[-1].block_rv]
         lanes = vector_lanes(target)
         for block in blocks:
             *rows, inner = sch.get_loops(block)
