@@ -96,6 +96,8 @@ def gptq(weight: np.ndarray, hessian: np.ndarray, spec: QuantSpec, *, block_size
     ``act_order`` rows go in order of decreasing ``H_kk`` and group scales are fixed up
     front from the original weight ("static groups"), so every row keeps the scale its
     position in the stored layout implies. Other granularities fit scales up front.
+    ``clip`` (a scalar, or one ratio per scale entry as `clip_ratios` returns) shrinks the
+    range every scale is fitted from, refitted groups included.
     """
     work = np.array(weight, np.float64)
     rows, _ = work.shape
