@@ -23,6 +23,8 @@ function no rule accepts keeps TVM's default lowering.
 
 from __future__ import annotations
 
+import re
+
 import tvm
 from tvm import s_tir, tirx
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
@@ -30,6 +32,7 @@ from tvm.s_tir import dlight
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline, try_inline_contiguous_spatial
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.s_tir.schedule import ScheduleError
 from tvm.target.codegen import llvm_get_vector_width
 
 from qcompiler.backends.tvm.fast_math import fast_math
@@ -132,8 +135,7 @@ class RowReduction(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if not infos or all(info.is_injective() for info in infos) or not infos[-1].is_injective():
             return None
-        kinds = [info.dom_kind() for info in infos]
-        if any(not kind.startswith("S") or ("R" in kind and kind.rstrip("R") != kind[:-1]) for kind in kinds):
+        if not all(re.fullmatch("S+R?", info.dom_kind()) for info in infos):
             return None  # every block: spatial rows, then at most one trailing reduction axis
         reductions = [info.block_rv for info in infos if not info.is_injective()]
         # An elementwise block read twice (softmax's exponential: by the sum and by the output) keeps its
@@ -180,7 +182,7 @@ class _Declining(CPUScheduleRule):
     def apply(self, func: tirx.PrimFunc, target: tvm.target.Target, tunable: bool) -> s_tir.Schedule | None:
         try:
             return self.rule.apply(func, target, tunable)
-        except tvm.TVMError:
+        except (ScheduleError, ValueError):
             return None
 
 

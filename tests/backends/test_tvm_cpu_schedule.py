@@ -9,6 +9,7 @@ import pytest
 import tvm
 from tvm import relax
 from tvm.relax.backend.cpu_generic import pipeline as cpu_pipeline
+from tvm.s_tir.schedule import ScheduleError
 
 from qcompiler.backends.tvm import cpu_schedule
 from qcompiler.backends.tvm.fast_math import fast_math
@@ -88,3 +89,16 @@ def test_fast_gelu_matches_the_exact_one():
     values = np.linspace(-8, 8, 4096, dtype=np.float32)
     got = relax.VirtualMachine(executable, tvm.cpu())["main"](tvm.runtime.tensor(values)).numpy()
     np.testing.assert_allclose(got, 0.5 * values * (1 + ERF(values / np.sqrt(2))), rtol=1e-6, atol=1e-6)
+
+
+def test_a_rule_whose_primitive_fails_declines_and_the_next_rule_schedules():
+    class Failing(cpu_schedule.Matmul):
+        def apply(self, func, target, tunable):
+            raise ScheduleError("this shape does not fit")
+
+    target = default_target()
+    with target:
+        module = tvm.transform.Sequential([fast_math] + cpu_pipeline.legalize_passes(target))(attention_block(2, 8, 4, 8))
+    (matmul,) = [f for var, f in module.functions_items() if "matmul" in var.name_hint]
+    assert cpu_schedule._Declining(Failing()).apply(matmul, target, False) is None
+    assert cpu_schedule._Declining(cpu_schedule.Matmul()).apply(matmul, target, False) is not None
