@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Literal
 
 import numpy as np
 
@@ -45,6 +45,8 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 
 import tvm  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
+
+from qcompiler.backends.tvm.compiled import CompiledKernel, Weights  # noqa: E402
 
 TILE = 64  # output columns per tile: one cache line of packed codes per k pair
 ROWS_GEMV = 4  # rows of X per register tile in the small-M schedule (4 x 64 floats = 16 zmm)
@@ -227,46 +229,28 @@ def default_target() -> tvm.target.Target:
 
 
 @dataclass
-class Int4Matmul:
+class Int4Matmul(CompiledKernel):
     """One compiled shape. ``matmul(x, weights)`` returns ``x @ W`` as a float32 numpy array.
 
     ``weights`` is `pack_weights`' dict; pass it through `upload` once so calls do not copy
     the weights again.
     """
 
-    executable: tvm.runtime.Executable
     m: int
     k: int
     n: int
     group: int
     schedule: ScheduleName
 
-    def __post_init__(self) -> None:
-        self._main = self.executable["main"]
-        self._device = tvm.cpu()
-
-    def upload(self, weights: Mapping[str, np.ndarray]) -> dict[str, tvm.runtime.Tensor]:
-        """The packed weights as TVM tensors, after checking their shapes against this build."""
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         g, width = _groups(self.k, self.group), _padded(self.n)
-        expected = {"packed": (width // TILE, -(-g * self.group // 2), TILE), "scale": (g, width), "zero": (g, width)}
-        for name, shape in expected.items():
-            if tuple(weights[name].shape) != shape:
-                raise ValueError(f"{name} is {tuple(weights[name].shape)}, this kernel needs {shape}")
-        uploaded = {}
-        for name in expected:
-            value = weights[name]
-            uploaded[name] = value if isinstance(value, tvm.runtime.Tensor) else tvm.runtime.tensor(value, self._device)
-        return uploaded
+        return {"packed": (width // TILE, -(-g * self.group // 2), TILE), "scale": (g, width), "zero": (g, width)}
 
-    def __call__(self, x: np.ndarray, weights: Mapping[str, np.ndarray | tvm.runtime.Tensor]) -> np.ndarray:
-        if any(not isinstance(weights[name], tvm.runtime.Tensor) for name in ("packed", "scale", "zero")):
-            weights = self.upload(weights)
-        x = np.ascontiguousarray(x, np.float32)
+    def __call__(self, x: np.ndarray, weights: Weights) -> np.ndarray:
+        x = np.asarray(x, np.float32)
         if x.shape != (self.m, self.k):
             raise ValueError(f"x is {x.shape}, this kernel was built for {(self.m, self.k)}")
-        y = tvm.runtime.empty((self.m, self.n), "float32", self._device)
-        self._main(tvm.runtime.tensor(x, self._device), weights["packed"], weights["scale"], weights["zero"], y)
-        return y.numpy()
+        return self._run(weights, [x], [], (self.m, self.n))
 
 
 def scheduled(m: int, k: int, n: int, group: int, schedule: ScheduleName | None = None) -> tvm.tirx.PrimFunc:

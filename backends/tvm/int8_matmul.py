@@ -27,12 +27,12 @@ read as anything but zero products) and N with zero columns.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from qcompiler.backends.tvm.compiled import CompiledKernel, Weights
 from qcompiler.backends.tvm.int4_matmul import default_target
 
 TILE = 64  # output columns per tile: four 16-lane int32 accumulators
@@ -117,42 +117,25 @@ def kernel(m: int, k: int, n: int) -> tvm.tirx.PrimFunc:
 
 
 @dataclass
-class Int8Matmul:
+class Int8Matmul(CompiledKernel):
     """One compiled shape: ``matmul(x_u8, row_scale, weights)`` returns float32 ``[M, N]``.
 
     ``weights`` is `pack_weights`' dict; pass it through `upload` once so calls do not copy
     the weights again.
     """
 
-    executable: tvm.runtime.Executable
     m: int
     k: int
     n: int
 
-    def __post_init__(self) -> None:
-        self._main = self.executable["main"]
-        self._device = tvm.cpu()
-
-    def upload(self, weights: Mapping[str, np.ndarray]) -> dict[str, tvm.runtime.Tensor]:
-        """The packed weights as TVM tensors, after checking their shapes against this build."""
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         width = _width(self.n)
-        expected = {"packed": (width // TILE, quadruples(self.k), 4 * TILE), "zcorr": (width,), "scale": (width,)}
-        for name, shape in expected.items():
-            if tuple(weights[name].shape) != shape:
-                raise ValueError(f"{name} is {tuple(weights[name].shape)}, this kernel needs {shape}")
-        return {name: value if isinstance(value := weights[name], tvm.runtime.Tensor)
-                else tvm.runtime.tensor(np.ascontiguousarray(value), self._device) for name in expected}
+        return {"packed": (width // TILE, quadruples(self.k), 4 * TILE), "zcorr": (width,), "scale": (width,)}
 
-    def __call__(self, x_u8: np.ndarray, row_scale: np.ndarray,
-                 weights: Mapping[str, np.ndarray | tvm.runtime.Tensor]) -> np.ndarray:
-        if any(not isinstance(weights[name], tvm.runtime.Tensor) for name in ("packed", "zcorr", "scale")):
-            weights = self.upload(weights)
+    def __call__(self, x_u8: np.ndarray, row_scale: np.ndarray, weights: Weights) -> np.ndarray:
         padded = np.zeros((self.m, 4 * quadruples(self.k)), np.uint8)
         padded[:, :self.k] = x_u8
-        y = tvm.runtime.empty((self.m, self.n), "float32", self._device)
-        self._main(tvm.runtime.tensor(padded, self._device), weights["packed"], weights["zcorr"], weights["scale"],
-                   tvm.runtime.tensor(np.ascontiguousarray(row_scale, np.float32), self._device), y)
-        return y.numpy()
+        return self._run(weights, [padded], [np.asarray(row_scale, np.float32)], (self.m, self.n))
 
 
 def has_vnni(target: tvm.target.Target | None = None) -> bool:

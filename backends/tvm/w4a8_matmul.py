@@ -26,12 +26,12 @@ The group size must be a multiple of 4 (one quadruple never straddles two groups
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import tvm
 from tvm.script import tirx as T
 
+from qcompiler.backends.tvm.compiled import CompiledKernel, Weights
 from qcompiler.backends.tvm.int4_matmul import default_target
 from qcompiler.backends.tvm.int8_matmul import VNNI, has_vnni
 
@@ -125,37 +125,26 @@ def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
 
 
 @dataclass
-class W4A8Matmul:
+class W4A8Matmul(CompiledKernel):
     """One compiled shape: ``matmul(x_u8, row_scale, weights)`` returns float32 ``[M, N]``."""
 
-    executable: tvm.runtime.Executable
     m: int
     k: int
     n: int
     group: int
 
-    def __post_init__(self) -> None:
-        self._main = self.executable["main"]
-        self._device = tvm.cpu()
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        groups, width = -(-self.k // self.group), _width(self.n)
+        per_group = (groups, width)
+        return {"packed": (width // TILE, groups * self.group // 4, 64), "scale": per_group, "zero": per_group,
+                "corr": per_group}
 
-    def upload(self, weights: Mapping[str, np.ndarray]) -> dict[str, tvm.runtime.Tensor]:
-        """The packed weights as TVM tensors (once: calls then copy only the activations)."""
-        return {name: value if isinstance(value := weights[name], tvm.runtime.Tensor)
-                else tvm.runtime.tensor(np.ascontiguousarray(value), self._device)
-                for name in ("packed", "scale", "zero", "corr")}
-
-    def __call__(self, x_u8: np.ndarray, row_scale: np.ndarray,
-                 weights: Mapping[str, np.ndarray | tvm.runtime.Tensor]) -> np.ndarray:
-        weights = self.upload(weights)
+    def __call__(self, x_u8: np.ndarray, row_scale: np.ndarray, weights: Weights) -> np.ndarray:
         groups = -(-self.k // self.group)
         padded = np.full((self.m, groups * self.group), ZERO_U8, np.uint8)
         padded[:, :self.k] = x_u8
         rowsum = padded.astype(np.int32).reshape(self.m, groups, self.group).sum(axis=2, dtype=np.int32)
-        y = tvm.runtime.empty((self.m, self.n), "float32", self._device)
-        args = [padded, weights["packed"], weights["scale"], weights["zero"], weights["corr"], rowsum,
-                np.ascontiguousarray(row_scale, np.float32)]
-        self._main(*[a if isinstance(a, tvm.runtime.Tensor) else tvm.runtime.tensor(a, self._device) for a in args], y)
-        return y.numpy()
+        return self._run(weights, [padded], [rowsum, np.asarray(row_scale, np.float32)], (self.m, self.n))
 
 
 def build(m: int, k: int, n: int, group: int, target: tvm.target.Target | str | dict | None = None) -> W4A8Matmul:
