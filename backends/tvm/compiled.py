@@ -1,9 +1,11 @@
 """A kernel compiled for one shape, callable from numpy with its packed weights kept resident.
 
 The int4, int8 and W4A8 kernels are each benchmarked and tested on their own, outside a
-model: every call copies its activations in and its result out, and must not copy the
-weights again (16 MiB for a 4096 x 4096 int8 matrix), so weights are uploaded once,
-checked against the shapes this build expects.
+model, where a call should cost what ``InferenceSession.run`` costs: float32 X in, a new
+float32 Y out. So weights are uploaded once (16 MiB for a 4096 x 4096 int8 matrix), checked
+against the shapes this build expects, and X and Y are handed to TVM through DLPack
+without copies (at M = 1 two ``tvm.runtime.tensor`` copies and a ``numpy()`` copy took
+longer than a quarter of the kernel).
 """
 
 from __future__ import annotations
@@ -15,11 +17,36 @@ import numpy as np
 import tvm
 
 Weights = Mapping[str, np.ndarray | tvm.runtime.Tensor]
+ALIGNMENT = 64  # bytes: TVM accepts DLPack tensors only at this alignment
+
+
+class Resident(tuple):
+    """Packed weights already uploaded, in the kernel's argument order (what `CompiledKernel.upload` returns)."""
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -> np.ndarray:
+    """An uninitialized C-contiguous array whose data starts on an `ALIGNMENT`-byte boundary."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(size + ALIGNMENT, np.uint8)
+    start = -raw.__array_interface__["data"][0] % ALIGNMENT
+    return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def _shareable(x: np.ndarray) -> bool:
+    """Whether TVM can read ``x`` in place: C-contiguous, writable (DLPack exports no read-only flag here), aligned."""
+    return (x.flags.c_contiguous and x.flags.writeable
+            and x.__array_interface__["data"][0] % ALIGNMENT == 0)
 
 
 @dataclass
 class CompiledKernel:
+    """``main(X, *weights, Y)`` compiled for ``X`` float32 ``[m, k]`` and ``Y`` float32 ``[m, n]``."""
+
     executable: tvm.runtime.Executable
+    m: int
+    k: int
+    n: int
 
     def __post_init__(self) -> None:
         self._main = self.executable["main"]
@@ -29,20 +56,27 @@ class CompiledKernel:
         """Each packed weight's name and the shape this build needs, in the kernel's argument order."""
         raise NotImplementedError
 
-    def upload(self, weights: Weights) -> dict[str, tvm.runtime.Tensor]:
+    def upload(self, weights: Weights) -> Resident:
         """The packed weights as TVM tensors, after checking their shapes against this build."""
         expected = self.weight_shapes()
         for name, shape in expected.items():
+            if name not in weights:
+                raise ValueError(f"{name} is missing: this kernel takes {', '.join(expected)}")
             if tuple(weights[name].shape) != shape:
                 raise ValueError(f"{name} is {tuple(weights[name].shape)}, this kernel needs {shape}")
-        return {name: value if isinstance(value := weights[name], tvm.runtime.Tensor)
-                else tvm.runtime.tensor(np.ascontiguousarray(value), self._device) for name in expected}
+        return Resident(value if isinstance(value := weights[name], tvm.runtime.Tensor)
+                        else tvm.runtime.tensor(np.ascontiguousarray(value), self._device) for name in expected)
 
-    def _run(self, weights: Weights, before: list[np.ndarray], after: list[np.ndarray],
-             out_shape: tuple[int, int]) -> np.ndarray:
-        """``main(*before, *weights, *after, Y)`` with numpy arrays copied in and ``Y`` copied out."""
-        resident = self.upload(weights)
-        arrays = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in (*before, *after)]
-        y = tvm.runtime.empty(out_shape, "float32", self._device)
-        self._main(*arrays[:len(before)], *resident.values(), *arrays[len(before):], y)
-        return y.numpy()
+    def __call__(self, x: np.ndarray, weights: Weights | Resident) -> np.ndarray:
+        """``Y`` for float32 ``x`` ``[m, k]``: a new array each call, written by the kernel in place."""
+        x = np.asarray(x, np.float32)
+        if x.shape != (self.m, self.k):
+            raise ValueError(f"x is {x.shape}, this kernel was built for {(self.m, self.k)}")
+        resident = weights if isinstance(weights, Resident) else self.upload(weights)
+        if not _shareable(x):
+            staged = aligned_empty(x.shape)
+            staged[...] = x
+            x = staged
+        y = aligned_empty((self.m, self.n))
+        self._main(tvm.runtime.from_dlpack(x), *resident, tvm.runtime.from_dlpack(y))
+        return y

@@ -46,7 +46,7 @@ os.environ.setdefault("TVM_NUM_THREADS", str(os.cpu_count() or 1))
 import tvm  # noqa: E402
 from tvm.script import tirx as T  # noqa: E402
 
-from qcompiler.backends.tvm.compiled import CompiledKernel, Weights  # noqa: E402
+from qcompiler.backends.tvm.compiled import CompiledKernel  # noqa: E402
 
 TILE = 64  # output columns per tile: one cache line of packed codes per k pair
 ROWS_GEMV = 4  # rows of X per register tile in the small-M schedule (4 x 64 floats = 16 zmm)
@@ -236,21 +236,12 @@ class Int4Matmul(CompiledKernel):
     the weights again.
     """
 
-    m: int
-    k: int
-    n: int
     group: int
     schedule: ScheduleName
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         g, width = _groups(self.k, self.group), _padded(self.n)
         return {"packed": (width // TILE, -(-g * self.group // 2), TILE), "scale": (g, width), "zero": (g, width)}
-
-    def __call__(self, x: np.ndarray, weights: Weights) -> np.ndarray:
-        x = np.asarray(x, np.float32)
-        if x.shape != (self.m, self.k):
-            raise ValueError(f"x is {x.shape}, this kernel was built for {(self.m, self.k)}")
-        return self._run(weights, [x], [], (self.m, self.n))
 
 
 def scheduled(m: int, k: int, n: int, group: int, schedule: ScheduleName | None = None) -> tvm.tirx.PrimFunc:

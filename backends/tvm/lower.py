@@ -7,13 +7,14 @@ Two steps, so the float part of the model keeps TVM's own ONNX importer:
 
    - ``Int4MatMul(x, packed, scale, zero)``: 4-bit weights in groups along K (per channel is one
      group of K), float activations (W4A16).
-   - ``W4A8MatMul(x, packed, scale, zero, corr)``: the same weights with int8 per-token
-     activations, multiplied in integers by the VNNI kernel (`w4a8_matmul`). Where the CPU
-     lacks VNNI or the group size is not a multiple of 4, W4A8 takes ``Int4MatMul`` on the int8
-     codes instead (exact small integers in float32, so each group's sum is the same integer
+   - ``W4A8MatMul(x, packed, scale, zero)``: the same weights with int8 per-token
+     activations, multiplied in integers by the VNNI kernel (`w4a8_matmul`), which takes
+     float x and quantizes it itself. Where the CPU lacks VNNI or the group size is not a
+     multiple of 4, W4A8 takes ``Int4MatMul`` on the int8 codes instead (exact small integers in float32, so each group's sum is the same integer
      product; the row scale multiplies the result).
-   - ``Int8MatMul(x, packed, zcorr, scale)``: int8 weights with int8 activations, static per
-     tensor or per token: the VNNI int8 x int8 -> int32 kernel.
+   - ``Int8MatMul(x, packed, zcorr, scale[, activation])``: int8 weights with int8 activations,
+     static per tensor (``activation`` holds the scale and zero point) or per token: the VNNI
+     int8 x int8 -> int32 kernel, which takes float x and quantizes it itself.
 
    The linears come from the quantize pass's annotations (qcompiler's own models) or, for
    models quantized elsewhere, from ``com.microsoft.MatMulNBits`` and from a MatMul whose
@@ -142,7 +143,7 @@ def _emit_int4(model: ir.Model, node: ir.Node, x: ir.Value, codes: np.ndarray, s
     zero_u4 = np.broadcast_to(zero_u4, (groups, n))
     if integer:
         packed = w4a8_matmul.pack_weights(unsigned, scale, zero_u4, group)
-        _replace(model, node, W4A8, x, packed, ("packed", "scale", "zero", "corr"), k=k, n=n, group=group)
+        _replace(model, node, W4A8, x, packed, ("packed", "scale", "zero"), k=k, n=n, group=group)
         return
     packed = int4_matmul.pack_weights(unsigned, scale, zero_u4, group)
     _replace(model, node, INT4, x, packed, ("packed", "scale", "zero"), k=k, n=n, group=group, tokens=int(tokens))
@@ -150,13 +151,12 @@ def _emit_int4(model: ir.Model, node: ir.Node, x: ir.Value, codes: np.ndarray, s
 
 def _emit_int8(model: ir.Model, node: ir.Node, x: ir.Value, codes: np.ndarray, scale: np.ndarray,
                activation_scale: float | None, activation_zero: int) -> None:
-    """Replace ``node`` by an Int8MatMul; its activations are uint8 codes ``q + 128``."""
+    """Replace ``node`` by an Int8MatMul: per token, or static with the quantizer as its last input."""
     k, n = codes.shape
-    packed = int8_matmul.pack_weights(codes.astype(np.int8), scale, activation_zero + 128)
-    static = {} if activation_scale is None else {"activation_scale": activation_scale,
-                                                  "activation_zero": activation_zero}
-    _replace(model, node, INT8, x, packed, ("packed", "zcorr", "scale"), k=k, n=n,
-             tokens=int(activation_scale is None), **static)
+    static = None if activation_scale is None else (activation_scale, activation_zero)
+    packed = int8_matmul.pack_weights(codes.astype(np.int8), scale, static)
+    _replace(model, node, INT8, x, packed, ("packed", "zcorr", "scale") + (() if static is None else ("activation",)),
+             k=k, n=n)
 
 
 def _replace(model: ir.Model, node: ir.Node, op: str, x: ir.Value, packed: dict[str, np.ndarray],
@@ -333,45 +333,25 @@ class _Int4Converter(onnx_frontend.OnnxOpConverter):
 class _Int8Converter(onnx_frontend.OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        x, packed, zcorr, scale = inputs
-        k, n = attr["k"], attr["n"]
+        x, *weights = inputs  # packed, zcorr, scale and, for static activations, their quantizer
+        k, n, static = attr["k"], attr["n"], len(weights) == 4
         shape = _static_shape(x, "an int8 matmul")
         m = int(np.prod(shape[:-1]))
         rows = bb.emit(relax.op.reshape(x, (m, k)))
-        if attr["tokens"]:
-            codes, row_scale = _per_token(bb, rows)
-            row_scale = relax.op.reshape(row_scale, (m,))
-        else:
-            s, z = attr["activation_scale"], attr["activation_zero"]
-            codes = relax.op.clip(relax.op.add(relax.op.round(relax.op.divide(rows, relax.const(s))),
-                                               relax.const(float(z))), -128, 127)
-            row_scale = relax.op.full((m,), relax.const(s, "float32"), "float32")
-        u8 = relax.op.astype(relax.op.add(codes, relax.const(128.0)), "uint8")
-        quads = int8_matmul.quadruples(k)
-        if 4 * quads != k:
-            u8 = relax.op.nn.pad(u8, [0, 0, 0, 4 * quads - k])
-        y = _kernel_call(bb, int8_matmul.kernel(m, k, n), f"int8_matmul_{m}x{k}x{n}",
-                         [bb.emit(u8), packed, zcorr, scale, bb.emit(row_scale)], [m, n])
+        y = _kernel_call(bb, int8_matmul.kernel(m, k, n, static), f"int8_matmul_{m}x{k}x{n}" + "_static" * static,
+                         [rows, *weights], [m, n])
         return relax.op.reshape(y, (*shape[:-1], n))
 
 
 class _W4A8Converter(onnx_frontend.OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
-        x, packed, scale, zero, corr = inputs
+        x, packed, scale, zero = inputs
         k, n, group = attr["k"], attr["n"], attr["group"]
         shape = _static_shape(x, "a W4A8 matmul")
         m = int(np.prod(shape[:-1]))
-        groups = -(-k // group)
-        codes, row_scale = _per_token(bb, bb.emit(relax.op.reshape(x, (m, k))))
-        u8 = relax.op.astype(relax.op.add(codes, relax.const(128.0)), "uint8")
-        if groups * group != k:  # padding codes 128 are zero activations
-            u8 = relax.op.nn.pad(u8, [0, 0, 0, groups * group - k], pad_value=128.0)
-        u8 = bb.emit(u8)
-        rowsum = relax.op.sum(relax.op.reshape(relax.op.astype(u8, "int32"), (m, groups, group)), axis=[-1])
         y = _kernel_call(bb, w4a8_matmul.kernel(m, k, n, group), f"w4a8_matmul_{m}x{k}x{n}_g{group}",
-                         [u8, packed, scale, zero, corr, bb.emit(rowsum), bb.emit(relax.op.reshape(row_scale, (m,)))],
-                         [m, n])
+                         [bb.emit(relax.op.reshape(x, (m, k))), packed, scale, zero], [m, n])
         return relax.op.reshape(y, (*shape[:-1], n))
 
 

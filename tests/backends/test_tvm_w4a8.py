@@ -1,4 +1,4 @@
-"""The TVM W4A8 kernel (int8 activations x 4-bit grouped weights on AVX-512 VNNI) against numpy."""
+"""The TVM W4A8 kernel (float X quantized to int8 per token x 4-bit grouped weights on AVX-512 VNNI) against numpy."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import pytest
 pytest.importorskip("tvm", reason="apache-tvm is not importable, so the TVM backend cannot compile kernels")
 
 from qcompiler.backends.tvm.int8_matmul import has_vnni  # noqa: E402
+from tests.backends.test_tvm_int8 import activations, quantized  # noqa: E402
 from qcompiler.backends.tvm.w4a8_matmul import TILE, build, pack_weights  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI, which the W4A8 kernel needs")
 
 # (M, K, N, group): K not a multiple of the group, N ragged against the 32-column tile, M below and
-# above the 4-row tile, per channel (one group of K), and MiniLM's FFN shape.
-SHAPES = [(1, 384, 384, 128), (5, 200, 37, 64), (3, 97, 130, 32), (7, 100, 64, 100), (128, 1536, 384, 128)]
+# above the 4-row tile, per channel (one group of K), and MiniLM's FFN shape. At M = 1 and 2 each row
+# keeps 4 and 2 partial sums: groups of 100 (25 quadruples) leave one over.
+SHAPES = [(1, 384, 384, 128), (1, 200, 37, 100), (2, 97, 130, 32), (5, 200, 37, 64), (3, 97, 130, 32),
+          (7, 100, 64, 100), (128, 1536, 384, 128)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -31,11 +34,12 @@ def test_matches_the_integer_product(m, k, n, group):
     codes = rng.integers(0, 16, (k, n)).astype(np.uint8)
     zero = rng.integers(0, 16, (groups, n)).astype(np.uint8)
     scale = rng.uniform(0.01, 0.1, (groups, n)).astype(np.float32)
-    x = rng.integers(-128, 128, (m, k))  # -128 included: the full int8 range
-    row_scale = rng.uniform(0.01, 0.1, m).astype(np.float32)
-    y = kernel(m, k, n, group)((x + 128).astype(np.uint8), row_scale, pack_weights(codes, scale, zero, group))
+    x = activations(rng, m, k)
+    y = kernel(m, k, n, group)(x, pack_weights(codes, scale, zero, group))
+    q, row_scale = quantized(x, None)
+    q = q.astype(np.int64)
     per_k = lambda a: np.repeat(a, group, axis=0)[:k]  # noqa: E731
-    exact = [(x[:, g * group:(g + 1) * group] @ (codes.astype(np.int64) - per_k(zero))[g * group:(g + 1) * group])
+    exact = [(q[:, g * group:(g + 1) * group] @ (codes.astype(np.int64) - per_k(zero))[g * group:(g + 1) * group])
              for g in range(groups)]  # one exact integer sum per group
     expected = row_scale[:, None].astype(np.float64) * sum(e * scale[g] for g, e in enumerate(exact))
     assert y.shape == (m, n) and y.dtype == np.float32
@@ -53,8 +57,8 @@ def test_packed_layout_is_the_documented_one():
     t, q, l, i = 0, 9, 5, 3
     byte = packed["packed"][t, q, 4 * l + i]
     assert byte & 15 == codes[4 * q + i, TILE * t + l] and byte >> 4 == codes[4 * q + i, TILE * t + 16 + l]
-    np.testing.assert_array_equal(packed["corr"][:, :n], 128 * (codes.astype(np.int32).reshape(2, group, n)
-                                                                 - zero[:, None, :]).sum(axis=1))
+    np.testing.assert_array_equal(packed["zero"][:, :n], zero)
+    assert packed["zero"].dtype == np.uint8 and set(packed) == {"packed", "scale", "zero"}
     assert not packed["scale"][:, n:].any()  # columns 40.. are padding
 
 
