@@ -10,8 +10,9 @@ Two steps, so the float part of the model keeps TVM's own ONNX importer:
    - ``W4A8MatMul(x, packed, scale, zero)``: the same weights with int8 per-token
      activations, multiplied in integers by the VNNI kernel (`w4a8_matmul`), which takes
      float x and quantizes it itself. Where the CPU lacks VNNI or the group size is not a
-     multiple of 4, W4A8 takes ``Int4MatMul`` on the int8 codes instead (exact small integers in float32, so each group's sum is the same integer
-     product; the row scale multiplies the result).
+     multiple of 4, W4A8 takes ``Int4MatMul`` on the int8 codes instead (exact small
+     integers in float32, so each group's sum is the same integer product; the row scale
+     multiplies the result).
    - ``Int8MatMul(x, packed, zcorr, scale[, activation])``: int8 weights with int8 activations,
      static per tensor (``activation`` holds the scale and zero point) or per token: the VNNI
      int8 x int8 -> int32 kernel, which takes float x and quantizes it itself.
