@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("tvm", reason="apache-tvm is not importable, so the TVM backend cannot compile kernels")
 
-from qcompiler.backends.tvm.compiled import ALIGNMENT  # noqa: E402
+from qcompiler.backends.tvm.compiled import ALIGNMENT, aligned_empty  # noqa: E402
 from qcompiler.backends.tvm.int8_matmul import TILE, build, has_vnni, pack_weights  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI, which the int8 kernel needs")
@@ -61,13 +61,14 @@ def test_matches_the_integer_product(shape, static):
 
 
 def test_calls_share_no_memory_and_take_any_layout():
-    """Unaligned and strided X are staged; each call returns a new aligned array; uploaded weights give the same Y."""
+    """Aligned X is shared, unaligned, strided or read-only X staged; each call returns a new aligned array."""
     m, k, n = 3, 97, 130
     rng = np.random.default_rng(1)
     weights = pack_weights(rng.integers(-128, 128, (k, n)).astype(np.int8), rng.uniform(0.001, 0.01, n))
     matmul = kernel(m, k, n, False)
     wide = rng.standard_normal((m, 2 * k + 1)).astype(np.float32)
-    x = np.ascontiguousarray(wide[:, 1:k + 1])
+    x = aligned_empty((m, k))
+    x[...] = wide[:, 1:k + 1]
     first = matmul(x, weights)
     second = matmul(x, matmul.upload(weights))
     assert first is not second and first.__array_interface__["data"][0] % ALIGNMENT == 0
