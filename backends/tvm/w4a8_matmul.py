@@ -17,8 +17,12 @@ turns ``sum c x`` into ``sum (c - z) x``, the true integer product.
 Layout (`pack_weights`; T = 32 columns per tile, Q = K' / 4 quadruples, K' = K padded to
 whole groups; padding rows meet activation codes 0, so they add nothing)::
 
-    packed  uint8  [N' / T, Q, 64]   byte 4 l + i = c[4 q + i, T t + l] | c[4 q + i, T t + 16 + l] << 4
-    scale   float32 [groups, N'],  zero uint8 [groups, N']
+    packed  uint8   [N' / T, Q, 64]   byte 4 l + i = c[4 q + i, T t + l] | c[4 q + i, T t + 16 + l] << 4
+    scale   float32 [N' / T, groups, T],  zero uint8 [N' / T, groups, T]   ([t, g, l]: column T t + l)
+
+Each tile's scales and zero points are contiguous, as its codes are: at M = 1 the weights
+stream from memory once per call, and a [groups, N'] layout made every group's scales a
+separate cache miss 16 KiB from the last, which the prefetchers do not follow.
 
 One 64-byte load gives, after a mask and a shift, both 16-column operands of a quadruple;
 a register tile of up to 4 rows x 32 columns keeps 8 int32 and 8 float32 accumulators
@@ -69,7 +73,9 @@ def pack_weights(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: 
     padded = {name: np.zeros((groups, width), dtype) for name, dtype in (("scale", np.float32), ("zero", np.uint8))}
     padded["scale"][:, :n] = np.broadcast_to(np.asarray(scale, np.float32).reshape(-1, n), (groups, n))
     padded["zero"][:, :n] = zero
-    return {"packed": np.ascontiguousarray(packed), "scale": padded["scale"], "zero": padded["zero"]}
+    per_tile = {name: np.ascontiguousarray(value.reshape(groups, width // TILE, TILE).transpose(1, 0, 2))
+                for name, value in padded.items()}
+    return {"packed": np.ascontiguousarray(packed), **per_tile}
 
 
 def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
@@ -110,7 +116,7 @@ def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
 
     @T.prim_func
     def w4a8_matmul(X: T.Buffer((m, k), "float32"), packed: T.Buffer((tiles, q, 64), "uint8"),
-                    scale: T.Buffer((groups, width), "float32"), zero: T.Buffer((groups, width), "uint8"),
+                    scale: T.Buffer((tiles, groups, TILE), "float32"), zero: T.Buffer((tiles, groups, TILE), "uint8"),
                     Y: T.Buffer((m, n), "float32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         codes = T.decl_buffer((m, 4 * q), "int8")
@@ -145,10 +151,9 @@ def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
                             acc[0, r, l] = acc[0, r, l] + acc[u, r, l]
                 for r in T.unroll(rows):
                     for l in T.vectorized(TILE):
-                        column = T.meta_var((task // row_tiles) * TILE + l)
                         row = T.meta_var(T.min((task % row_tiles) * rows + r, m - 1))
-                        total[r, l] = total[r, l] + scale[g, column] * T.Cast(
-                            "float32", acc[0, r, l] - T.Cast("int32", zero[g, column]) * xsum[row, g])
+                        total[r, l] = total[r, l] + scale[task // row_tiles, g, l] * T.Cast(
+                            "float32", acc[0, r, l] - T.Cast("int32", zero[task // row_tiles, g, l]) * xsum[row, g])
             for r in range(rows):
                 for l in range(TILE):
                     if (task % row_tiles) * rows + r < m and (task // row_tiles) * TILE + l < n:
@@ -166,8 +171,8 @@ class W4A8Matmul(CompiledKernel):
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         groups, width = -(-self.k // self.group), _width(self.n)
-        return {"packed": (width // TILE, groups * self.group // 4, 64), "scale": (groups, width),
-                "zero": (groups, width)}
+        return {"packed": (width // TILE, groups * self.group // 4, 64), "scale": (width // TILE, groups, TILE),
+                "zero": (width // TILE, groups, TILE)}
 
 
 def build(m: int, k: int, n: int, group: int, target: tvm.target.Target | str | dict | None = None) -> W4A8Matmul:

@@ -57,9 +57,11 @@ def test_packed_layout_is_the_documented_one():
     t, q, l, i = 0, 9, 5, 3
     byte = packed["packed"][t, q, 4 * l + i]
     assert byte & 15 == codes[4 * q + i, TILE * t + l] and byte >> 4 == codes[4 * q + i, TILE * t + 16 + l]
-    np.testing.assert_array_equal(packed["zero"][:, :n], zero)
-    assert packed["zero"].dtype == np.uint8 and set(packed) == {"packed", "scale", "zero"}
-    assert not packed["scale"][:, n:].any()  # columns 40.. are padding
+    assert set(packed) == {"packed", "scale", "zero"} and packed["zero"].dtype == np.uint8
+    # scale and zero: [tile, group, l] is column 32 tile + l of the group
+    assert packed["zero"].shape == (2, 2, TILE) and packed["zero"][1, 1, 3] == zero[1, TILE + 3]
+    np.testing.assert_array_equal(packed["scale"].transpose(1, 0, 2).reshape(2, 2 * TILE)[:, :n], np.ones((2, n)))
+    assert not packed["scale"][1, :, n - TILE:].any()  # columns 40.. are padding
 
 
 def test_bad_inputs_are_refused():
