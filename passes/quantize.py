@@ -3,7 +3,10 @@
 One pass per preset (``w8a8``, ``w8a8-dyn``, ``w8a16``, ``w4a16``, ``w4a8``, ``w4a4``, ``fp8``,
 ``mxfp8``, ``mxfp4``, ``nvfp4``), plus ``quantize(preset=...)``. Per-layer choices go by glob
 on the layer's module path (``encoder.layer.3.output.dense``), node name or weight name: ``skip=*pooler*`` keeps those linears float,
-``override=*output.dense*:w8a8`` gives them another preset (several with ``;``). The ``Q^T``
+``override=*output.dense*:w8a8`` gives them another preset (several with ``;``).
+``fallback=N`` gives the N linears whose round-to-nearest weights move the model's
+outputs most on calibration data (`qcompiler.quant.sensitivity`) ``fallback_preset``
+instead (default ``w8a16`` for weight-only presets, else ``w8a8-dyn``). The ``Q^T``
 MatMuls that ``rotate`` inserts in front of graph outputs stay float.
 
 The weight quantizer is ``rtn``, ``mse`` (clipping search), ``gptq`` (``X^T X`` of each
@@ -33,6 +36,7 @@ from qcompiler.analysis.linears import Linear, constant_array, find_linears
 from qcompiler.quant import awq, weights
 from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
+from qcompiler.quant.sensitivity import output_sensitivity
 from qcompiler.quant.simulate import ANNOTATION, dequantized_weight, per_consumer, quantized_activation, weight_is_native
 from qcompiler.quant.spec import QuantizedTensor, sqnr_db
 from qcompiler.registry import Pass, PassOutcome, register
@@ -56,6 +60,8 @@ class QuantizeOptions:
     rows: int = 512
     skip: tuple[str, ...] = ()
     override: tuple[str, ...] = ()
+    fallback: int = 0
+    fallback_preset: str = ""
 
     def __post_init__(self) -> None:
         preset_scheme(self.preset)
@@ -64,6 +70,10 @@ class QuantizeOptions:
             if not pattern:
                 raise ValueError(f"override '{item}' must be written glob:preset, e.g. *output.dense*:w8a8")
             preset_scheme(preset)
+        if self.fallback < 0:
+            raise ValueError(f"fallback counts the linears kept at higher precision and must be 0 or more, not {self.fallback}")
+        if self.fallback_preset:
+            preset_scheme(self.fallback_preset)
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must lie in (0, 100], not {self.percentile}")
         if self.group_size is not None and self.group_size < 0:
@@ -127,6 +137,8 @@ class Quantize(Pass):
                                           options.grid, options.rows)
             details["awq_alpha"], details["notes"] = found["scaled"], found["notes"]
             plans = self._refresh(graph, plans)
+        if options.fallback and plans:
+            plans, details["sensitivity"] = self._fall_back(model, ctx, plans)
         inputs = list(dict.fromkeys(p.linear.input.name for p in plans))
         static = [n for n in inputs if any(p.linear.input.name == n and p.scheme.activation is not None
                                            and not p.scheme.activation.dynamic for p in plans)]
@@ -157,6 +169,35 @@ class Quantize(Pass):
                 "pre-dequantized (float32 values exactly on the quantized grid), so fidelity is exact but size is not")
         details["layers"] = layers
         return PassOutcome(bool(plans), details)
+
+    def fallback_preset(self) -> str:
+        """The preset of ``fallback`` linears: 8-bit weights, activations as the main preset treats them."""
+        if self.options.fallback_preset:
+            return self.options.fallback_preset
+        return "w8a16" if self.scheme().activation is None else "w8a8-dyn"
+
+    def _fall_back(self, model: ir.Model, ctx, plans: list[LayerPlan]) -> tuple[list[LayerPlan], list[dict]]:
+        """Move the ``fallback`` linears whose rounding moves the outputs most to the fallback preset.
+
+        Each linear is scored alone with round-to-nearest weights under its own scheme: the
+        ranking needs the relative damage of each layer, not the final quantizer's figure,
+        and RTN keeps the search to one model run per linear. Linears an ``override`` placed
+        keep the user's preset and are not scored.
+        """
+        candidates = [p for p in plans if p.preset == self.options.preset]
+        trials = {}
+        for plan in candidates:
+            weight = constant_array(plan.linear.weight).astype(np.float32)
+            trials[plan.linear.weight.name] = weights.rtn(weight, plan.scheme.weight).dequantize()
+        scores = output_sensitivity(model, trials, ctx.batches())
+        ranked = sorted(candidates, key=lambda p: scores[p.linear.weight.name], reverse=True)
+        chosen = {id(p.linear.matmul) for p in ranked[:self.options.fallback]}
+        preset = self.fallback_preset()
+        moved = [LayerPlan(p.linear, self.scheme(preset), preset) if id(p.linear.matmul) in chosen else p
+                 for p in plans]
+        table = [{"linear": p.linear.layer, "rtn_output_error": scores[p.linear.weight.name],
+                  "preset": preset if id(p.linear.matmul) in chosen else p.preset} for p in ranked]
+        return moved, table
 
     def _refresh(self, graph: ir.Graph, plans: list[LayerPlan]) -> list[LayerPlan]:
         """Linears again after AWQ rewrote weights (a copied weight is a new value)."""

@@ -44,20 +44,24 @@ class PassContext:
 
     def statistics(self, model: ir.Model, tensors: Sequence[str], xtx: Iterable[str] = ()) -> dict[str, TensorStats]:
         """Statistics of ``tensors`` on the calibration part of the data (cached)."""
-        if self.engine is None:
-            name = self.record.name if self.record else "this pass"
-            raise QCompilerError(f"Pass '{name}' needs calibration data; give some with --calib.")
-        stats = self.engine.collect(model, tensors, xtx)
+        stats = self._engine().collect(model, tensors, xtx)
         if self.record is not None:
             self.record.statistics.extend(t for t in tensors if t not in self.record.statistics)
         return stats
 
     def samples(self, model: ir.Model, tensors: Sequence[str], rows: int = 512) -> dict[str, np.ndarray]:
         """Token rows of ``tensors`` from the calibration part of the data (for searches)."""
+        return self._engine().samples(model, tensors, rows)
+
+    def batches(self) -> list[dict[str, np.ndarray]]:
+        """The calibration part's input batches (never the held-out ones), for searches that run the model."""
+        return self._engine().data.batches
+
+    def _engine(self) -> CalibrationEngine:
         if self.engine is None:
             name = self.record.name if self.record else "this pass"
             raise QCompilerError(f"Pass '{name}' needs calibration data; give some with --calib.")
-        return self.engine.samples(model, tensors, rows)
+        return self.engine
 
 
 @dataclass

@@ -71,6 +71,31 @@ def test_skip_and_override_by_module_path(normalized_files, minilm_calibration):
     assert annotation["activation"]["range"] is not None and annotation["weight"]["stored"] == "DequantizeLinear"
 
 
+def test_fallback_keeps_the_linears_that_move_the_output_most_at_8_bits(normalized_files, minilm_calibration):
+    record = quantize(ir.load(normalized_files("minilm")), "w4a16(fallback=3,override=*.query:w8a8)",
+                      minilm_calibration)
+    ranking = record.details["sensitivity"]
+    scores = [row["rtn_output_error"] for row in ranking]
+    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
+    assert [row["preset"] for row in ranking[:4]] == ["w8a16"] * 3 + ["w4a16"]
+    # The user's override is kept and not scored; everything else is ranked.
+    layers = {layer["linear"]: layer for layer in record.details["layers"]}
+    assert not any(row["linear"].endswith(".query") for row in ranking)
+    assert len(ranking) == len(layers) - 6 and layers["encoder.layer.0.attention.self.query"]["preset"] == "w8a8"
+    for row in ranking:
+        assert layers[row["linear"]]["preset"] == row["preset"]
+
+
+def test_fallback_ranking_picks_the_linears_worth_the_bytes(normalized_files, minilm_calibration):
+    chosen = quantize(ir.load(normalized_files("minilm")), "w4a16(fallback=3)", minilm_calibration)
+    least = ";".join(f"{row['linear']}:w8a16" for row in chosen.details["sensitivity"][-3:])
+    spent_on_the_least = quantize(ir.load(normalized_files("minilm")), f"w4a16(override={least})", minilm_calibration)
+    plain = quantize(ir.load(normalized_files("minilm")), "w4a16", minilm_calibration)
+    # Same bytes either way; only the measured ranking makes them pay.
+    assert cosine(chosen) > cosine(spent_on_the_least) + 0.002
+    assert cosine(spent_on_the_least) < cosine(plain) + 0.001
+
+
 def test_minilm_fidelity_and_what_helps(normalized_files, minilm_calibration):
     def run(pipeline):
         return cosine(quantize(ir.load(normalized_files("minilm")), pipeline, minilm_calibration))
@@ -92,6 +117,8 @@ def test_minilm_fidelity_and_what_helps(normalized_files, minilm_calibration):
     ("w4a16(weights=gptq,refine=-1)", "0 or more"),
     ("w4a16(weights=rtn,refine=2)", "tune GPTQ"),
     ("w4a16(weights=awq,scales=mse)", "tune GPTQ"),
+    ("w4a16(fallback=-1)", "0 or more"),
+    ("w4a16(fallback=2,fallback_preset=w9)", "unknown quantization preset"),
 ])
 def test_bad_options_are_one_sentence(pipeline, message):
     with pytest.raises(PipelineError, match=message):
