@@ -14,9 +14,7 @@ The correction ``zu8 * colsum[n]`` is precomputed per column, so the inner loop 
 ``vpdpbusd`` instruction: four adjacent uint8 activations times four int8 weights, summed into
 each of 16 int32 lanes. One activation quadruple is broadcast to all lanes and multiplied with
 four weight vectors (64 columns); four rows share the weight vectors, so a register tile is
-4 rows x 64 columns (16 accumulators). Below 4 rows the tile has M rows and each row keeps
-extra partial sums over alternating quadruples (`chains`), so a GEMV still has 8
-independent ``vpdpbusd`` chains in flight instead of waiting on one accumulator's latency.
+4 rows x 64 columns (16 accumulators), or M rows when M < 4 (a GEMV computes no discarded rows).
 
 Storage layout (`pack_weights`; T = 64 columns per tile, Q = ceil(K / 4) quadruples)::
 
@@ -44,7 +42,6 @@ from qcompiler.backends.tvm.int4_matmul import default_target
 TILE = 64  # output columns per tile: four 16-lane int32 accumulators
 LANES = 16
 ROWS = 4  # rows per register tile
-CHAINS = 8  # vpdpbusd accumulators in flight per task: enough to hide its latency
 SERIAL_ROWS = 4  # fewer rows are quantized on the calling thread: a pool launch costs more than they do
 VNNI = "llvm.x86.avx512.vpdpbusd.512"
 
@@ -57,11 +54,6 @@ def quadruples(k: int) -> int:
 
 def _width(n: int) -> int:
     return -(-n // TILE) * TILE
-
-
-def chains(rows: int, vectors: int) -> int:
-    """Partial sums per row, so that ``rows`` rows of ``vectors`` accumulators each keep `CHAINS` in flight."""
-    return max(1, CHAINS // (rows * vectors))
 
 
 def _code(value, step, zero, shift: int, dtype: str):
@@ -135,7 +127,6 @@ def kernel(m: int, k: int, n: int, static: bool = False) -> tvm.tirx.PrimFunc:
     """
     q, width = quadruples(k), _width(n)
     rows = min(m, ROWS)  # a one-row GEMV gets a one-row tile: no discarded rows
-    split = chains(rows, 4)
     tiles, row_tiles = width // TILE, -(-m // rows)
     ragged = n % TILE != 0
 
@@ -150,18 +141,6 @@ def kernel(m: int, k: int, n: int, static: bool = False) -> tvm.tirx.PrimFunc:
             encode(X, r, k, 4 * q, activation[0], activation[1], 128, codes)
 
     @T.macro
-    def accumulate(acc, chain, quads, packed, task, kq):
-        """One quadruple of every row of the tile into partial sum ``chain``."""
-        for r in T.unroll(rows):
-            # Rows past M repeat the last row; they are computed and never stored.
-            row = T.meta_var(T.min((task % row_tiles) * rows + r, m - 1))
-            a = T.meta_var(T.reinterpret("uint8x64", T.broadcast(quads[row, kq], LANES)))
-            for j in T.unroll(4):
-                acc[chain, r, T.ramp(j * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                    "int32x16", VNNI, acc[chain, r, T.ramp(j * LANES, 1, LANES)], a,
-                    packed[task // row_tiles, kq, T.ramp(j * TILE, 1, TILE)])
-
-    @T.macro
     def matmul(X, packed, zcorr, scale, activation, Y):
         codes = T.decl_buffer((m, 4 * q), "uint8")
         row_scale = T.decl_buffer((m,), "float32")
@@ -173,20 +152,19 @@ def kernel(m: int, k: int, n: int, static: bool = False) -> tvm.tirx.PrimFunc:
                 quantize(X, r, activation, codes, row_scale)
         quads = T.decl_buffer((m, q), "int32", data=codes.data)  # four uint8 codes per int32
         for task in T.parallel(tiles * row_tiles):
-            acc = T.decl_buffer((split, rows, TILE), "int32", scope="local")
-            for u in T.unroll(split):
+            acc = T.decl_buffer((rows, TILE), "int32", scope="local")
+            for r in T.unroll(rows):
+                for l in T.vectorized(TILE):
+                    acc[r, l] = 0
+            for kq in range(q):
                 for r in T.unroll(rows):
-                    for l in T.vectorized(TILE):
-                        acc[u, r, l] = 0
-            for kq in range(q // split):
-                for u in T.unroll(split):
-                    accumulate(acc, u, quads, packed, task, kq * split + u)
-            for kq in range(q % split):
-                accumulate(acc, 0, quads, packed, task, q // split * split + kq)
-            for u in T.unroll(1, split):
-                for r in T.unroll(rows):
-                    for l in T.vectorized(TILE):
-                        acc[0, r, l] = acc[0, r, l] + acc[u, r, l]
+                    # Rows past M repeat the last row; they are computed and never stored.
+                    row = T.meta_var(T.min((task % row_tiles) * rows + r, m - 1))
+                    a = T.meta_var(T.reinterpret("uint8x64", T.broadcast(quads[row, kq], LANES)))
+                    for j in T.unroll(4):
+                        acc[r, T.ramp(j * LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                            "int32x16", VNNI, acc[r, T.ramp(j * LANES, 1, LANES)], a,
+                            packed[task // row_tiles, kq, T.ramp(j * TILE, 1, TILE)])
             for r in range(rows):
                 if (task % row_tiles) * rows + r < m:
                     if ragged:
@@ -194,12 +172,12 @@ def kernel(m: int, k: int, n: int, static: bool = False) -> tvm.tirx.PrimFunc:
                             if (task // row_tiles) * TILE + l < n:
                                 Y[(task % row_tiles) * rows + r, (task // row_tiles) * TILE + l] = (
                                     row_scale[(task % row_tiles) * rows + r] * scale[(task // row_tiles) * TILE + l]
-                                    * T.Cast("float32", acc[0, r, l] - zcorr[(task // row_tiles) * TILE + l]))
+                                    * T.Cast("float32", acc[r, l] - zcorr[(task // row_tiles) * TILE + l]))
                     else:
                         for l in T.vectorized(TILE):
                             Y[(task % row_tiles) * rows + r, (task // row_tiles) * TILE + l] = (
                                 row_scale[(task % row_tiles) * rows + r] * scale[(task // row_tiles) * TILE + l]
-                                * T.Cast("float32", acc[0, r, l] - zcorr[(task // row_tiles) * TILE + l]))
+                                * T.Cast("float32", acc[r, l] - zcorr[(task // row_tiles) * TILE + l]))
 
     if static:
         @T.prim_func

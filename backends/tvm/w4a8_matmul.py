@@ -25,9 +25,8 @@ stream from memory once per call, and a [groups, N'] layout made every group's s
 separate cache miss 16 KiB from the last, which the prefetchers do not follow.
 
 One 64-byte load gives, after a mask and a shift, both 16-column operands of a quadruple;
-a register tile of up to 4 rows x 32 columns keeps 8 int32 and 8 float32 accumulators
-(below 4 rows, extra partial sums over alternating quadruples keep 8 ``vpdpbusd`` chains in
-flight). The group size must be a multiple of 4 (one quadruple never straddles two groups).
+a register tile of up to 4 rows x 32 columns keeps 8 int32 and 8 float32 accumulators.
+The group size must be a multiple of 4 (one quadruple never straddles two groups).
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ from tvm.script import tirx as T
 
 from qcompiler.backends.tvm.compiled import CompiledKernel
 from qcompiler.backends.tvm.int4_matmul import default_target
-from qcompiler.backends.tvm.int8_matmul import (LANES, SERIAL_ROWS, VNNI, chains, encode, has_vnni,
-                                                row_step)
+from qcompiler.backends.tvm.int8_matmul import LANES, SERIAL_ROWS, VNNI, encode, has_vnni, row_step
 
 TILE = 32  # output columns per tile: two 16-lane int32 accumulators per row
 ROWS = 4
@@ -83,7 +81,6 @@ def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
     groups, width = -(-k // group), _width(n)
     q, per_group = groups * group // 4, group // 4
     rows = min(m, ROWS)
-    split = chains(rows, 2)
     tiles, row_tiles = width // TILE, -(-m // rows)
 
     @T.macro
@@ -98,21 +95,6 @@ def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
             for c in range(group):
                 total[0] = total[0] + T.Cast("int32", codes[r, g * group + c])
             xsum[r, g] = total[0]
-
-    @T.macro
-    def accumulate(acc, chain, quads, packed, task, kq):
-        """One quadruple of every row of the tile into partial sum ``chain``."""
-        nibbles = T.meta_var(packed[task // row_tiles, kq, T.ramp(0, 1, 64)])
-        low = T.meta_var(T.bitwise_and(nibbles, T.broadcast(T.uint8(15), 64)))
-        high = T.meta_var(T.shift_right(nibbles, T.broadcast(T.uint8(4), 64)))
-        for r in T.unroll(rows):
-            # Rows past M repeat the last row; they are computed and never stored.
-            row = T.meta_var(T.min((task % row_tiles) * rows + r, m - 1))
-            x = T.meta_var(T.reinterpret("int8x64", T.broadcast(quads[row, kq], LANES)))
-            acc[chain, r, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
-                "int32x16", VNNI, acc[chain, r, T.ramp(0, 1, LANES)], low, x)
-            acc[chain, r, T.ramp(LANES, 1, LANES)] = T.call_llvm_pure_intrin(
-                "int32x16", VNNI, acc[chain, r, T.ramp(LANES, 1, LANES)], high, x)
 
     @T.prim_func
     def w4a8_matmul(X: T.Buffer((m, k), "float32"), packed: T.Buffer((tiles, q, 64), "uint8"),
@@ -131,29 +113,31 @@ def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
         quads = T.decl_buffer((m, q), "int32", data=codes.data)  # four int8 codes per int32
         for task in T.parallel(tiles * row_tiles):
             total = T.decl_buffer((rows, TILE), "float32", scope="local")
-            acc = T.decl_buffer((split, rows, TILE), "int32", scope="local")
+            acc = T.decl_buffer((rows, TILE), "int32", scope="local")
             for r in T.unroll(rows):
                 for l in T.vectorized(TILE):
                     total[r, l] = T.float32(0)
             for g in range(groups):
-                for u in T.unroll(split):
+                for r in T.unroll(rows):
+                    for l in T.vectorized(TILE):
+                        acc[r, l] = 0
+                for kq in range(per_group):
+                    nibbles = T.meta_var(packed[task // row_tiles, g * per_group + kq, T.ramp(0, 1, 64)])
+                    low = T.meta_var(T.bitwise_and(nibbles, T.broadcast(T.uint8(15), 64)))
+                    high = T.meta_var(T.shift_right(nibbles, T.broadcast(T.uint8(4), 64)))
                     for r in T.unroll(rows):
-                        for l in T.vectorized(TILE):
-                            acc[u, r, l] = 0
-                for kq in range(per_group // split):
-                    for u in T.unroll(split):
-                        accumulate(acc, u, quads, packed, task, g * per_group + kq * split + u)
-                for kq in range(per_group % split):
-                    accumulate(acc, 0, quads, packed, task, g * per_group + per_group // split * split + kq)
-                for u in T.unroll(1, split):
-                    for r in T.unroll(rows):
-                        for l in T.vectorized(TILE):
-                            acc[0, r, l] = acc[0, r, l] + acc[u, r, l]
+                        # Rows past M repeat the last row; they are computed and never stored.
+                        row = T.meta_var(T.min((task % row_tiles) * rows + r, m - 1))
+                        x = T.meta_var(T.reinterpret("int8x64", T.broadcast(quads[row, g * per_group + kq], LANES)))
+                        acc[r, T.ramp(0, 1, LANES)] = T.call_llvm_pure_intrin(
+                            "int32x16", VNNI, acc[r, T.ramp(0, 1, LANES)], low, x)
+                        acc[r, T.ramp(LANES, 1, LANES)] = T.call_llvm_pure_intrin(
+                            "int32x16", VNNI, acc[r, T.ramp(LANES, 1, LANES)], high, x)
                 for r in T.unroll(rows):
                     for l in T.vectorized(TILE):
                         row = T.meta_var(T.min((task % row_tiles) * rows + r, m - 1))
                         total[r, l] = total[r, l] + scale[task // row_tiles, g, l] * T.Cast(
-                            "float32", acc[0, r, l] - T.Cast("int32", zero[task // row_tiles, g, l]) * xsum[row, g])
+                            "float32", acc[r, l] - T.Cast("int32", zero[task // row_tiles, g, l]) * xsum[row, g])
             for r in range(rows):
                 for l in range(TILE):
                     if (task % row_tiles) * rows + r < m and (task // row_tiles) * TILE + l < n:

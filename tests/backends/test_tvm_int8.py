@@ -15,7 +15,7 @@ from qcompiler.backends.tvm.int8_matmul import TILE, build, has_vnni, pack_weigh
 pytestmark = pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI, which the int8 kernel needs")
 
 # (M, K, N): K not a multiple of 4, N ragged against the 64-column tile, M not a multiple of 4 rows;
-# M = 1 with an odd number of quadruples (K = 100: 25) leaves one over the GEMV's two partial sums.
+# below 4 rows X is quantized on the calling thread, from 4 rows on in parallel.
 SHAPES = [(1, 384, 64), (1, 100, 130), (2, 97, 37), (5, 100, 37), (3, 97, 130), (128, 384, 1536), (7, 1536, 384)]
 STATIC = (2.0 ** -5, 3)  # scale and zero point of a static quantizer
 CASES = [(shape, None) for shape in SHAPES] + [((1, 100, 130), STATIC), ((5, 100, 37), STATIC)]

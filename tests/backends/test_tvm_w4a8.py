@@ -16,8 +16,8 @@ from qcompiler.backends.tvm.w4a8_matmul import TILE, build, pack_weights  # noqa
 pytestmark = pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI, which the W4A8 kernel needs")
 
 # (M, K, N, group): K not a multiple of the group, N ragged against the 32-column tile, M below and
-# above the 4-row tile, per channel (one group of K), and MiniLM's FFN shape. At M = 1 and 2 each row
-# keeps 4 and 2 partial sums: groups of 100 (25 quadruples) leave one over.
+# above the 4-row tile (X quantized on the calling thread below 4 rows, in parallel from 4), per
+# channel (one group of K), and MiniLM's FFN shape.
 SHAPES = [(1, 384, 384, 128), (1, 200, 37, 100), (2, 97, 130, 32), (5, 200, 37, 64), (3, 97, 130, 32),
           (7, 100, 64, 100), (128, 1536, 384, 128)]
 
