@@ -71,14 +71,19 @@ def test_skip_and_override_by_module_path(normalized_files, minilm_calibration):
     assert annotation["activation"]["range"] is not None and annotation["weight"]["stored"] == "DequantizeLinear"
 
 
-def test_fallback_keeps_the_linears_that_move_the_output_most_at_8_bits(normalized_files, minilm_calibration):
-    record = quantize(ir.load(normalized_files("minilm")), "w4a16(fallback=3,override=*.query:w8a8)",
+def test_fallback_fills_its_share_by_output_damage_per_parameter(normalized_files, minilm_calibration):
+    record = quantize(ir.load(normalized_files("minilm")), "w4a16(fallback=0.2,override=*.query:w8a8)",
                       minilm_calibration)
     ranking = record.details["sensitivity"]
-    scores = [row["rtn_output_error"] for row in ranking]
-    assert scores == sorted(scores, reverse=True) and scores[-1] > 0
-    assert [row["preset"] for row in ranking[:4]] == ["w8a16"] * 3 + ["w4a16"]
-    # The user's override is kept and not scored; everything else is ranked.
+    density = [row["rtn_output_error"] / row["parameters"] for row in ranking]
+    assert density == sorted(density, reverse=True) and density[-1] > 0
+    budget, spent, expected = 0.2 * sum(row["parameters"] for row in ranking), 0, []
+    for row in ranking:  # greedy: every linear that still fits, in ranking order
+        fits = spent + row["parameters"] <= budget
+        spent += row["parameters"] if fits else 0
+        expected.append("w8a16" if fits else "w4a16")
+    assert [row["preset"] for row in ranking] == expected and expected[0] == "w8a16"
+    # The user's override is kept and not ranked; everything else is.
     layers = {layer["linear"]: layer for layer in record.details["layers"]}
     assert not any(row["linear"].endswith(".query") for row in ranking)
     assert len(ranking) == len(layers) - 6 and layers["encoder.layer.0.attention.self.query"]["preset"] == "w8a8"
@@ -87,13 +92,21 @@ def test_fallback_keeps_the_linears_that_move_the_output_most_at_8_bits(normaliz
 
 
 def test_fallback_ranking_picks_the_linears_worth_the_bytes(normalized_files, minilm_calibration):
-    chosen = quantize(ir.load(normalized_files("minilm")), "w4a16(fallback=3)", minilm_calibration)
-    least = ";".join(f"{row['linear']}:w8a16" for row in chosen.details["sensitivity"][-3:])
-    spent_on_the_least = quantize(ir.load(normalized_files("minilm")), f"w4a16(override={least})", minilm_calibration)
+    chosen = quantize(ir.load(normalized_files("minilm")), "w4a16(fallback=0.1)", minilm_calibration)
+    ranking = chosen.details["sensitivity"]
+    bought = sum(row["parameters"] for row in ranking if row["preset"] == "w8a16")
+    least, spent = [], 0
+    for row in reversed(ranking):  # at least as many parameters, from the other end of the ranking
+        if spent >= bought:
+            break
+        least.append(f"{row['linear']}:w8a16")
+        spent += row["parameters"]
+    spent_on_the_least = quantize(ir.load(normalized_files("minilm")), f"w4a16(override={';'.join(least)})",
+                                  minilm_calibration)
     plain = quantize(ir.load(normalized_files("minilm")), "w4a16", minilm_calibration)
-    # Same bytes either way; only the measured ranking makes them pay.
-    assert cosine(chosen) > cosine(spent_on_the_least) + 0.002
-    assert cosine(spent_on_the_least) < cosine(plain) + 0.001
+    # As many 8-bit weights either way; only the measured ranking makes them pay.
+    assert cosine(chosen) > cosine(spent_on_the_least) + 0.005
+    assert cosine(chosen) - cosine(plain) > 4 * (cosine(spent_on_the_least) - cosine(plain))
 
 
 def test_minilm_fidelity_and_what_helps(normalized_files, minilm_calibration):
@@ -117,8 +130,9 @@ def test_minilm_fidelity_and_what_helps(normalized_files, minilm_calibration):
     ("w4a16(weights=gptq,refine=-1)", "0 or more"),
     ("w4a16(weights=rtn,refine=2)", "tune GPTQ"),
     ("w4a16(weights=awq,scales=mse)", "tune GPTQ"),
-    ("w4a16(fallback=-1)", "0 or more"),
-    ("w4a16(fallback=2,fallback_preset=w9)", "unknown quantization preset"),
+    ("w4a16(fallback=-0.1)", "share of weight parameters"),
+    ("w4a16(fallback=2)", "share of weight parameters"),
+    ("w4a16(fallback=0.2,fallback_preset=w9)", "unknown quantization preset"),
 ])
 def test_bad_options_are_one_sentence(pipeline, message):
     with pytest.raises(PipelineError, match=message):
