@@ -11,6 +11,7 @@ longer than a quarter of the kernel).
 from __future__ import annotations
 
 import math
+import mmap
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -32,6 +33,22 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type = np.float32) -
     raw = np.empty(size + ALIGNMENT, np.uint8)
     start = -raw.__array_interface__["data"][0] % ALIGNMENT
     return raw[start:start + size].view(dtype).reshape(shape)
+
+
+def huge_page_copy(value: np.ndarray) -> np.ndarray:
+    """A copy of ``value`` in page-aligned memory advised for transparent huge pages.
+
+    At M = 1 a kernel streams its weights from memory on every call, and with 4 KiB pages
+    (TVM's own allocation) page walks cost: cache-cold, the 4096 x 4096 W4A8 kernel took
+    0.54 ms on 4 KiB pages and 0.47 on huge pages, the int8 one 0.81 and 0.68. The mapping is
+    private: an anonymous shared one is shmem, which gets no huge pages here.
+    """
+    buffer = mmap.mmap(-1, max(value.nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_HUGEPAGE"):  # Linux only; elsewhere a plain page-aligned copy
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    copy = np.frombuffer(buffer, value.dtype, value.size).reshape(value.shape)
+    copy[...] = value
+    return copy
 
 
 def _shared(x: np.ndarray) -> tvm.runtime.Tensor:
@@ -59,14 +76,13 @@ class CompiledKernel:
 
     def __post_init__(self) -> None:
         self._main = self.executable["main"]
-        self._device = tvm.cpu()
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each packed weight's name and the shape this build needs, in the kernel's argument order."""
         raise NotImplementedError
 
     def upload(self, weights: Weights) -> Resident:
-        """The packed weights as TVM tensors, after checking their shapes against this build."""
+        """The packed weights as TVM tensors (on huge pages), after checking their shapes against this build."""
         expected = self.weight_shapes()
         for name, shape in expected.items():
             if name not in weights:
@@ -74,7 +90,7 @@ class CompiledKernel:
             if tuple(weights[name].shape) != shape:
                 raise ValueError(f"{name} is {tuple(weights[name].shape)}, this kernel needs {shape}")
         return Resident(value if isinstance(value := weights[name], tvm.runtime.Tensor)
-                        else tvm.runtime.tensor(np.ascontiguousarray(value), self._device) for name in expected)
+                        else tvm.runtime.from_dlpack(huge_page_copy(np.asarray(value))) for name in expected)
 
     def __call__(self, x: np.ndarray, weights: Weights | Resident) -> np.ndarray:
         """``Y`` for float32 ``x`` ``[m, k]``: a new array each call, written by the kernel in place."""

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("tvm", reason="apache-tvm is not importable, so the TVM backend cannot compile kernels")
 
-from qcompiler.backends.tvm.compiled import ALIGNMENT, aligned_empty  # noqa: E402
+from qcompiler.backends.tvm.compiled import ALIGNMENT, aligned_empty, huge_page_copy  # noqa: E402
 from qcompiler.backends.tvm.int8_matmul import TILE, build, has_vnni, pack_weights  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI, which the int8 kernel needs")
@@ -78,6 +78,15 @@ def test_calls_share_no_memory_and_take_any_layout():
     read_only = x.copy()
     read_only.flags.writeable = False
     np.testing.assert_array_equal(matmul(read_only, weights), first)
+
+
+def test_weights_are_uploaded_as_page_aligned_copies():
+    weights = pack_weights(np.random.default_rng(2).integers(-128, 128, (97, 130)).astype(np.int8), np.ones(130))
+    for value in weights.values():
+        copy = huge_page_copy(value)
+        assert copy.__array_interface__["data"][0] % 4096 == 0 and copy.flags.writeable
+        np.testing.assert_array_equal(copy, value)
+        assert copy.dtype == value.dtype and copy.shape == value.shape
 
 
 def test_packed_layout_is_the_documented_one():
