@@ -77,6 +77,9 @@ class QuantizeOptions:
         if not 0 <= self.fallback <= 1:
             raise ValueError(f"fallback is the share of weight parameters kept at higher precision, in [0, 1], "
                              f"not {self.fallback}")
+        if self.fallback and preset_scheme(self.preset).weight.element.bits >= 8:
+            raise ValueError(f"fallback ranks linears by the damage of rounding their weights below 8 bits; "
+                             f"{self.preset} already stores 8-bit weights")
         if self.fallback_preset:
             preset_scheme(self.fallback_preset)
         if not 0 < self.percentile <= 100:

@@ -112,6 +112,14 @@ def report_markdown(data: dict, report_table: str, figures: list[str] = ()) -> s
         for layer, info in data["layers"].items():
             lines.append(f"| {layer} | {info.get('scheme', 'float')} | {info.get('kernel') or 'simulated: ' + info.get('simulated', '')} |")
         lines.append("")
+    if data.get("sensitivity"):
+        lines += ["## Fallback ranking", "",
+                  "Each linear scored alone: relative squared output error on calibration batches with its weight "
+                  "rounded to nearest under its scheme. Taken in order of damage per parameter while the `fallback` "
+                  "share lasts.", "", "| linear | output error | parameters | preset |", "|---|---:|---:|---|"]
+        for row in data["sensitivity"]:
+            lines.append(f"| {row['linear']} | {row['rtn_output_error']:.3g} | {row['parameters']} | {row['preset']} |")
+        lines.append("")
     for note in data["notes"]:
         lines.append(f"- note: {note}")
     return "\n".join(lines) + "\n"

@@ -183,6 +183,9 @@ def compile(
                                 fidelity=fidelity, notes=report.notes)
     if built is not None:
         details["tvm"] = built.signature
+    ranking = [row for record in report.passes for row in record.details.get("sensitivity", [])]
+    if ranking:
+        details["sensitivity"] = ranking
     if output_dir is not None:
         write_output(ir_model, report, output_dir, force, details, trace,
                      library=built.executable if built is not None else None)

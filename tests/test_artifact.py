@@ -79,3 +79,19 @@ def test_eval_reads_lowered_artifacts_layer_by_layer(artifact, tmp_path):
     measured = [layer for layer in layers if layer["output_transformed_by"] is None]
     assert all(layer["output_sqnr_db"] > 10 for layer in measured) and len(measured) >= 37 - 6
     assert {layer["output_transformed_by"] for layer in layers} - {None} <= {"scale/shift"}
+
+
+def test_mixed_precision_artifact_reports_its_fallback_ranking(normalized_files, sentences, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("\n".join(sentences) + "\n")
+    folder = tmp_path / "mixed"
+    result = CliRunner().invoke(main, [str(normalized_files("minilm")), "--passes", "w4a16(fallback=0.1)", "--backend",
+                                       "ort", "--tokenizer", "minilm", "--calib", str(calib), "-o", str(folder),
+                                       "--quiet"])
+    assert result.exit_code == 0, result.output
+    _, manifest = open_artifact(folder)
+    kept = [row["linear"] for row in manifest["sensitivity"] if row["preset"] == "w8a16"]
+    assert kept and all(manifest["layers"][name]["preset"] == "w8a16" for name in kept)
+    assert sum(layer["preset"] == "w4a16" for layer in manifest["layers"].values()) == 37 - len(kept)
+    report = (folder / "report.md").read_text()
+    assert "## Fallback ranking" in report and f"| {kept[0]} |" in report

@@ -133,6 +133,7 @@ def test_minilm_fidelity_and_what_helps(normalized_files, minilm_calibration):
     ("w4a16(fallback=-0.1)", "share of weight parameters"),
     ("w4a16(fallback=2)", "share of weight parameters"),
     ("w4a16(fallback=0.2,fallback_preset=w9)", "unknown quantization preset"),
+    ("w8a8(fallback=0.2)", "already stores 8-bit weights"),
 ])
 def test_bad_options_are_one_sentence(pipeline, message):
     with pytest.raises(PipelineError, match=message):
