@@ -18,15 +18,19 @@ per-thread buffer that every row of X then reuses.
 Storage layout (what `pack_weights` produces; T = 64 columns per tile, G = ceil(K / g))::
 
     packed  uint8    [ceil(N / T), ceil(G * g / 2), T]
-    scale   float32  [G, ceil(N / T) * T]
-    zero    uint8    [G, ceil(N / T) * T]
+    scale   float32  [ceil(N / T), G, T]
+    zero    uint8    [ceil(N / T), G, T]
 
     packed[t, i, l] = code[2i, T*t + l] | code[2i + 1, T*t + l] << 4     (even k in the low nibble)
+    scale[t, j, l]  = scale of group j, column T*t + l                   (zero likewise)
 
 K is padded with zero codes to whole groups and N to whole tiles (zero codes, zero scales), so
 the kernel never reads past a group or a tile; the padded columns are computed and dropped.
 One k pair of a tile is one 64-byte cache line and four 16-lane float32 vectors, so the
-codes stream sequentially along K and decode straight into AVX-512 registers.
+codes stream sequentially along K and decode straight into AVX-512 registers. Each tile's
+scales and zero points are contiguous too, as in the W4A8 kernel: a ``[G, N]`` layout put
+every group's 64 scales of a tile ``4 N`` bytes from the previous group's, a separate cache
+miss per group at M = 1 when the weights stream from memory.
 
 The compiled kernel splits its work over the TVM thread pool, whose size comes from
 ``TVM_NUM_THREADS``; set it before the first kernel runs (this module defaults it to the
@@ -84,11 +88,12 @@ def pack_weights(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: 
     full[:k, :n] = codes
     packed = full[0::2] | (full[1::2] << 4)  # [pairs, width], even k in the low nibble
     packed = np.ascontiguousarray(packed.reshape(pairs, width // TILE, TILE).transpose(1, 0, 2))
-    scale_out = np.zeros((g, width), np.float32)
-    scale_out[:, :n] = scale
-    zero_out = np.zeros((g, width), np.uint8)
-    zero_out[:, :n] = zero
-    return {"packed": packed, "scale": scale_out, "zero": zero_out}
+    per_tile = {}
+    for name, value, dtype in (("scale", scale, np.float32), ("zero", zero, np.uint8)):
+        padded = np.zeros((g, width), dtype)
+        padded[:, :n] = value
+        per_tile[name] = np.ascontiguousarray(padded.reshape(g, width // TILE, TILE).transpose(1, 0, 2))
+    return {"packed": packed, **per_tile}
 
 
 def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
@@ -98,7 +103,7 @@ def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
 
     @T.prim_func(s_tir=True)
     def int4_matmul(X: T.Buffer((m, k), "float32"), packed: T.Buffer((tiles, pairs, TILE), "uint8"),
-                    scale: T.Buffer((g, width), "float32"), zero: T.Buffer((g, width), "uint8"),
+                    scale: T.Buffer((tiles, g, TILE), "float32"), zero: T.Buffer((tiles, g, TILE), "uint8"),
                     Y: T.Buffer((m, n), "float32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         with T.sblock("root"):
@@ -133,8 +138,8 @@ def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
                     vi, vc, vj = T.axis.remap("SSR", [i, c, j])
                     with T.init():
                         acc[vi, vc] = T.float32(0)
-                    acc[vi, vc] = acc[vi, vc] + scale[vj, vc] * (
-                        dot[vi, vj, vc] - T.Cast("float32", zero[vj, vc]) * xsum[vi, vj])
+                    acc[vi, vc] = acc[vi, vc] + scale[vc // TILE, vj, vc % TILE] * (
+                        dot[vi, vj, vc] - T.Cast("float32", zero[vc // TILE, vj, vc % TILE]) * xsum[vi, vj])
             for i, c in T.grid(m, n):
                 with T.sblock("store"):
                     vi, vc = T.axis.remap("SS", [i, c])
@@ -241,7 +246,8 @@ class Int4Matmul(CompiledKernel):
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         g, width = _groups(self.k, self.group), _padded(self.n)
-        return {"packed": (width // TILE, -(-g * self.group // 2), TILE), "scale": (g, width), "zero": (g, width)}
+        tiles = width // TILE
+        return {"packed": (tiles, -(-g * self.group // 2), TILE), "scale": (tiles, g, TILE), "zero": (tiles, g, TILE)}
 
 
 def scheduled(m: int, k: int, n: int, group: int, schedule: ScheduleName | None = None) -> tvm.tirx.PrimFunc:

@@ -95,11 +95,36 @@ def test_packed_layout_is_the_documented_one():
     packed = pack_weights(codes, scale, zero, group)
     groups, width = 4, 2 * TILE
     assert packed["packed"].shape == (2, groups * group // 2, TILE) and packed["packed"].dtype == np.uint8
-    assert packed["scale"].shape == (groups, width) and packed["zero"].shape == (groups, width)
+    assert packed["scale"].shape == (2, groups, TILE) and packed["zero"].shape == (2, groups, TILE)
+    assert packed["scale"].dtype == np.float32 and packed["zero"].dtype == np.uint8
     columns = packed["packed"].transpose(1, 0, 2).reshape(-1, width)  # [k pairs, padded N]
     unpacked = np.stack([columns & 15, columns >> 4], axis=1).reshape(-1, width)  # even k in the low nibble
     np.testing.assert_array_equal(unpacked[:k, :n], codes)
-    assert not unpacked[k:].any() and not unpacked[:, n:].any() and not packed["scale"][:, n:].any()
+    assert not unpacked[k:].any() and not unpacked[:, n:].any()
+    for name, value in (("scale", scale), ("zero", zero)):  # [tile, group, column in tile], contiguous per tile
+        assert packed[name].flags.c_contiguous
+        per_group = packed[name].transpose(1, 0, 2).reshape(groups, width)
+        np.testing.assert_array_equal(per_group[:, :n], value)
+        assert not per_group[:, n:].any()
+
+
+@pytest.mark.parametrize("schedule", ["gemv", "gemm"])
+def test_each_group_and_column_reads_its_own_scale_and_zero(schedule):
+    # One (group, column) at a time carries a nonzero scale, in every tile and group (the last tile
+    # ragged, K ragged against the group): a kernel reading the per-tile layout at the wrong tile,
+    # group or lane puts that column's result elsewhere or drops it.
+    m, k, n, group = 2, 75, 150, 16
+    groups = -(-k // group)
+    codes, _, zero = random_weights(k, n, group, seed=8)
+    x = np.random.default_rng(9).standard_normal((m, k)).astype(np.float32)
+    matmul = kernel(m, k, n, group, schedule)
+    for j, c in [(0, 0), (groups - 1, n - 1), (1, TILE), (2, TILE + 5), (groups - 1, 2 * TILE + 3), (3, TILE - 1)]:
+        scale = np.zeros((groups, n), np.float32)
+        scale[j, c] = 1.0
+        expected = reference(x, codes, scale, zero, group)
+        y = matmul(x, pack_weights(codes, scale, zero, group))
+        assert np.abs(expected[:, c]).min() > 0 and not np.delete(y, c, axis=1).any()
+        assert_close(y, expected)
 
 
 def test_bad_inputs_are_refused():
