@@ -10,6 +10,7 @@ longer than a quarter of the kernel).
 
 from __future__ import annotations
 
+import abc
 import math
 import mmap
 from dataclasses import dataclass
@@ -66,7 +67,7 @@ def _shared(x: np.ndarray) -> tvm.runtime.Tensor:
 
 
 @dataclass
-class CompiledKernel:
+class CompiledKernel(abc.ABC):
     """``main(X, *weights, Y)`` compiled for ``X`` float32 ``[m, k]`` and ``Y`` float32 ``[m, n]``."""
 
     executable: tvm.runtime.Executable
@@ -77,9 +78,9 @@ class CompiledKernel:
     def __post_init__(self) -> None:
         self._main = self.executable["main"]
 
+    @abc.abstractmethod
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each packed weight's name and the shape this build needs, in the kernel's argument order."""
-        raise NotImplementedError
 
     def upload(self, weights: Weights) -> Resident:
         """The packed weights as TVM tensors (on huge pages), after checking their shapes against this build."""
