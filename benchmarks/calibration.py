@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from qcompiler.calibration import data as calib_data  # noqa: E402
 from qcompiler.calibration.engine import CalibrationEngine  # noqa: E402
 from qcompiler.capture import load, load_tokenizer  # noqa: E402
-from qcompiler.compiler import NORMALIZE, builtin_sentences, model_inputs  # noqa: E402
+from qcompiler.calibration.resolve import builtin_sentences, model_inputs  # noqa: E402
+from qcompiler.compiler import NORMALIZE  # noqa: E402
 from qcompiler.inspection import linear_inputs  # noqa: E402
 from qcompiler.analysis.linears import find_linears  # noqa: E402
 from qcompiler.pass_manager import PassManager  # noqa: E402

@@ -31,7 +31,8 @@ import ort_baselines  # noqa: E402
 from docs_section import machine_stamp, replace_section  # noqa: E402
 from qcompiler.calibration import data as calib_data  # noqa: E402
 from qcompiler.capture import load, load_tokenizer  # noqa: E402
-from qcompiler.compiler import NORMALIZE, builtin_sentences, model_inputs  # noqa: E402
+from qcompiler.calibration.resolve import builtin_sentences, model_inputs  # noqa: E402
+from qcompiler.compiler import NORMALIZE  # noqa: E402
 from qcompiler.evaluation import sentence_embeddings  # noqa: E402
 from qcompiler.pass_manager import PassManager  # noqa: E402
 from qcompiler.pipeline import parse_pipeline  # noqa: E402

@@ -39,7 +39,8 @@ def main() -> None:
     import transformers
 
     from qcompiler.capture import load
-    from qcompiler.compiler import NORMALIZE, save_model
+    from qcompiler.artifact import save_model
+    from qcompiler.compiler import NORMALIZE
     from qcompiler.pass_manager import PassManager
     from qcompiler.pipeline import parse_pipeline
     from qcompiler.runtime import initializer_bytes

@@ -28,7 +28,8 @@ from docs_section import machine_stamp, replace_section  # noqa: E402
 from qcompiler.benchmarking import compare_latency, synthetic_feeds  # noqa: E402
 from qcompiler.calibration import data as calib_data  # noqa: E402
 from qcompiler.capture import load_tokenizer  # noqa: E402
-from qcompiler.compiler import builtin_sentences, compile as run_compile, model_inputs  # noqa: E402
+from qcompiler.calibration.resolve import builtin_sentences, model_inputs  # noqa: E402
+from qcompiler.compiler import compile as run_compile  # noqa: E402
 
 OURS = {"w8a8": "w8a8", "rotate,w8a8": "rotate,w8a8", "w8a8-dyn": "w8a8-dyn", "w4a16": "w4a16",
         "w4a8": "w4a8", "rotate,w4a8 (gptq)": "rotate,w4a8(weights=gptq,act_order=true,damp=0.1)"}

@@ -215,7 +215,7 @@ def _main(out_dir: Path) -> None:
     import qcompiler
     from qcompiler.calibration import data as calib_data
     from qcompiler.capture import load_tokenizer
-    from qcompiler.compiler import builtin_sentences, model_inputs
+    from qcompiler.calibration.resolve import builtin_sentences, model_inputs
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model = qcompiler.compile("minilm", "normalize", verify=False).model

@@ -26,7 +26,8 @@ from qcompiler.analysis.regions import find_regions  # noqa: E402
 from qcompiler.calibration import data as calib_data  # noqa: E402
 from qcompiler.calibration.engine import CalibrationEngine  # noqa: E402
 from qcompiler.capture import load, load_tokenizer  # noqa: E402
-from qcompiler.compiler import NORMALIZE, builtin_sentences, model_inputs  # noqa: E402
+from qcompiler.calibration.resolve import builtin_sentences, model_inputs  # noqa: E402
+from qcompiler.compiler import NORMALIZE  # noqa: E402
 from qcompiler.pass_manager import PassManager  # noqa: E402
 from qcompiler.pipeline import parse_pipeline  # noqa: E402
 from qcompiler.verify import worst  # noqa: E402

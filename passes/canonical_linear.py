@@ -15,8 +15,9 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.linears import constant_array
-from qcompiler.graph import add_initializer
-from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.graph import add_initializer, replace_node
+from qcompiler.pass_api import Pass, PassContext, PassOutcome
+from qcompiler.registry import register
 
 
 @register
@@ -24,7 +25,7 @@ class CanonicalLinear(Pass):
     name = "canonical-linear"
     summary = "Rewrite Gemm with a constant weight as MatMul (+ Add), the one linear form later passes match."
 
-    def run(self, model: ir.Model, ctx) -> PassOutcome:
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         graph = model.graph
         rewritten, kept = 0, []
         for node in list(graph):
@@ -77,10 +78,5 @@ class CanonicalLinear(Pass):
             add = ir.node("Add", [result, bias_value], name=f"{node.name}_bias")
             new_nodes.append(add)
             result = add.outputs[0]
-        graph.insert_before(node, new_nodes)
-        output = node.outputs[0]
-        name, result.shape, result.type = output.name, output.shape, output.type
-        ir.convenience.replace_all_uses_with(output, result, replace_graph_outputs=True)
-        graph.remove(node, safe=True)
-        result.name = name
+        replace_node(graph, node, new_nodes, result)
         return None

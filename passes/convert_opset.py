@@ -15,7 +15,8 @@ from onnxscript import version_converter
 
 from qcompiler.errors import QCompilerError
 from qcompiler.runtime import INLINE_LIMIT_BYTES, initializer_bytes
-from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.pass_api import Pass, PassContext, PassOutcome
+from qcompiler.registry import register
 
 CANONICAL_OPSET = 23
 OLDEST_SUPPORTED_OPSET = 11
@@ -37,7 +38,7 @@ class ConvertOpset(Pass):
     summary = "Convert the default-domain opset to one version (23 by default) with the onnxscript version converter."
     Options = ConvertOpsetOptions
 
-    def run(self, model: ir.Model, ctx) -> PassOutcome:
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         source = default_opset(model)
         target = self.options.version
         if source == target:

@@ -30,8 +30,9 @@ from qcompiler.absorb import absorb_affine
 from qcompiler.analysis.linears import constant_array
 from qcompiler.analysis.regions import SHIFT, find_regions
 from qcompiler.analysis.residual import CENTER, find_streams
-from qcompiler.registry import Pass, PassOutcome, register
-from qcompiler.residual import center_stream
+from qcompiler.pass_api import Pass, PassContext, PassOutcome
+from qcompiler.registry import register
+from qcompiler.stream_rewrite import center_stream
 
 
 @dataclass
@@ -45,7 +46,7 @@ class FoldNorm(Pass):
     summary = "Fold LayerNorm/RMSNorm gamma and beta into the linears reading them (pre-norm regions)."
     Options = FoldNormOptions
 
-    def run(self, model: ir.Model, ctx) -> PassOutcome:
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         graph = model.graph
         folded, skipped, notes = [], {}, []
         for region in find_regions(graph).of_kind("layernorm", "rmsnorm"):

@@ -13,7 +13,8 @@ import math
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
-from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.pass_api import Pass, PassContext, PassOutcome
+from qcompiler.registry import register
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -62,6 +63,6 @@ class FuseGelu(Pass):
     name = "fuse-gelu"
     summary = "Fuse erf and tanh GELU subgraphs into standard Gelu nodes (opset 20+)."
 
-    def run(self, model: ir.Model, ctx) -> PassOutcome:
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         count = _RULES.apply_to_model(model)
         return PassOutcome(bool(count), {"gelu": count})

@@ -26,7 +26,6 @@ what backends lower from.
 from __future__ import annotations
 
 import fnmatch
-import json
 from dataclasses import dataclass, field, make_dataclass
 from typing import Literal
 
@@ -36,12 +35,14 @@ import onnx_ir as ir
 from qcompiler.analysis.linears import Linear, constant_array, find_linears
 from qcompiler.quant import awq, weights
 from qcompiler.quant.observers import observe_range
+from qcompiler.quant.annotation import ActivationAnnotation, LayerAnnotation, WeightAnnotation
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
-from qcompiler.quant.sensitivity import output_sensitivity
-from qcompiler.quant.simulate import ANNOTATION, dequantized_weight, per_consumer, quantized_activation, weight_is_native
+from qcompiler.quant.sensitivity import SensitivityRow, output_sensitivity
+from qcompiler.quant.simulate import dequantized_weight, per_consumer, quantized_activation, weight_is_native
 from qcompiler.quant.spec import QuantizedTensor, sqnr_db
-from qcompiler.registry import Pass, PassOutcome, register
-from qcompiler.residual import UNROTATE
+from qcompiler.pass_api import Pass, PassContext, PassOutcome
+from qcompiler.registry import register
+from qcompiler.stream_rewrite import UNROTATE
 
 # Calibration batches (evenly spread) that fallback's ranking runs on: one model run per
 # batch per linear. On MiniLM the top 8 of 37 linears are the same as with all 48 batches.
@@ -111,11 +112,15 @@ class Quantize(Pass):
         """The resolved scheme of ``preset`` (default: this pass's) under the pass's options."""
         return preset_scheme(preset or self.options.preset).with_options(self.options.group_size, self.options.observer)
 
+    def optimizes_for(self) -> Scheme:
+        """Searches before quantization (smooth, shift) score against the scheme most linears will get."""
+        return self.scheme()
+
     def plan(self, graph: ir.Graph) -> tuple[list[LayerPlan], list[str]]:
         """Which linears get which scheme, and which are skipped."""
         plans, skipped = [], []
         for linear in find_linears(graph):
-            if ANNOTATION in linear.matmul.metadata_props:
+            if LayerAnnotation.from_node(linear.matmul) is not None:
                 continue  # quantized by an earlier pass (a pre-dequantized grid still looks like a linear)
             if UNROTATE in linear.matmul.metadata_props:
                 # rotate's exact Q^T in front of a graph output or a kept norm: it carries no learned weight,
@@ -135,7 +140,7 @@ class Quantize(Pass):
             plans.append(LayerPlan(linear, self.scheme(preset), preset))
         return plans, skipped
 
-    def run(self, model: ir.Model, ctx) -> PassOutcome:
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         graph = model.graph
         options = self.options
         plans, skipped = self.plan(graph)
@@ -145,8 +150,9 @@ class Quantize(Pass):
                                           options.grid, options.rows)
             details["awq_alpha"], details["notes"] = found["scaled"], found["notes"]
             plans = self._refresh(graph, plans)
+        ranking: list[SensitivityRow] = []
         if options.fallback and plans:
-            plans, details["sensitivity"] = self._fall_back(model, ctx, plans)
+            plans, ranking = self._fall_back(model, ctx, plans)
         inputs = list(dict.fromkeys(p.linear.input.name for p in plans))
         static = [n for n in inputs if any(p.linear.input.name == n and p.scheme.activation is not None
                                            and not p.scheme.activation.dynamic for p in plans)]
@@ -176,7 +182,7 @@ class Quantize(Pass):
                 f"onnxruntime has no DequantizeLinear kernel for {', '.join(pre_dequantized)} weights: those are stored "
                 "pre-dequantized (float32 values exactly on the quantized grid), so fidelity is exact but size is not")
         details["layers"] = layers
-        return PassOutcome(bool(plans), details)
+        return PassOutcome(bool(plans), details, findings=ranking)
 
     def fallback_preset(self) -> str:
         """The preset of the linears ``fallback`` moves: 8-bit weights, activations as the main preset treats them."""
@@ -184,7 +190,8 @@ class Quantize(Pass):
             return self.options.fallback_preset
         return "w8a16" if self.scheme().activation is None else "w8a8-dyn"
 
-    def _fall_back(self, model: ir.Model, ctx, plans: list[LayerPlan]) -> tuple[list[LayerPlan], list[dict]]:
+    def _fall_back(self, model: ir.Model, ctx: PassContext,
+                   plans: list[LayerPlan]) -> tuple[list[LayerPlan], list[SensitivityRow]]:
         """Move the linears that buy the most fidelity per byte to the fallback preset, up to the ``fallback`` share.
 
         Each linear is scored alone with round-to-nearest weights under its own scheme: the
@@ -215,9 +222,8 @@ class Quantize(Pass):
         preset = self.fallback_preset()
         moved = [LayerPlan(p.linear, self.scheme(preset), preset) if id(p.linear.matmul) in chosen else p
                  for p in plans]
-        table = [{"linear": p.linear.layer, "rtn_output_error": scores[p.linear.weight.name],
-                  "parameters": size[id(p.linear.matmul)],
-                  "preset": preset if id(p.linear.matmul) in chosen else p.preset} for p in ranked]
+        table = [SensitivityRow(p.linear.layer, scores[p.linear.weight.name], size[id(p.linear.matmul)],
+                                preset if id(p.linear.matmul) in chosen else p.preset) for p in ranked]
         return moved, table
 
     def _refresh(self, graph: ir.Graph, plans: list[LayerPlan]) -> list[LayerPlan]:
@@ -249,10 +255,13 @@ class Quantize(Pass):
         if old.is_initializer() and not old.uses():
             graph.initializers.pop(old.name)
         weight_sqnr = round(sqnr_db(weight, quantized.dequantize()), 2)
-        annotation = _annotation(plan, method, quantized, weight_sqnr)
-        linear.matmul.metadata_props[ANNOTATION] = json.dumps(annotation)
+        activation = plan.scheme.activation
+        LayerAnnotation(linear.layer, plan.preset,
+                        WeightAnnotation(spec, method, weight_is_native(spec), quantized.tensor_scale),
+                        None if activation is None else ActivationAnnotation(activation),
+                        weight_sqnr).to_node(linear.matmul)
         return {"linear": linear.layer, "preset": plan.preset, "weight": spec.describe(),
-                "activation": annotation["activation"]["spec"] if annotation["activation"] else "float",
+                "activation": activation.describe() if activation else "float",
                 "quantizer": method, "weight_sqnr_db": weight_sqnr, "native": weight_is_native(spec)}
 
     def _quantize_input(self, graph: ir.Graph, plans: list[LayerPlan], stats: dict) -> None:
@@ -269,32 +278,12 @@ class Quantize(Pass):
             quantized = quantized_activation(graph, source, spec, bounds, group[0].linear.in_features)
             for plan, value in zip(group, per_consumer(graph, quantized, len(group))):
                 plan.linear.matmul.replace_input_with(0, value)
-                annotation = json.loads(plan.linear.matmul.metadata_props[ANNOTATION])
-                annotation["activation"]["range"] = None if bounds is None else [float(b) for b in bounds]
-                annotation["activation"]["source"] = source.name
-                plan.linear.matmul.metadata_props[ANNOTATION] = json.dumps(annotation)
+                annotation = LayerAnnotation.from_node(plan.linear.matmul)
+                annotation.with_activation(bounds, source.name).to_node(plan.linear.matmul)
 
 
 def _base_name(linear: Linear) -> str:
     return linear.weight.name or linear.matmul.name or "weight"
-
-
-def _annotation(plan: LayerPlan, method: str, quantized: QuantizedTensor, weight_sqnr: float) -> dict:
-    """What backends and `qcompile eval` read back: the resolved specs, how the weight is stored, its SQNR."""
-    scheme = plan.scheme
-    activation = None
-    if scheme.activation is not None:
-        activation = {"spec": scheme.activation.describe(), **scheme.activation.to_dict()}
-    return {
-        "layer": plan.linear.layer,
-        "preset": plan.preset,
-        "scheme": scheme.describe(),
-        "weight_sqnr_db": weight_sqnr,
-        "weight": {"spec": scheme.weight.describe(), "quantizer": method, **scheme.weight.to_dict(),
-                   "stored": "DequantizeLinear" if weight_is_native(scheme.weight) else "pre-dequantized float32",
-                   "tensor_scale": quantized.tensor_scale},
-        "activation": activation,
-    }
 
 
 def _preset_pass(preset: str, summary: str) -> type[Pass]:

@@ -9,7 +9,7 @@ Offline, first the residual stream of a pre-norm model (QuaRot): every writer (e
 tables, o_proj/down_proj/fc2, patch embeddings) takes ``E Q``, ``W Q``, ``b Q``; norms
 with a folded gamma commute (``RMSNorm(x Q) = RMSNorm(x) Q``) and their linears take
 ``Q^T W``. A stream read by LayerNorms is first made zero-mean so they become RMSNorms
-(`qcompiler.residual.center_stream`; done here because the rotation needs it and it is
+(`qcompiler.stream_rewrite.center_stream`; done here because the rotation needs it and it is
 exact; ``fold-norm(rmsnorm=true)`` offers it alone). A stream is rotated whole or not at
 all (`qcompiler.analysis.residual` says why not: post-norm, unfolded gamma, ...).
 Then per region: a linear producer emits ``x Q`` with ``W_p' = W_p Q, b_p' = b_p Q``;
@@ -35,8 +35,9 @@ from qcompiler.analysis.regions import ONLINE_ROTATION, ROTATE, Region, find_reg
 from qcompiler.analysis.residual import find_streams
 from qcompiler.hadamard import orthogonal_matrix, rotation_plan
 from qcompiler.online_rotation import factor_pair, insert_hadamard, rotate_last_axis
-from qcompiler.registry import Pass, PassOutcome, register
-from qcompiler.residual import UNROTATE, center_stream, rotate_stream
+from qcompiler.pass_api import Pass, PassContext, PassOutcome
+from qcompiler.registry import register
+from qcompiler.stream_rewrite import UNROTATE, center_stream, rotate_stream
 
 
 @dataclass
@@ -74,7 +75,7 @@ class Rotate(Pass):
     summary = "Rotate regions by Hadamard (or random orthogonal) matrices: offline into producers, online otherwise."
     Options = RotateOptions
 
-    def run(self, model: ir.Model, ctx) -> PassOutcome:
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         graph = model.graph
         notes: list[str] = []
         residual, rotated_norms = self._residual(graph, notes) if self.options.mode != "online" else ({}, set())

@@ -21,10 +21,13 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.absorb import absorb_affine
-from qcompiler.analysis.regions import SHIFT, Region, find_regions
-from qcompiler.analysis.region_data import producer_channel_max, sink_inputs
+from qcompiler.analysis.region_data import producer_channel_max
+from qcompiler.analysis.regions import SHIFT, Region
+from qcompiler.quant.presets import Scheme
 from qcompiler.quant.proxy import region_error, region_samples
-from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.region_pass import RegionPass
+from qcompiler.pass_api import PassContext, PassOutcome
+from qcompiler.registry import register
 
 
 @dataclass
@@ -51,38 +54,34 @@ def channel_centres(region: Region, stats: dict) -> np.ndarray:
 
 
 @register
-class Shift(Pass):
+class Shift(RegionPass):
     name = "shift"
     summary = "Outlier Suppression+: centre asymmetric activation channels (optionally scale them) into the producer."
     Options = ShiftOptions
+    capability = SHIFT
 
-    def statistics(self, model: ir.Model) -> list[str]:
-        return sink_inputs(find_regions(model.graph).able(SHIFT))
+    def searches(self) -> bool:
+        return self.options.scale
 
-    def run(self, model: ir.Model, ctx) -> PassOutcome:
-        graph = model.graph
-        analysis = find_regions(graph)
-        regions = analysis.able(SHIFT)
-        names = sink_inputs(regions)
-        stats = ctx.statistics(model, names)
-        rows = ctx.samples(model, names, self.options.rows) if self.options.scale else {}
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+        work = self.regions(model, ctx)
+        stats = work.stats
         notes: list[str] = []
         shifted, thresholds = [], {}
-        for region in regions:
-            name = region.name
+        for region in work.regions:
             centre = channel_centres(region, stats)
             scale = None
             if self.options.scale:
-                reach = producer_channel_max(region, {n: np.maximum(stats[n].max, -stats[n].min) for n in names})
-                scale, thresholds[name] = self._search(region, centre, np.abs(reach - np.abs(centre)), rows, ctx.target)
-            absorb_affine(graph, region, scale, centre, notes)
-            shifted.append(f"{name} ({region.kind}, max |z| {np.abs(centre).max():.3g})")
-        skipped = {r.name: r.refused[SHIFT] for r in analysis.regions if SHIFT in r.refused}
-        return PassOutcome(bool(shifted), {"shifted": shifted, "thresholds": thresholds, "skipped": skipped,
-                                           "notes": notes})
+                reach = producer_channel_max(region, {n: np.maximum(stats[n].max, -stats[n].min) for n in work.names})
+                scale, thresholds[region.name] = self._search(region, centre, np.abs(reach - np.abs(centre)),
+                                                              work.rows, ctx.target)
+            absorb_affine(model.graph, region, scale, centre, notes)
+            shifted.append(f"{region.name} ({region.kind}, max |z| {np.abs(centre).max():.3g})")
+        return PassOutcome(bool(shifted), {"shifted": shifted, "thresholds": thresholds,
+                                           "skipped": work.refused(SHIFT), "notes": notes})
 
     def _search(self, region: Region, centre: np.ndarray, half_range: np.ndarray,
-                rows: dict[str, np.ndarray], target) -> tuple[np.ndarray | None, float]:
+                rows: dict[str, np.ndarray], target: Scheme | None) -> tuple[np.ndarray | None, float]:
         """OS+ scaling ``max(1, half_range / t)`` with the threshold ``t`` of least quantized error."""
         samples = region_samples(region, rows, target)
         top = float(half_range.max())

@@ -16,13 +16,38 @@ from __future__ import annotations
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 from onnxscript import rewriter
-from onnxscript.optimizer import _constant_folding
-from onnxscript.rewriter.rules.common import _no_op
+from onnxscript.optimizer import fold_constants_ir
+from onnxscript.rewriter.rules import common as rules
 
-from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.pass_api import Pass, PassContext, PassOutcome
+from qcompiler.registry import register
 
-_ARITHMETIC_NO_OPS = {id(rule) for rule in _no_op.rules} - {id(_no_op.dropout_zero_rule), id(_no_op.dropout_inference_rule)}
-_RULES = [rule for rule in rewriter._DEFAULT_REWRITE_RULES if id(rule) not in _ARITHMETIC_NO_OPS]
+# onnxscript's default rewrite rules (0.7.2) without its six arithmetic no-op rules, by public name.
+_RULES = [
+    rules.dropout_zero_rule, rules.dropout_inference_rule,
+    rules.two_reshapes_matmul_reshape_rule, rules.one_reshape_matmul_reshape_rule,
+    rules.cast_constant_of_shape_rule, rules.cast_constant_of_shape_without_value_rule,
+    rules.collapse_slice_rule, rules.collapse_slice2_rule, rules.materialize_reshape_shape_rule,
+    rules.min_min_rule, rules.max_max_rule, rules.min_max_rule, rules.max_min_rule,
+    rules.successive_clip_relu_rule, rules.successive_relu_clip_rule, rules.successive_relu_rule,
+    rules.successive_clip_rule, rules.cast_cast_rule, rules.no_op_cast_rule, rules.no_op_expand_rule,
+    rules.flatten_to_reshape_rule, rules.reshape_reshape_rule, rules.slice_split_rule, rules.no_op_transpose_rule,
+    rules.transpose_transpose_rule, rules.unsqueeze_unsqueeze_rule, rules.squeeze_reshape_1d_rule,
+    rules.no_op_dynamic_scatter_nd_rule, rules.no_op_static_scatter_nd_rule,
+    rules.normalize_pad_format_conv_rule, rules.normalize_pad_format_conv_integer_rule,
+    rules.fuse_pad_into_conv_rule, rules.fuse_pad_into_conv_integer_rule,
+    rules.fuse_batchnorm_into_conv_rule, rules.fuse_batchnorm_into_conv_transpose_rule,
+    rules.fuse_batchnorm_into_gemm_rule,
+    rules.remove_optional_bias_from_conv_rule, rules.remove_optional_bias_from_conv_transpose_rule,
+    rules.remove_optional_bias_from_qlinear_conv_rule, rules.remove_optional_bias_from_gemm_rule,
+]
+
+
+class _FoldConstants(ir.passes.InPlacePass):
+    """onnxscript's public constant folder (with shape inference, default size limits) as a step of the sequence."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, fold_constants_ir(model, onnx_shape_inference=True).modified)
 
 
 def _pipeline() -> ir.passes.Sequential:
@@ -30,8 +55,7 @@ def _pipeline() -> ir.passes.Sequential:
         common.InlinePass(),
         ir.passes.PassManager(
             [
-                _constant_folding.FoldConstantsPass(shape_inference=True, input_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
-                                                    output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT),
+                _FoldConstants(),
                 rewriter.RewritePass(_RULES),
                 common.IdentityEliminationPass(),
                 common.RemoveUnusedNodesPass(),
@@ -56,7 +80,7 @@ class Simplify(Pass):
     name = "simplify"
     summary = "Fold constants, drop Identity/Dropout, remove dead nodes and duplicate initializers (onnxscript/onnx_ir passes)."
 
-    def run(self, model: ir.Model, ctx) -> PassOutcome:
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         before = len(model.graph)
         result = _pipeline()(model)
         return PassOutcome(result.modified, {"nodes_removed": before - len(model.graph)})

@@ -22,11 +22,14 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.absorb import SCALE_LIMITS, absorb_affine
-from qcompiler.analysis.region_data import producer_channel_max, sink_inputs, weight_row_max
-from qcompiler.analysis.regions import SCALE, Region, find_regions
+from qcompiler.analysis.region_data import producer_channel_max, weight_row_max
+from qcompiler.analysis.regions import SCALE, Region
 from qcompiler.quant.presets import Scheme
 from qcompiler.quant.proxy import region_error, region_samples
-from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.region_pass import RegionPass
+from qcompiler.pass_api import PassContext, PassOutcome
+from qcompiler.registry import register
+
 
 @dataclass
 class SmoothOptions:
@@ -51,35 +54,31 @@ def smoothing_scale(act_max: np.ndarray, weight_max: np.ndarray, alpha: float) -
 
 
 @register
-class Smooth(Pass):
+class Smooth(RegionPass):
     name = "smooth"
     summary = "SmoothQuant: migrate activation outliers into weights with one per-channel scale per region."
     Options = SmoothOptions
+    capability = SCALE
 
-    def statistics(self, model: ir.Model) -> list[str]:
-        return sink_inputs(find_regions(model.graph).able(SCALE))
+    def searches(self) -> bool:
+        return self.options.search
 
-    def run(self, model: ir.Model, ctx) -> PassOutcome:
-        graph = model.graph
-        analysis = find_regions(graph)
-        regions = analysis.able(SCALE)
-        names = sink_inputs(regions)
-        stats = ctx.statistics(model, names)
-        rows = ctx.samples(model, names, self.options.rows) if self.options.search else {}
+    def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
+        work = self.regions(model, ctx)
         notes: list[str] = []
         smoothed, chosen = [], {}
-        for region in regions:
-            act_max = producer_channel_max(region, {n: stats[n].absmax for n in names})
+        for region in work.regions:
+            act_max = producer_channel_max(region, {n: work.stats[n].absmax for n in work.names})
             weight_max = weight_row_max(region)
-            alpha = self._search(region, act_max, weight_max, rows, ctx.target) if self.options.search else self.options.alpha
-            name = region.name
-            chosen[name] = alpha
+            alpha = (self._search(region, act_max, weight_max, work.rows, ctx.target) if self.options.search
+                     else self.options.alpha)
+            chosen[region.name] = alpha
             if alpha is None:
                 continue
-            absorb_affine(graph, region, smoothing_scale(act_max, weight_max, alpha), None, notes)
-            smoothed.append(f"{name} ({region.kind}, alpha={alpha:.2f})")
-        skipped = {r.name: r.refused[SCALE] for r in analysis.regions if SCALE in r.refused}
-        return PassOutcome(bool(smoothed), {"smoothed": smoothed, "skipped": skipped, "alpha": chosen, "notes": notes})
+            absorb_affine(model.graph, region, smoothing_scale(act_max, weight_max, alpha), None, notes)
+            smoothed.append(f"{region.name} ({region.kind}, alpha={alpha:.2f})")
+        return PassOutcome(bool(smoothed), {"smoothed": smoothed, "skipped": work.refused(SCALE), "alpha": chosen,
+                                            "notes": notes})
 
     def _search(self, region: Region, act_max: np.ndarray, weight_max: np.ndarray,
                 rows: dict[str, np.ndarray], target: Scheme | None) -> float | None:

@@ -8,7 +8,8 @@ from qcompiler.capture import load
 from qcompiler.compiler import CompileResult, compile
 from qcompiler.errors import QCompilerError
 from qcompiler.pipeline import parse_pipeline
-from qcompiler.registry import Pass, PassOutcome, register
+from qcompiler.pass_api import Pass, PassContext, PassOutcome
+from qcompiler.registry import register
 
-__all__ = ["CompileResult", "Pass", "PassOutcome", "QCompilerError", "compile", "load", "parse_pipeline", "register"]
+__all__ = ["CompileResult", "Pass", "PassContext", "PassOutcome", "QCompilerError", "compile", "load", "parse_pipeline", "register"]
 __version__ = "0.1.0"

@@ -26,7 +26,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis.linears import Linear, constant_array
 from qcompiler.analysis.regions import OnlineAffine, Region, Sink
-from qcompiler.graph import add_initializer, replace_graph_output, unique_node_name
+from qcompiler.graph import add_initializer, insert_after_producer, interpose, redirect_uses, unique_node_name
 
 Notes = list[str]
 OUTPUT_TRANSFORMED = "qcompiler.output_transformed"
@@ -77,18 +77,7 @@ def ensure_bias(graph: ir.Graph, linear: Linear, dtype: np.dtype) -> Linear:
     output = linear.matmul.outputs[0]
     bias = add_initializer(graph, f"{linear.name}_bias", np.zeros(linear.out_features, dtype))
     add = ir.node("Add", [output, bias], name=unique_node_name(graph, f"{linear.name}_bias"))
-    graph.insert_after(linear.matmul, add)
-    result = add.outputs[0]
-    result.shape, result.type = output.shape, output.type
-    for use in list(output.uses()):
-        if use.node is not add:
-            use.node.replace_input_with(use.idx, result)
-    if output.is_graph_output():
-        replace_graph_output(graph, output, result)
-    else:
-        name = output.name
-        output.name = f"{name}_matmul"
-        result.name = name
+    interpose(graph, output, add, take_name=True)
     return Linear(linear.matmul, linear.weight, add, bias)
 
 
@@ -165,14 +154,8 @@ def _insert_elementwise(graph: ir.Graph, op: str, value: ir.Value, vector: np.nd
     """``op(value, vector)`` right after ``value``'s producer, read by every former reader of ``value``."""
     name = unique_node_name(graph, f"{value.name}_{suffix}")
     node = ir.node(op, [value, add_initializer(graph, f"{name}_vector", vector)], name=name)
-    result = node.outputs[0]
-    result.name, result.shape, result.type = name, value.shape, value.type
-    for use in list(value.uses()):
-        if use.node is not node:
-            use.node.replace_input_with(use.idx, result)
-    if value.is_graph_output():
-        replace_graph_output(graph, value, result)
-    graph.insert_after(value.producer(), node)
+    node.outputs[0].name = name
+    interpose(graph, value, node)
     return node
 
 
@@ -192,11 +175,7 @@ def _compensate_foreign(graph: ir.Graph, region: Region, s: np.ndarray | None, z
                              name=unique_node_name(graph, f"{source.name}_unshift")))
         value = nodes[-1].outputs[0]
     value.shape, value.type = source.shape, source.type
-    graph.insert_after(source.producer(), nodes)
-    readers = {id(n) for n in region.foreign if n is not None}
-    for use in list(source.uses()):
-        if id(use.node) in readers:
-            use.node.replace_input_with(use.idx, value)
-    if None in region.foreign:
-        replace_graph_output(graph, source, value)
+    insert_after_producer(graph, source, nodes)
+    redirect_uses(graph, source, value, readers=[n for n in region.foreign if n is not None],
+                  graph_output=None in region.foreign)
     region.foreign = []

@@ -9,23 +9,37 @@
                         figures beside it (channels.png: outlier channels after each
                         transform; weight_sqnr.png: per-layer weight SQNR)
 
-The directory is written atomically by `qcompiler.compiler.write_output`. Loading checks
-that the manifest parses and that every file it lists exists with the recorded size, so
-a truncated copy is refused with one sentence instead of failing inside onnxruntime.
+`write` puts everything in a temporary sibling directory that is renamed into place only
+when complete, so a failure never leaves a partial artifact, and an existing directory is
+refused unless ``force`` is set. Backends add their own files (``model.so``) through
+`qcompiler.backend.Lowered.files`. Loading checks that the manifest parses and that
+every file it lists exists with the recorded size, so a truncated copy is refused with
+one sentence instead of failing inside onnxruntime.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import io
 import json
+import math
 import os
 import platform
+import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Mapping
 
+import onnx_ir as ir
+from rich.console import Console
+
+from qcompiler.backend import Lowered
 from qcompiler.errors import QCompilerError
+from qcompiler.plots import ChannelTrace, write_figures
+from qcompiler.report import Report
+from qcompiler.runtime import INLINE_LIMIT_BYTES, initializer_bytes
 
 FORMAT = "qcompiler-artifact/1"
 MANIFEST = "manifest.json"
@@ -123,6 +137,52 @@ def report_markdown(data: dict, report_table: str, figures: list[str] = ()) -> s
     for note in data["notes"]:
         lines.append(f"- note: {note}")
     return "\n".join(lines) + "\n"
+
+
+def check_output_dir(target: Path, force: bool) -> None:
+    """Refuse a target that is a file, or a non-empty directory without ``force``."""
+    if target.exists() and not target.is_dir():
+        raise QCompilerError(f"Output '{target}' exists and is not a directory; qcompiler will not overwrite it.")
+    if target.is_dir() and any(target.iterdir()) and not force:
+        raise QCompilerError(f"Output directory '{target}' is not empty; choose another or pass --force to replace it.")
+
+
+def save_model(model: ir.Model, path: Path) -> None:
+    """Save with external data once the weights approach protobuf's 2 GB limit."""
+    if initializer_bytes(model) >= INLINE_LIMIT_BYTES:
+        ir.save(model, path, external_data=path.name + ".data")
+    else:
+        ir.save(model, path)
+
+
+def write(target: Path, lowered: Lowered, report: Report, details: dict, trace: ChannelTrace | None = None, *,
+          force: bool = False) -> None:
+    """Write the artifact directory atomically: model.onnx, the backend's files, report.json, report.md, manifest."""
+    check_output_dir(target, force)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        save_model(lowered.model, staging / "model.onnx")
+        for name, write_file in lowered.files.items():
+            write_file(staging / name)
+        report.write_json(staging / "report.json")
+        table = Console(width=140, file=io.StringIO(), color_system=None)
+        report.print(table)
+        sqnr = {layer: info["weight_sqnr_db"] for layer, info in details["layers"].items()
+                if math.isfinite(info["weight_sqnr_db"])}
+        figures = write_figures(staging, trace, sqnr)
+        (staging / "report.md").write_text(report_markdown(details, table.file.getvalue(), figures), encoding="utf-8")
+        record_files(staging, details)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def open_artifact(folder: str | os.PathLike) -> tuple[Path, dict]:

@@ -19,12 +19,15 @@ import os
 import sys
 import traceback
 import typing
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 from rich.console import Console
 
+from qcompiler.backend import BACKENDS, backend_names, make_backend, option_choices
 from qcompiler.errors import QCompilerError
+from qcompiler.pass_manager import DEFAULT_TOLERANCE
 
 console = Console(stderr=True)
 # Reports are tables; when piped (CI logs, files) do not squeeze them to 80 columns.
@@ -79,7 +82,9 @@ def _calibration_options(func):
     return func
 
 
-def _parse_shape(ctx: click.Context, param: click.Parameter, text: str) -> list[tuple[int, int]]:
+def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -> list[tuple[int, int]] | None:
+    if text is None:
+        return None
     shapes = []
     for item in text.split(","):
         parts = item.strip().lower().split("x")
@@ -95,19 +100,19 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, text: str) -> list[
 @click.option("--passes", "passes", default="", help="Pipeline, e.g. 'normalize' or 'convert-opset(version=21),simplify' (see 'qcompile passes').")
 @click.option("-o", "--output", required=True, type=click.Path(file_okay=False), help="Output directory (model.onnx, report.json).")
 @click.option("--force", is_flag=True, help="Replace a non-empty output directory.")
-@click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max relative output error allowed per function-preserving pass.")
+@click.option("--tolerance", type=float, default=DEFAULT_TOLERANCE, show_default=True, help="Max relative output error allowed per function-preserving pass.")
 @click.option("--no-verify", is_flag=True, help="Skip output verification after passes.")
 @click.option("--no-normalize", is_flag=True, help="Do not prepend the normalize preset.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--backend", type=click.Choice(["simulate", "ort", "tvm"]), default="simulate", show_default=True,
-              help="simulate: the Q/DQ form; ort: onnxruntime integer kernels (MatMulIntegerToFloat, MatMulNBits); "
-                   "tvm: model.so with qcompiler's TIR kernels.")
-@click.option("--target", default="llvm", show_default=True, help="With --backend tvm: the TVM target (llvm: this CPU).")
-@click.option("--shape", default="1x128", show_default=True,
-              callback=_parse_shape, help="With --backend tvm: BATCHxSEQUENCE, the static shape the library is built "
-              "for; several, comma-separated (1x32,1x128), give one library with an entry per shape.")
-@click.option("--dialect", type=click.Choice(["ort", "qdq"]), default="ort", show_default=True,
-              help="With --backend ort: ort (contrib kernels such as MatMulNBits) or qdq (standard ONNX Q/DQ, opset 21).")
+@click.option("--backend", type=click.Choice(backend_names()), default=backend_names()[0], show_default=True,
+              help="Where the artifact runs (see 'qcompile passes' for each backend).")
+@click.option("--target", help="With --backend tvm: the TVM target (default llvm: this CPU).")
+@click.option("--shape", callback=_parse_shape, help="With --backend tvm: BATCHxSEQUENCE, the static shape the library "
+              "is built for (default 1x128); several, comma-separated (1x32,1x128), give one library with an entry per "
+              "shape.")
+@click.option("--dialect", type=click.Choice(option_choices("ort", "dialect")),
+              help="With --backend ort: ort (contrib kernels such as MatMulNBits, the default) or qdq (standard ONNX "
+                   "Q/DQ, opset 21).")
 @_calibration_options
 def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, target, shape,
                     dialect, calib, tokenizer, batch_size, max_length, debug) -> None:
@@ -116,10 +121,12 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
 
     def action():
         log = (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False))
+        given = {"dialect": dialect, "target": target, "shape": shape}
+        chosen = make_backend(backend, **{name: value for name, value in given.items() if value is not None})
         result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
                              normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,
                              batch_size=batch_size, max_length=max_length, progress=not quiet, log=log,
-                             backend=backend, dialect=dialect, target=target, shape=shape)
+                             backend=chosen)
         if not quiet:
             result.report.print(stdout)
             fidelity = result.manifest.get("fidelity") if result.manifest else None
@@ -127,8 +134,8 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
                 e = fidelity["embedding"]
                 stdout.print(f"held-out sentence embeddings vs the source: mean cosine {e['mean_cosine']:.5f}, "
                              f"min {e['min_cosine']:.5f}")
-            library = ", model.so" if backend == "tvm" else ""
-            stdout.print(f"wrote {result.output}/ (model.onnx{library}, manifest.json, report.json, report.md)")
+            files = ", ".join(("model.onnx", *chosen.files, "manifest.json", "report.json", "report.md"))
+            stdout.print(f"wrote {result.output}/ ({files})")
 
     _guard(debug, action)
 
@@ -149,6 +156,12 @@ def passes_command() -> None:
     stdout.print("\n[bold]presets[/]", highlight=False)
     for name in sorted(PRESETS):
         stdout.print(f"[bold]{name}[/] = {PRESETS[name]}\n    {PRESET_SUMMARIES[name]}", highlight=False)
+    stdout.print("\n[bold]backends[/] (--backend)", highlight=False)
+    for name in backend_names():
+        cls = BACKENDS[name]
+        options = ", ".join(f"{f.name}: {_type_name(f.type)} = {f.default!r}" for f in dataclasses.fields(cls.Options))
+        stdout.print(f"[bold]{name}[/]  {cls.summary}" + (f"\n    options: {options}" if options else ""),
+                     highlight=False)
 
 
 def _type_name(hint: Any) -> str:
@@ -174,7 +187,8 @@ def inspect_command(model, no_normalize, as_json, pipeline, calib, tokenizer, ba
         from qcompiler.analysis.residual import find_streams
         from qcompiler.calibration.engine import CalibrationEngine
         from qcompiler.capture import load
-        from qcompiler.compiler import NORMALIZE, resolve_calibration
+        from qcompiler.calibration.resolve import resolve_calibration
+        from qcompiler.compiler import NORMALIZE
         from qcompiler.pass_manager import PassManager
         from qcompiler.pipeline import parse_pipeline
 
@@ -217,7 +231,7 @@ def eval_command(reference, compiled, data, tokenizer, batch_size, max_length, a
 
     def action():
         from qcompiler.capture import load
-        from qcompiler.compiler import resolve_calibration
+        from qcompiler.calibration.resolve import resolve_calibration
         from qcompiler.evaluation import evaluate
 
         from qcompiler.compiler import NORMALIZE
@@ -309,12 +323,7 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, threads, again
         if not source:
             raise QCompilerError("The manifest records no source; name the FP32 model with --reference.")
         fp32 = load(source)
-        rows_and_tokens = (batch, sequence)
-        if manifest.get("backend") == "tvm":
-            from qcompiler.backends.tvm.build import entries
-
-            first = next(iter(entries(manifest["tvm"]).values()))
-            rows_and_tokens = next(iter(first["inputs"].values()))["shape"][:2]
+        rows_and_tokens = _backend_of(manifest).bench_shape(manifest) or (batch, sequence)
         feeds = synthetic_feeds(fp32, *rows_and_tokens)
         models = {"fp32": fp32, "compiled": _session(artifact_dir, manifest, compiled, threads, timed=True)}
         for other in against:
@@ -328,20 +337,18 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, threads, again
     _guard(debug, action)
 
 
+def _backend_of(manifest: dict):
+    """The backend that wrote an artifact, as its manifest records it."""
+    name = manifest.get("backend")
+    if name not in backend_names():
+        raise QCompilerError(f"The manifest names backend '{name}', which this qcompiler does not have; "
+                             f"it has {', '.join(backend_names())}.")
+    return make_backend(name)
+
+
 def _session(folder, manifest: dict, model, threads: int = 0, timed: bool = False):
-    """What runs an artifact: its TVM library, or an onnxruntime session of its model.
-
-    ``timed`` sessions take turns with others, so their thread pools must not spin between runs.
-    """
-    if manifest.get("backend") != "tvm":
-        from qcompiler.runtime import make_session
-
-        return make_session(model, threads=threads, spinning=not timed)
-    if timed:  # read when TVM starts its pool, which the first library call does
-        os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
-    from qcompiler.backends.tvm.build import LIBRARY, TVMSession
-
-    return TVMSession(os.path.join(folder, LIBRARY), manifest["tvm"], threads)
+    """What runs an artifact: the session of the backend that wrote it (``timed``: its pool does not spin)."""
+    return _backend_of(manifest).session(Path(folder), manifest, model, threads=threads, timed=timed)
 
 
 def _load_onnx(path):

@@ -1,98 +1,36 @@
-"""The end-to-end job: load, calibrate, run the pipeline, write the output directory.
+"""The end-to-end job: load, calibrate, run the pipeline, lower for a backend, write the artifact.
 
-`compile` is what ``qcompile MODEL ...`` calls. The output directory is written
-atomically: everything goes to a temporary sibling directory that is renamed into place
-only when complete, so a failure never leaves a partial result, and an existing
-directory is refused unless ``force`` is set.
+`compile` is what ``qcompile MODEL ...`` calls. It orchestrates and nothing more: the
+calibration data is resolved by `qcompiler.calibration.resolve`, passes run under the
+`PassManager`, the backend (`qcompiler.backend`) lowers, and `qcompiler.artifact` writes
+the directory atomically.
 """
 
 from __future__ import annotations
 
-import io
-import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import onnx_ir as ir
-from rich.console import Console
 
 from qcompiler import artifact
+from qcompiler.backend import Backend, LowerContext, Lowering, make_backend
 from qcompiler.calibration import data as calib_data
-from qcompiler.calibration.data import CalibrationData
-from qcompiler.capture import TOKENIZER_KEY, load, load_tokenizer
-from qcompiler.errors import CalibrationError, QCompilerError
-from qcompiler.evaluation import embedding_metrics, quantization_annotations
+from qcompiler.calibration.resolve import resolve_calibration
+from qcompiler.capture import load
+from qcompiler.evaluation import embedding_metrics
+from qcompiler.pass_api import Pass
 from qcompiler.pass_manager import DEFAULT_TOLERANCE, PassManager
 from qcompiler.pipeline import parse_pipeline
-from qcompiler.plots import ChannelTrace, write_figures
-from qcompiler.registry import Pass
+from qcompiler.plots import ChannelTrace
+from qcompiler.quant.annotation import annotated_layers
+from qcompiler.quant.sensitivity import SensitivityRow
 from qcompiler.report import Report
-from qcompiler.runtime import INLINE_LIMIT_BYTES, initializer_bytes
 from qcompiler.verify import compare_outputs
 
 NORMALIZE = "normalize"
-
-
-def builtin_sentences(name: str = "calibration") -> list[str]:
-    """Sentences shipped with the package: ``calibration`` or ``heldout`` (disjoint sets)."""
-    text = resources.files("qcompiler").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def model_inputs(model: ir.Model) -> list[str]:
-    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
-
-
-def resolve_calibration(
-    calib: str | os.PathLike | CalibrationData | Iterable[dict[str, Any]] | None,
-    model: ir.Model,
-    *,
-    tokenizer: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    max_length: int = 128,
-) -> CalibrationData | None:
-    """Turn whatever the user gave as calibration data into validated batches.
-
-    With nothing given, a model that carries a tokenizer is calibrated on the sentences
-    shipped with qcompiler; any other model gets no calibration (and no verification).
-    """
-    if batch_size < 1:
-        raise CalibrationError(f"Batch size must be at least 1, not {batch_size}.")
-    if calib is None:
-        tokenizer_dir = tokenizer or model.metadata_props.get(TOKENIZER_KEY)
-        if tokenizer_dir is None:
-            return None
-        data = calib_data.from_sentences(builtin_sentences(), load_tokenizer(tokenizer_dir), model_inputs(model),
-                                         batch_size, max_length, source="built-in calibration sentences")
-    elif isinstance(calib, CalibrationData):
-        data = calib
-    elif isinstance(calib, (str, os.PathLike)):
-        path = Path(calib)
-        if not path.is_file():
-            raise CalibrationError(f"Calibration file '{path}' does not exist.")
-        if path.suffix == ".npz":
-            data = calib_data.from_npz(path, batch_size)
-        else:
-            tokenizer_dir = tokenizer or model.metadata_props.get(TOKENIZER_KEY)
-            if tokenizer_dir is None:
-                raise CalibrationError(
-                    f"Text calibration file '{path.name}' needs a tokenizer and the model carries none; "
-                    "name one with --tokenizer (a Hugging Face tokenizer folder, or 'minilm')."
-                )
-            data = calib_data.from_text(path, load_tokenizer(tokenizer_dir), model_inputs(model), batch_size, max_length)
-    else:
-        data = calib_data.from_iterable(calib)
-    calib_data.validate(data, model)
-    return data
-
-
-BACKENDS = ("simulate", "ort", "tvm")
-DIALECTS = ("ort", "qdq")
 
 
 @dataclass
@@ -117,33 +55,22 @@ def compile(
     batch_size: int = 8,
     max_length: int = 128,
     progress: bool = False,
-    backend: str = "simulate",
-    dialect: str = "ort",
-    target: str = "llvm",
-    shape: tuple[int, int] | Sequence[tuple[int, int]] = (1, 128),
+    backend: str | Backend = "simulate",
     log: Callable[[str], None] = lambda message: None,
+    **backend_options: Any,
 ) -> CompileResult:
     """Load ``model``, run ``passes`` (after normalization), lower for ``backend``, write ``output`` if given.
 
-    ``backend`` is ``simulate`` (the quantize pass's Q/DQ form, which runs everywhere ONNX
-    runs) or ``ort`` (onnxruntime's integer kernels where it has them). With ``ort``,
-    ``dialect="qdq"`` keeps standard ONNX instead of contrib ops: static int8 Q/DQ and
-    blocked 4-bit DequantizeLinear (opset 21), which other runtimes read too. ``tvm`` builds
-    ``model.so`` for ``target`` with qcompiler's TIR kernels for the quantized linears, for
-    static inputs of ``shape`` = (batch, sequence), or of each of a list of such shapes (one
-    library, one entry per shape; fixed dimensions stay as they are); ``model.onnx`` beside it is then the simulate form, which ``qcompile eval`` reads.
+    ``backend`` is a registered backend's name (``simulate``: the quantize pass's Q/DQ form;
+    ``ort``: onnxruntime's integer kernels; ``tvm``: ``model.so`` with qcompiler's TIR
+    kernels) or a `Backend` object; ``backend_options`` are that backend's options, e.g.
+    ``dialect="qdq"`` for ``ort`` (standard ONNX Q/DQ instead of contrib ops), ``shape=(1, 128)``
+    or ``shape=[(1, 32), (1, 128)]`` and ``target`` for ``tvm``.
     """
-    if backend not in BACKENDS:
-        raise QCompilerError(f"Unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}.")
-    if dialect not in DIALECTS:
-        raise QCompilerError(f"Unknown dialect '{dialect}'; choose one of {', '.join(DIALECTS)}.")
-    if backend == "tvm":
-        from qcompiler.backends.tvm.build import check_target
-
-        check_target(target)
+    chosen = make_backend(backend, **backend_options)
     output_dir = Path(output) if output is not None else None
     if output_dir is not None:
-        _check_output_dir(output_dir, force)
+        artifact.check_output_dir(output_dir, force)
     pipeline = parse_pipeline(passes)
     if normalize and not (pipeline and pipeline[0].name == "convert-opset"):
         pipeline = parse_pipeline(NORMALIZE) + pipeline
@@ -156,40 +83,19 @@ def compile(
     report = manager.run(ir_model, source=str(source))
     if data is not None and calib is None:
         report.notes.append("calibrated on qcompiler's built-in sentences (no --calib given)")
-    kernels: dict = {}
-    built = None
-    if backend == "tvm":
-        from qcompiler.backends.tvm.build import compile_model
-        from qcompiler.benchmarking import synthetic_feeds
-
-        shape_sets = [{name: array.shape for name, array in synthetic_feeds(ir_model, *rows).items()}
-                      for rows in ([shape] if isinstance(shape[0], int) else shape)]
-        built = compile_model(ir_model, shape_sets, target)
-        kernels = built.lowering.to_dict()
-        report.notes.append(f"TVM library built for {target} and inputs " + "; ".join(
-            ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items()) for shapes in shape_sets))
-    elif backend == "ort":
-        from qcompiler.backends.ort.lower import lower, qdq_dialect
-
-        kernels = (lower(ir_model) if dialect == "ort" else qdq_dialect(ir_model)).to_dict()
-        if dialect == "qdq":
-            report.notes.append(
-                "qdq dialect: onnxruntime fuses blocked 4-bit DequantizeLinear + MatMul into MatMulNBits at load and by "
-                "default computes it with int8 activations; set the session config "
-                "'session.qdq_matmulnbits_accuracy_level' to 0 for the W4A16 numbers")
-    fidelity = _fidelity(manager, ir_model)
+    lowered = chosen.lower(ir_model, LowerContext(manager.holdout, log))
+    report.notes.extend(lowered.notes)
     details = artifact.manifest(source=model if isinstance(model, (str, os.PathLike)) else source,
-                                pipeline=report.pipeline, backend=backend, layers=_layers(ir_model, kernels, backend),
-                                fidelity=fidelity, notes=report.notes)
-    if built is not None:
-        details["tvm"] = built.signature
-    ranking = [row for record in report.passes for row in record.details.get("sensitivity", [])]
+                                pipeline=report.pipeline, backend=chosen.name,
+                                layers=_layers(lowered.model, lowered.lowering),
+                                fidelity=_fidelity(manager, lowered.model), notes=report.notes)
+    details.update(lowered.manifest)
+    ranking = report.findings(SensitivityRow)
     if ranking:
-        details["sensitivity"] = ranking
+        details["sensitivity"] = [vars(row) for row in ranking]
     if output_dir is not None:
-        write_output(ir_model, report, output_dir, force, details, trace,
-                     library=built.executable if built is not None else None)
-    return CompileResult(ir_model, report, output_dir, details)
+        artifact.write(output_dir, lowered, report, details, trace, force=force)
+    return CompileResult(lowered.model, report, output_dir, details)
 
 
 def _fidelity(manager: PassManager, model: ir.Model) -> dict | None:
@@ -208,67 +114,7 @@ def _fidelity(manager: PassManager, model: ir.Model) -> dict | None:
     return {"holdout_batches": len(manager.holdout), "outputs": outputs, "embedding": embedding}
 
 
-def _layers(model: ir.Model, kernels: dict, backend: str) -> dict[str, dict]:
+def _layers(model: ir.Model, lowering: Lowering) -> dict[str, dict]:
     """Per quantized layer: its scheme and what runs it."""
-    layers = {}
-    for layer, annotation in quantization_annotations(model, full=True).items():
-        info = {"preset": annotation["preset"], "scheme": annotation["scheme"],
-                "weight_sqnr_db": annotation["weight_sqnr_db"]}
-        if backend in ("ort", "tvm") and layer in kernels.get("kernels", {}):
-            info["kernel"] = kernels["kernels"][layer]
-        elif backend in ("ort", "tvm"):
-            info["simulated"] = kernels.get("simulated", {}).get(layer, "no kernel")
-        else:
-            info["simulated"] = "simulate form (QuantizeLinear/DequantizeLinear and float ops)"
-        layers[layer] = info
-    return layers
-
-
-def _check_output_dir(target: Path, force: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise QCompilerError(f"Output '{target}' exists and is not a directory; qcompiler will not overwrite it.")
-    if target.is_dir() and any(target.iterdir()) and not force:
-        raise QCompilerError(f"Output directory '{target}' is not empty; choose another or pass --force to replace it.")
-
-
-def save_model(model: ir.Model, path: Path) -> None:
-    """Save with external data once the weights approach protobuf's 2 GB limit."""
-    if initializer_bytes(model) >= INLINE_LIMIT_BYTES:
-        ir.save(model, path, external_data=path.name + ".data")
-    else:
-        ir.save(model, path)
-
-
-def write_output(model: ir.Model, report: Report, target: Path, force: bool, details: dict | None = None,
-                 trace: ChannelTrace | None = None, library: Any = None) -> None:
-    """Write ``model.onnx``, ``report.json`` (and with ``details`` the manifest, report.md and figures) atomically.
-
-    ``library`` is a TVM executable, exported as ``model.so`` beside the model.
-    """
-    _check_output_dir(target, force)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        save_model(model, staging / "model.onnx")
-        if library is not None:
-            library.export_library(str(staging / "model.so"))
-        report.write_json(staging / "report.json")
-        if details is not None:
-            table = Console(width=140, file=io.StringIO(), color_system=None)
-            report.print(table)
-            sqnr = {layer: info["weight_sqnr_db"] for layer, info in details["layers"].items()
-                    if math.isfinite(info["weight_sqnr_db"])}
-            figures = write_figures(staging, trace, sqnr)
-            (staging / "report.md").write_text(artifact.report_markdown(details, table.file.getvalue(), figures),
-                                               encoding="utf-8")
-            artifact.record_files(staging, details)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    return {a.layer: {"preset": a.preset, "scheme": a.scheme.describe(), "weight_sqnr_db": a.weight_sqnr_db,
+                      **lowering.runs_as(a.layer)} for _, a in annotated_layers(model)}

@@ -14,7 +14,6 @@ pass recorded it in the layer's annotation.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Mapping, Sequence
 
@@ -26,7 +25,7 @@ from qcompiler.absorb import OUTPUT_TRANSFORMED
 from qcompiler.analysis.linears import Linear
 from qcompiler.calibration.data import real_tokens, token_mask
 from qcompiler.errors import QCompilerError
-from qcompiler.quant.simulate import ANNOTATION
+from qcompiler.quant.annotation import LayerAnnotation, annotated_layers
 from qcompiler.runtime import make_session, run_batches
 
 
@@ -88,17 +87,17 @@ def evaluate(reference: ir.Model, candidate: ir.Model, batches: Sequence[Mapping
     result = Evaluation({name: output_metrics(real(ref_runs, name), real(cand_runs, name)) for name in outputs},
                         None, samples=sum(len(next(iter(b.values()))) for b in batches))
     result.embedding = embedding_metrics(outputs, ref_runs, cand_runs, batches)
-    annotations = quantization_annotations(candidate)
+    annotations = {a.layer: a for _, a in annotated_layers(candidate)}
     transformed_layers = _transformed(candidate)
     for layer in shared:
         ref_values = real(ref_runs, ref_layers[layer])
         cand_values = real(cand_runs, cand_layers[layer])
-        annotation = annotations.get(layer, {})
+        annotation = annotations.get(layer)
         transformed = transformed_layers.get(layer)
         result.layers.append({
             "layer": layer,
-            "scheme": annotation.get("scheme", "float"),
-            "weight_sqnr_db": annotation.get("weight_sqnr_db"),
+            "scheme": annotation.scheme.describe() if annotation else "float",
+            "weight_sqnr_db": annotation.weight_sqnr_db if annotation else None,
             # A producer that absorbed a transform emits a different (equivalent) basis.
             "output_sqnr_db": None if transformed else output_metrics(ref_values, cand_values)["sqnr_db"],
             "output_transformed_by": transformed,
@@ -165,8 +164,9 @@ def layer_outputs(model: ir.Model) -> dict[str, str]:
     """
     result: dict[str, str] = {}
     for node in model.graph:
-        if ANNOTATION in node.metadata_props:
-            layer = json.loads(node.metadata_props[ANNOTATION])["layer"]
+        annotation = LayerAnnotation.from_node(node)
+        if annotation is not None:
+            layer = annotation.layer
         elif _is_float_linear(node):
             layer = Linear(node, node.inputs[1], None, None).layer
         else:
@@ -176,7 +176,7 @@ def layer_outputs(model: ir.Model) -> dict[str, str]:
         if len(uses) == 1 and uses[0].node.op_type == "Add" and not output.is_graph_output():
             bias = uses[0].node.inputs[1 - uses[0].idx]
             output = uses[0].node.outputs[0]
-            if ANNOTATION not in node.metadata_props:
+            if annotation is None:
                 layer = Linear(node, node.inputs[1], uses[0].node, bias).layer
         result.setdefault(layer, output.name)
     return result
@@ -197,20 +197,7 @@ def _transformed(model: ir.Model) -> dict[str, str]:
     found = {}
     for node in model.graph:
         if OUTPUT_TRANSFORMED in node.metadata_props:
-            if ANNOTATION in node.metadata_props:
-                layer = json.loads(node.metadata_props[ANNOTATION])["layer"]
-            else:
-                layer = Linear(node, node.inputs[1], None, None).layer
+            annotation = LayerAnnotation.from_node(node)
+            layer = annotation.layer if annotation is not None else Linear(node, node.inputs[1], None, None).layer
             found[layer] = node.metadata_props[OUTPUT_TRANSFORMED]
-    return found
-
-
-def quantization_annotations(model: ir.Model, full: bool = False) -> dict[str, dict]:
-    """Module path -> {scheme, weight_sqnr_db} (``full``: the whole annotation) from the quantize pass."""
-    found = {}
-    for node in model.graph:
-        if ANNOTATION in node.metadata_props:
-            annotation = json.loads(node.metadata_props[ANNOTATION])
-            found[annotation["layer"]] = annotation if full else {
-                "scheme": annotation["scheme"], "weight_sqnr_db": annotation["weight_sqnr_db"]}
     return found

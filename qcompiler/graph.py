@@ -1,9 +1,20 @@
-"""Small graph-editing helpers that onnx_ir does not provide."""
+"""Graph edits that onnx_ir does not provide, written once for every pass and lowering.
+
+Each keeps the invariants that are easy to break by hand: a node goes in right after the
+producer of what it reads (or first, for a graph input or initializer); uses move
+together with the graph outputs they feed, and a graph output keeps its name, since
+that name is the model's interface; a replaced node's output hands its name, shape,
+type and metadata to its replacement.
+"""
 
 from __future__ import annotations
 
+from typing import Iterable, Sequence
+
 import numpy as np
 import onnx_ir as ir
+
+MS_DOMAIN = "com.microsoft"  # onnxruntime's contrib operators
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
@@ -37,16 +48,63 @@ def unique_node_name(graph: ir.Graph, base: str) -> str:
     return unique
 
 
-def swap_node(graph: ir.Graph, node: ir.Node, replacement: ir.Node) -> None:
-    """Put ``replacement`` where ``node`` was: its output takes the old output's name, uses and metadata."""
-    graph.insert_before(node, replacement)
+def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: ir.Node | Sequence[ir.Node]) -> None:
+    """Insert ``nodes`` (which read ``value``) right after its producer, or first when it has none."""
+    producer = value.producer()
+    if producer is not None:
+        graph.insert_after(producer, nodes)
+    else:
+        graph.insert_before(next(iter(graph)), nodes)
+
+
+def redirect_uses(graph: ir.Graph, old: ir.Value, new: ir.Value, *, readers: Iterable[ir.Node] | None = None,
+                  except_node: ir.Node | None = None, graph_output: bool = True) -> None:
+    """Make readers of ``old`` read ``new``: all of them, or those in ``readers``, never ``except_node``.
+
+    With ``graph_output``, a graph output ``old`` becomes ``new`` under ``old``'s name.
+    """
+    chosen = None if readers is None else {id(n) for n in readers}
+    for use in list(old.uses()):
+        if use.node is not except_node and (chosen is None or id(use.node) in chosen):
+            use.node.replace_input_with(use.idx, new)
+    if graph_output and old.is_graph_output():
+        replace_graph_output(graph, old, new)
+
+
+def interpose(graph: ir.Graph, value: ir.Value, node: ir.Node, *, take_name: bool = False) -> ir.Value:
+    """Put ``node``, which reads ``value``, between ``value`` and everything that read it; returns its output.
+
+    The output gets ``value``'s shape and type, and its name when ``value`` was a graph
+    output or with ``take_name`` (``value`` is then renamed ``<name>_inner``).
+    """
+    result = node.outputs[0]
+    result.shape, result.type = value.shape, value.type
+    was_output = value.is_graph_output()
+    insert_after_producer(graph, value, node)
+    redirect_uses(graph, value, result, except_node=node)
+    if take_name and not was_output:
+        name = value.name
+        value.name, result.name = f"{name}_inner", name
+    return result
+
+
+def replace_node(graph: ir.Graph, node: ir.Node, nodes: ir.Node | Sequence[ir.Node],
+                 output: ir.Value | None = None) -> None:
+    """Put ``nodes`` where ``node`` was; ``output`` (default: the first node's) takes over its single output.
+
+    The new output takes the old one's name, shape, type and uses (graph outputs
+    included); the node producing it takes the old node's metadata (the quantize
+    annotation, name scopes).
+    """
+    nodes = [nodes] if isinstance(nodes, ir.Node) else list(nodes)
+    new = output if output is not None else nodes[0].outputs[0]
     old = node.outputs[0]
-    new = replacement.outputs[0]
+    graph.insert_before(node, nodes)
     old.replace_all_uses_with(new, replace_graph_outputs=True)
     name = old.name
     old.name = f"{name}_replaced"
     new.name, new.shape, new.type = name, old.shape, old.type
-    replacement.metadata_props.update(node.metadata_props)
+    new.producer().metadata_props.update(node.metadata_props)
     graph.remove(node, safe=True)
 
 

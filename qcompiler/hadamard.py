@@ -209,37 +209,3 @@ def orthogonal_matrix(n: int, kind: str = "hadamard", seed: int = 0) -> np.ndarr
     if kind != "hadamard":
         raise ValueError(f"Unknown orthogonal matrix kind {kind!r}; use 'hadamard' or 'random'.")
     return functools.reduce(np.kron, (factor_matrix(f, seed) for f in rotation_plan(n).factors), np.ones((1, 1)))
-
-
-def random_signs(n: int, seed: int) -> np.ndarray:
-    """Seeded +-1 float64 vector s, for QuaRot's randomized Hadamard H diag(s)."""
-    return np.random.default_rng(seed).choice([-1.0, 1.0], size=n)
-
-
-def _fwht(x: np.ndarray) -> np.ndarray:
-    """x @ H_s along the last axis for Sylvester H_s (unnormalized), in s log s adds."""
-    lead, s, h = x.shape[:-1], x.shape[-1], 1
-    while h < s:
-        y = x.reshape(*lead, s // (2 * h), 2, h)
-        x = np.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), axis=-2).reshape(*lead, s)
-        h *= 2
-    return x
-
-
-def apply_rotation(x: np.ndarray, plan: RotationPlan, seed: int = 0) -> np.ndarray:
-    """x @ orthogonal_matrix(plan.n, seed=seed) along the last axis, in float64, never forming Q.
-
-    The last axis is split into the factor sizes (row-major Kronecker order) and each
-    small factor is applied to its own axis: O(n log n) for Sylvester, O(n * size) else.
-    """
-    x = np.asarray(x, dtype=np.float64)
-    if x.shape[-1] != plan.n:
-        raise ValueError(f"Last axis has {x.shape[-1]} channels but the plan rotates {plan.n}.")
-    lead = x.shape[:-1]
-    y = x.reshape(*lead, *(f.size for f in plan.factors))
-    for i, f in enumerate(plan.factors):
-        axis = len(lead) + i
-        z = np.moveaxis(y, axis, -1)
-        z = _fwht(z) / math.sqrt(f.size) if f.kind == "sylvester" else z @ factor_matrix(f, seed)
-        y = np.moveaxis(z, -1, axis)
-    return y.reshape(x.shape)

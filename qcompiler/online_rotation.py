@@ -16,7 +16,7 @@ import functools
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.graph import add_initializer, unique_node_name
+from qcompiler.graph import add_initializer, insert_after_producer, unique_node_name
 from qcompiler.hadamard import Factor, factor_matrix, rotation_plan
 
 DOMAIN = "qcompiler"
@@ -86,11 +86,7 @@ def insert_hadamard(model: ir.Model, value: ir.Value, seed: int = 0) -> ir.Node:
     node = ir.node(OP, [value, a_value, b_value], domain=DOMAIN, name=unique_node_name(graph, f"{value.name}_hadamard"))
     node.outputs[0].name = f"{value.name}_rotated"
     node.outputs[0].shape, node.outputs[0].type = value.shape, value.type
-    producer = value.producer()
-    if producer is not None:
-        graph.insert_after(producer, node)
-    else:
-        graph.insert_before(next(iter(graph)), node)
+    insert_after_producer(graph, value, node)
     return node
 
 

@@ -11,57 +11,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 import onnx_ir as ir
 
 from qcompiler.calibration.data import CalibrationData
 from qcompiler.calibration.engine import CalibrationEngine
-from qcompiler.calibration.stats import TensorStats
-from qcompiler.errors import QCompilerError, VerificationError
+from qcompiler.errors import VerificationError
+from qcompiler.pass_api import Pass, PassContext
 from qcompiler.pipeline import format_pipeline
 from qcompiler.quant.presets import Scheme
-from qcompiler.registry import Pass
 from qcompiler.report import PassRecord, Report
 from qcompiler.runtime import make_session, run_batches
 from qcompiler.verify import compare_outputs, worst
 
 DEFAULT_TOLERANCE = 1e-4
-
-
-@dataclass
-class PassContext:
-    """What a running pass may use: calibration statistics, held-out data, the report."""
-
-    engine: CalibrationEngine | None
-    holdout: CalibrationData | None
-    report: Report
-    record: PassRecord | None = None
-    log: Callable[[str], None] = lambda message: None
-    # The scheme of the next quantize pass in the pipeline: what searches should score against.
-    target: Scheme | None = None
-
-    def statistics(self, model: ir.Model, tensors: Sequence[str], xtx: Iterable[str] = ()) -> dict[str, TensorStats]:
-        """Statistics of ``tensors`` on the calibration part of the data (cached)."""
-        stats = self._engine().collect(model, tensors, xtx)
-        if self.record is not None:
-            self.record.statistics.extend(t for t in tensors if t not in self.record.statistics)
-        return stats
-
-    def samples(self, model: ir.Model, tensors: Sequence[str], rows: int = 512) -> dict[str, np.ndarray]:
-        """Token rows of ``tensors`` from the calibration part of the data (for searches)."""
-        return self._engine().samples(model, tensors, rows)
-
-    def batches(self) -> list[dict[str, np.ndarray]]:
-        """The calibration part's input batches (never the held-out ones), for searches that run the model."""
-        return self._engine().data.batches
-
-    def _engine(self) -> CalibrationEngine:
-        if self.engine is None:
-            name = self.record.name if self.record else "this pass"
-            raise QCompilerError(f"Pass '{name}' needs calibration data; give some with --calib.")
-        return self.engine
 
 
 @dataclass
@@ -113,7 +77,7 @@ class PassManager:
                 ctx.statistics(model, needed)
             outcome = pass_.run(model, ctx)
             record.seconds = time.perf_counter() - tick
-            record.modified, record.details = outcome.modified, outcome.details
+            record.modified, record.details, record.findings = outcome.modified, outcome.details, outcome.findings
             _record_changes(record, before, _snapshot(model))
             if checking and outcome.modified:
                 current = self._outputs(model)
@@ -147,11 +111,11 @@ class PassManager:
 
 
 def _target_after(passes: Sequence[Pass], index: int) -> Scheme | None:
-    """The default scheme of the first quantize pass after ``passes[index]``, if any."""
+    """What the first later pass that has a wish (`Pass.optimizes_for`) asks ``passes[index]`` to optimize for."""
     for later in passes[index + 1:]:
-        target = getattr(later, "scheme", None)
-        if callable(target):
-            return target()
+        target = later.optimizes_for()
+        if target is not None:
+            return target
     return None
 
 

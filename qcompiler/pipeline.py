@@ -15,7 +15,8 @@ import typing
 from typing import Any, Iterable, Sequence, Union
 
 from qcompiler.errors import PipelineError
-from qcompiler.registry import PASSES, PRESETS, Pass, ensure_loaded
+from qcompiler.pass_api import Pass
+from qcompiler.registry import PASSES, PRESETS, ensure_loaded
 
 
 def parse_pipeline(pipeline: str | Sequence[Pass | str] | None) -> list[Pass]:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
+
+FindingT = TypeVar("FindingT")
 
 
 @dataclass
@@ -28,6 +30,7 @@ class PassRecord:
     verification: dict[str, dict[str, float]] | None = None
     statistics: list[str] = field(default_factory=list)
     details: dict[str, Any] = field(default_factory=dict)
+    findings: list[Any] = field(default_factory=list)  # typed results other stages read (`PassOutcome.findings`)
 
 
 @dataclass
@@ -41,6 +44,10 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def findings(self, kind: type[FindingT]) -> list[FindingT]:
+        """Every finding of type ``kind`` that the passes handed back, in pipeline order."""
+        return [item for record in self.passes for item in record.findings if isinstance(item, kind)]
 
     def write_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, default=_json_default) + "\n", encoding="utf-8")

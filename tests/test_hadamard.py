@@ -11,13 +11,12 @@ import pytest
 from qcompiler.hadamard import (
     Factor,
     RotationPlan,
-    apply_rotation,
     hadamard_matrix,
     orthogonal_matrix,
     paley_matrix,
-    random_signs,
     rotation_plan,
 )
+from qcompiler.online_rotation import factor_pair, rotate_last_axis
 
 # Width -> plan. Real model widths: 384 MiniLM, 768 BERT-base, 1536/8960 Qwen2-1.5B,
 # 3584/18944 Qwen2-7B, 4864 Qwen2-0.5B MLP, 11008 Llama-2-7B MLP, 14336 Llama-3-8B MLP,
@@ -85,10 +84,11 @@ def test_large_rotation_sampled_rows(n: int) -> None:
     picked = rng.choice(n, size=16, replace=False)
     basis = np.zeros((16, n))
     basis[np.arange(16), picked] = 1.0
-    rows = apply_rotation(basis, plan)  # rows `picked` of Q
+    factors = factor_pair(n)  # the online rotation's two factors: never the dense n x n Q
+    rows = rotate_last_axis(basis, *factors)  # rows `picked` of Q
     assert np.abs(rows @ rows.T - np.eye(16)).max() < 1e-10
     x = rng.standard_normal((4, n))
-    y = apply_rotation(x, plan)
+    y = rotate_last_axis(x, *factors)
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1), rtol=1e-12)
     np.testing.assert_allclose(y @ rows.T, x[:, picked], atol=1e-10)  # x Q Q^T = x on the sample
     if plan.exact_hadamard:
@@ -99,10 +99,10 @@ def test_large_rotation_sampled_rows(n: int) -> None:
 
 @pytest.mark.parametrize("n", [1, 2, 7, 12, 28, 40, 52, 60, 64, 214, 384, 768, 1536])
 @pytest.mark.parametrize("seed", [0, 3])
-def test_apply_rotation_matches_dense(n: int, seed: int) -> None:
+def test_factored_rotation_matches_dense(n: int, seed: int) -> None:
     x = np.random.default_rng(1).standard_normal((2, 3, n))
     expected = x @ orthogonal_matrix(n, seed=seed)
-    np.testing.assert_allclose(apply_rotation(x, rotation_plan(n), seed=seed), expected, rtol=0, atol=1e-10)
+    np.testing.assert_allclose(rotate_last_axis(x, *factor_pair(n, seed)), expected, rtol=0, atol=1e-10)
 
 
 def test_seed_only_moves_random_factors() -> None:
@@ -179,22 +179,8 @@ def test_orthogonal_matrix_rejects_bad_arguments(n: int, kind: str) -> None:
         orthogonal_matrix(n, kind=kind)
 
 
-def test_random_signs() -> None:
-    s = random_signs(1000, seed=5)
-    assert s.dtype == np.float64 and set(np.unique(s)) == {-1.0, 1.0}
-    np.testing.assert_array_equal(s, random_signs(1000, seed=5))
-    assert not np.array_equal(s, random_signs(1000, seed=6))
-
-
-def test_randomized_hadamard_is_orthogonal() -> None:
-    q = np.diag(random_signs(384, seed=2)) @ orthogonal_matrix(384)  # flip signs, then rotate
-    assert np.abs(q @ q.T - np.eye(384)).max() < 1e-10
-
-
-def test_apply_rotation_checks_width() -> None:
+def test_rotation_plan_is_a_frozen_value() -> None:
     plan = RotationPlan(12, (Factor("paley1", 12, "q=11"),))
     assert plan == rotation_plan(12)
     with pytest.raises(dataclasses.FrozenInstanceError):
         plan.n = 13  # type: ignore[misc]
-    with pytest.raises(ValueError, match="12"):
-        apply_rotation(np.ones(13), plan)

@@ -12,7 +12,7 @@ from qcompiler.analysis.linears import find_linears
 from qcompiler.errors import VerificationError
 from qcompiler.pass_manager import PassManager
 from qcompiler.pipeline import parse_pipeline
-from qcompiler.registry import Pass, PassOutcome
+from qcompiler.pass_api import Pass, PassOutcome
 
 
 class ScaleFirstWeight(Pass):

@@ -9,7 +9,8 @@ import pytest
 
 from qcompiler.errors import PipelineError
 from qcompiler.pipeline import build_options, format_pipeline, parse_pipeline, split_top_level
-from qcompiler.registry import PASSES, Pass, PassOutcome
+from qcompiler.pass_api import Pass, PassOutcome
+from qcompiler.registry import PASSES
 
 
 @dataclass

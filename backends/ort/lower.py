@@ -22,29 +22,16 @@ Per quantized linear (read from its ``qcompiler.quant`` annotation):
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.graph import add_initializer, drop_unused, swap_node, unique_node_name, value_named
+from qcompiler.backend import Lowering
+from qcompiler.graph import MS_DOMAIN, add_initializer, drop_unused, replace_node, unique_node_name, value_named
+from qcompiler.quant.annotation import ActivationAnnotation, WeightAnnotation, annotated_layers
 from qcompiler.quant.formats import pack
-from qcompiler.quant.simulate import ANNOTATION, is_int8_per_token, weight_parts
+from qcompiler.quant.simulate import weight_parts
 
-MS_DOMAIN = "com.microsoft"
 NBITS_BLOCK = 128
-
-
-@dataclass
-class Lowering:
-    """What each linear became."""
-
-    kernels: dict[str, str] = field(default_factory=dict)  # layer -> kernel
-    simulated: dict[str, str] = field(default_factory=dict)  # layer -> why no native kernel
-
-    def to_dict(self) -> dict:
-        return {"kernels": self.kernels, "simulated": self.simulated}
 
 
 def lower(model: ir.Model) -> Lowering:
@@ -52,11 +39,8 @@ def lower(model: ir.Model) -> Lowering:
     result = Lowering()
     graph = model.graph
     tokens: dict = {}  # activation source -> its per-token uint8 codes and row scales
-    for node in list(graph):
-        if ANNOTATION not in node.metadata_props:
-            continue
-        annotation = json.loads(node.metadata_props[ANNOTATION])
-        layer, weight, activation = annotation["layer"], annotation["weight"], annotation["activation"]
+    for node, annotation in annotated_layers(model):
+        layer, weight, activation = annotation.layer, annotation.weight, annotation.activation
         kernel = _choose(weight, activation)
         if kernel is None:
             result.simulated[layer] = _why_simulated(weight, activation)
@@ -79,56 +63,55 @@ def qdq_dialect(model: ir.Model) -> Lowering:
     runtimes read the same standard ops. Per-token activations stay float ops.
     """
     result = Lowering()
-    for node in model.graph:
-        if ANNOTATION not in node.metadata_props:
-            continue
-        annotation = json.loads(node.metadata_props[ANNOTATION])
-        weight, activation = annotation["weight"], annotation["activation"]
+    for _, annotation in annotated_layers(model):
+        layer, weight, activation = annotation.layer, annotation.weight, annotation.activation
         kernel = _choose(weight, activation)
         if kernel == "QDQ":
-            result.kernels[annotation["layer"]] = "Q/DQ (onnxruntime fuses it into MatMulIntegerToFloat)"
-        elif kernel == "MatMulNBits" and weight["granularity"] == "group" and activation is None:
-            result.kernels[annotation["layer"]] = "blocked 4-bit DequantizeLinear (onnxruntime fuses it into MatMulNBits)"
+            result.kernels[layer] = "Q/DQ (onnxruntime fuses it into MatMulIntegerToFloat)"
+        elif kernel == "MatMulNBits" and weight.spec.granularity == "group" and activation is None:
+            result.kernels[layer] = "blocked 4-bit DequantizeLinear (onnxruntime fuses it into MatMulNBits)"
         else:
-            result.simulated[annotation["layer"]] = _why_simulated(weight, activation) if kernel is None else \
+            result.simulated[layer] = _why_simulated(weight, activation) if kernel is None else \
                 "standard ops only in the qdq dialect (the ort dialect has a kernel for it)"
     return result
 
 
-def _choose(weight: dict, activation: dict | None) -> str | None:
-    stored = weight["stored"] == "DequantizeLinear"
-    element = weight["format"]
-    if not stored:
+def _choose(weight: WeightAnnotation, activation: ActivationAnnotation | None) -> str | None:
+    spec = weight.spec
+    if not weight.native:
         return None
-    if element in ("int4", "uint4") and (activation is None or is_int8_per_token(activation)):
-        if weight["granularity"] in ("group", "channel"):
+    if spec.format in ("int4", "uint4") and (activation is None or activation.int8_per_token):
+        if spec.granularity in ("group", "channel"):
             return "MatMulNBits"
         return None
-    if element == "int8" and weight["granularity"] in ("channel", "tensor") and activation is not None:
-        if activation["format"] == "int8" and not activation["dynamic"]:
+    if spec.format == "int8" and spec.granularity in ("channel", "tensor") and activation is not None:
+        if activation.spec.format == "int8" and not activation.spec.dynamic:
             return "QDQ"
-        if is_int8_per_token(activation):
+        if activation.int8_per_token:
             return "MatMulIntegerToFloat (per-token)"
     return None
 
 
-def _why_simulated(weight: dict, activation: dict | None) -> str:
-    if weight["stored"] != "DequantizeLinear":
-        return f"onnxruntime has no CPU kernel for {weight['spec']} weights"
+def _why_simulated(weight: WeightAnnotation, activation: ActivationAnnotation | None) -> str:
+    if not weight.native:
+        return f"onnxruntime has no CPU kernel for {weight.spec.describe()} weights"
     if activation is None:
-        return f"weight-only {weight['spec']} runs as DequantizeLinear + float MatMul"
-    return f"onnxruntime has no CPU kernel for {weight['spec']} weights with {activation['spec']} activations"
+        return f"weight-only {weight.spec.describe()} runs as DequantizeLinear + float MatMul"
+    return (f"onnxruntime has no CPU kernel for {weight.spec.describe()} weights with {activation.spec.describe()} "
+            "activations")
 
 
-def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: dict, activation: dict | None) -> None:
+def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: WeightAnnotation,
+                     activation: ActivationAnnotation | None) -> None:
     graph = model.graph
     codes, scale, zero, _ = weight_parts(node)
     k, n = codes.shape
-    unsigned = codes.astype(np.int16) + (0 if weight["format"] == "uint4" else 8)
-    if weight["granularity"] == "group":
-        block = int(weight["group_size"])
+    offset = 0 if weight.spec.format == "uint4" else 8
+    unsigned = codes.astype(np.int16) + offset
+    if weight.spec.granularity == "group":
+        block = weight.spec.group_size
         scales = scale  # [ceil(K/g), N]
-        zeros = None if zero is None else zero.astype(np.int16) + (0 if weight["format"] == "uint4" else 8)
+        zeros = None if zero is None else zero.astype(np.int16) + offset
     else:  # per channel: equal-scale blocks, the same arithmetic as one block of K
         block = NBITS_BLOCK
         blocks = -(-k // block)
@@ -154,11 +137,11 @@ def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: dict, activation: d
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     if activation is not None:
         # MatMulNBits quantizes its input itself; read the float activation, not the simulated one.
-        replacement.replace_input_with(0, value_named(graph, activation["source"]))
-    swap_node(graph, node, replacement)
+        replacement.replace_input_with(0, value_named(graph, activation.source))
+    replace_node(graph, node, replacement)
 
 
-def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict, tokens: dict) -> None:
+def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: ActivationAnnotation, tokens: dict) -> None:
     """Per-token int8 activations: one quantization per source tensor, one integer GEMM per linear.
 
     The codes go to the GEMM as uint8 with zero point 128 (the same integers, on the
@@ -166,7 +149,7 @@ def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict, tokens:
     weight scale, one Mul the per-row activation scale.
     """
     codes, scale, _, _ = weight_parts(node)
-    source = activation["source"]
+    source = activation.source
     base = node.name or "linear"
     nodes: list[ir.Node] = []
 
@@ -196,11 +179,4 @@ def _to_matmul_integer(graph: ir.Graph, node: ir.Node, activation: dict, tokens:
     product = op("MatMulIntegerToFloat", grid_u8, add_initializer(graph, f"{base}_int8", codes.astype(np.int8)),
                  add_initializer(graph, f"{base}_a_scale", np.array(1.0, np.float32)), column_scale,
                  add_initializer(graph, f"{base}_a_zero", np.array(128, np.uint8)), domain=MS_DOMAIN)
-    output = op("Mul", product, row_scale)
-    nodes[-1].metadata_props.update(node.metadata_props)
-    graph.insert_before(node, nodes)
-    old = node.outputs[0]
-    old.replace_all_uses_with(output, replace_graph_outputs=True)
-    output.name, output.shape, output.type = old.name, old.shape, old.type
-    old.name = f"{old.name}_replaced"
-    graph.remove(node, safe=True)
+    replace_node(graph, node, nodes, op("Mul", product, row_scale))

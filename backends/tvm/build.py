@@ -21,13 +21,13 @@ import onnx_ir as ir
 import tvm
 from tvm import relax
 
+from qcompiler.backend import Lowering
 from qcompiler.backends.tvm import cpu_schedule
+from qcompiler.backends.tvm.backend import TARGETS
 from qcompiler.backends.tvm.int4_matmul import default_target
-from qcompiler.backends.tvm.lower import Lowering, fuse_quantized_linears, specialize, to_relax
+from qcompiler.backends.tvm.lower import fuse_quantized_linears, specialize, to_relax
 from qcompiler.errors import QCompilerError
 
-TARGETS = ("llvm",)
-LIBRARY = "model.so"
 
 
 @dataclass

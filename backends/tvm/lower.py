@@ -23,19 +23,15 @@ Two steps, so the float part of the model keeps TVM's own ONNX importer:
    changes: other annotated layers stay in the simulate form (Q/DQ and float ops) and the
    lowering says why.
 2. `to_relax` imports the result with TVM's ONNX frontend plus converters for those ops and
-   for the rotate pass's ``qcompiler.Hadamard`` (the Walsh-Hadamard kernel). TVM 0.27's
-   frontend has no registration hook, so the converter table is extended for the duration
-   of the import only. Shapes are static: every kernel is specialized to its M.
+   for the rotate pass's ``qcompiler.Hadamard`` (the Walsh-Hadamard kernel), added for the
+   duration of the import only (`qcompiler.backends.tvm.frontend_hook`: TVM 0.27's frontend
+   has no public registration hook). Shapes are static: every kernel is specialized to its M.
 """
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import hashlib
-import json
-from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -44,32 +40,21 @@ import tvm
 from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
-from qcompiler.backends.tvm import hadamard, int4_matmul, int8_matmul, w4a8_matmul
+from qcompiler.backend import Lowering
+from qcompiler.backends.tvm import frontend_hook, hadamard, int4_matmul, int8_matmul, w4a8_matmul
 from qcompiler.errors import QCompilerError
-from qcompiler.graph import add_initializer, drop_unused, swap_node, unique_node_name, value_named
+from qcompiler.graph import MS_DOMAIN, add_initializer, drop_unused, replace_node, unique_node_name, value_named
 from qcompiler.online_rotation import DOMAIN as HADAMARD_DOMAIN
 from qcompiler.online_rotation import OP as HADAMARD_OP
 from qcompiler.quant.formats import ELEMENT_FORMATS, unpack
-from qcompiler.quant.simulate import ANNOTATION, is_int8_per_token, weight_parts
+from qcompiler.quant.annotation import LayerAnnotation
+from qcompiler.quant.simulate import weight_parts
 
 KERNEL_DOMAIN = "qcompiler.tvm"
 INT4, INT8, W4A8 = "Int4MatMul", "Int8MatMul", "W4A8MatMul"
-MS_DOMAIN = "com.microsoft"
 UINT4 = ELEMENT_FORMATS["uint4"]
 OPAQUE = 8  # relax.transform's OpPatternKind.kOpaque: never fused with other ops
 _KERNEL_SUFFIX = contextvars.ContextVar("kernel_suffix", default="")  # set by to_relax for the converters
-
-
-@dataclass
-class Lowering:
-    """What each linear became."""
-
-    kernels: dict[str, str] = field(default_factory=dict)  # layer -> kernel
-    simulated: dict[str, str] = field(default_factory=dict)  # layer -> why no native kernel
-    rotations: int = 0  # online Hadamard nodes, each run by the Walsh-Hadamard kernel
-
-    def to_dict(self) -> dict:
-        return {"kernels": self.kernels, "simulated": self.simulated, "rotations": self.rotations}
 
 
 # ---------------------------------------------------------------- step 1: ONNX rewrite
@@ -80,8 +65,9 @@ def fuse_quantized_linears(model: ir.Model) -> Lowering:
     result = Lowering()
     graph = model.graph
     for node in list(graph):
-        if ANNOTATION in node.metadata_props:
-            _fuse_annotated(model, node, result)
+        annotation = LayerAnnotation.from_node(node)
+        if annotation is not None:
+            _fuse_annotated(model, node, annotation, result)
         elif node.op_type == "MatMulNBits" and node.domain == MS_DOMAIN:
             _fuse_matmul_nbits(model, node, result)
         elif node.op_type == "MatMul" and _constant_4bit_weight(node) is not None:
@@ -92,29 +78,27 @@ def fuse_quantized_linears(model: ir.Model) -> Lowering:
     return result
 
 
-def _fuse_annotated(model: ir.Model, node: ir.Node, result: Lowering) -> None:
-    annotation = json.loads(node.metadata_props[ANNOTATION])
-    layer, weight, activation = annotation["layer"], annotation["weight"], annotation["activation"]
-    if weight["stored"] != "DequantizeLinear":
-        result.simulated[layer] = f"{weight['spec']} weights are stored dequantized (no integer codes to run on)"
+def _fuse_annotated(model: ir.Model, node: ir.Node, annotation: LayerAnnotation, result: Lowering) -> None:
+    layer, weight, activation = annotation.layer, annotation.weight.spec, annotation.activation
+    if not annotation.weight.native:
+        result.simulated[layer] = f"{weight.describe()} weights are stored dequantized (no integer codes to run on)"
         return
-    tokens = is_int8_per_token(activation)
-    static = activation is not None and activation["format"] == "int8" and not activation["dynamic"] \
-        and activation["granularity"] == "tensor"
+    tokens = activation is not None and activation.int8_per_token
+    static = activation is not None and activation.int8_static_tensor
     codes, scale, zero, _ = weight_parts(node)
-    if weight["format"] in ("int4", "uint4") and weight["granularity"] in ("group", "channel") \
+    if weight.format in ("int4", "uint4") and weight.granularity in ("group", "channel") \
             and (activation is None or tokens):
-        x = value_named(model.graph, activation["source"]) if tokens else node.inputs[0]
-        group = int(weight["group_size"]) if weight["granularity"] == "group" else codes.shape[0]
+        x = value_named(model.graph, activation.source) if tokens else node.inputs[0]
+        group = weight.group_size if weight.granularity == "group" else codes.shape[0]
         integer = tokens and w4a8_matmul.supports(group) and int8_matmul.has_vnni()
-        _emit_int4(model, node, x, codes, scale, zero, group, signed=weight["format"] == "int4", tokens=tokens,
+        _emit_int4(model, node, x, codes, scale, zero, group, signed=weight.format == "int4", tokens=tokens,
                    integer=integer)
         result.kernels[layer] = ("TVM W4A8 VNNI matmul (int8 per-token x int4)" if integer
                                  else "TVM int4 matmul (W4A8: int8 per-token codes)" if tokens
                                  else "TVM int4 matmul (W4A16)")
-    elif weight["format"] == "int8" and weight["granularity"] in ("channel", "tensor") and (tokens or static):
+    elif weight.format == "int8" and weight.granularity in ("channel", "tensor") and (tokens or static):
         if tokens:
-            x, activation_scale, activation_zero = value_named(model.graph, activation["source"]), None, 0
+            x, activation_scale, activation_zero = value_named(model.graph, activation.source), None, 0
         else:  # static: the consumer's own Q/DQ pair holds the scale and zero point
             dq = node.inputs[0].producer()
             x = dq.inputs[0].producer().inputs[0]
@@ -123,7 +107,7 @@ def _fuse_annotated(model: ir.Model, node: ir.Node, result: Lowering) -> None:
         _emit_int8(model, node, x, codes, scale, activation_scale, activation_zero)
         result.kernels[layer] = "TVM int8 VNNI matmul (" + ("per-token" if tokens else "static per-tensor") + ")"
     else:
-        spec = weight["spec"] + (f" with {activation['spec']} activations" if activation else " weight-only")
+        spec = weight.describe() + (f" with {activation.spec.describe()} activations" if activation else " weight-only")
         result.simulated[layer] = f"no TVM kernel for {spec}; runs as Q/DQ and float ops"
 
 
@@ -168,7 +152,7 @@ def _replace(model: ir.Model, node: ir.Node, op: str, x: ir.Value, packed: dict[
     replacement = ir.node(op, [x, *weights], attributes=attributes, domain=KERNEL_DOMAIN,
                           name=unique_node_name(graph, f"{node.name}_{op.lower()}"))
     model.opset_imports.setdefault(KERNEL_DOMAIN, 1)
-    swap_node(graph, node, replacement)
+    replace_node(graph, node, replacement)
 
 
 def _fuse_matmul_nbits(model: ir.Model, node: ir.Node, result: Lowering) -> None:
@@ -258,28 +242,12 @@ def to_relax(model: ir.Model, shapes: dict[str, tuple[int, ...]], suffix: str = 
     dtypes = {v.name: v.dtype.numpy().name for v in model.graph.inputs if v.name not in model.graph.initializers}
     token = _KERNEL_SUFFIX.set(suffix)
     try:
-        with _kernel_converters():
+        with frontend_hook.extra_converters({INT4: _Int4Converter, INT8: _Int8Converter, W4A8: _W4A8Converter,
+                                             HADAMARD_OP: _HadamardConverter}):
             return onnx_frontend.from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()},
                                            dtype_dict=dtypes)
     finally:
         _KERNEL_SUFFIX.reset(token)
-
-
-@contextlib.contextmanager
-def _kernel_converters() -> Iterator[None]:
-    original = onnx_frontend._get_convert_map
-
-    def extended() -> dict:
-        table = dict(original())
-        table.update({INT4: _Int4Converter, INT8: _Int8Converter, W4A8: _W4A8Converter,
-                      HADAMARD_OP: _HadamardConverter})
-        return table
-
-    onnx_frontend._get_convert_map = extended
-    try:
-        yield
-    finally:
-        onnx_frontend._get_convert_map = original
 
 
 def _static_shape(x: relax.Expr, what: str) -> list[int]:

@@ -13,6 +13,7 @@ the session is built, and each trial feeds one replacement.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -20,6 +21,16 @@ import onnx_ir as ir
 
 from qcompiler.calibration.data import Feeds, real_tokens, token_mask
 from qcompiler.runtime import make_session
+
+
+@dataclass(frozen=True)
+class SensitivityRow:
+    """One linear of quantize's fallback ranking: what the manifest and report.md list."""
+
+    linear: str  # module path
+    rtn_output_error: float  # relative squared output error with only this weight rounded to nearest
+    parameters: int
+    preset: str  # the preset the linear ended with (the fallback one when it was chosen)
 
 
 def output_sensitivity(model: ir.Model, replacements: Mapping[str, np.ndarray],

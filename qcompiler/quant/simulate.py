@@ -18,12 +18,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.graph import add_initializer, unique_node_name
+from qcompiler.graph import add_initializer, insert_after_producer, unique_node_name
 from qcompiler.quant.formats import ElementFormat
 from qcompiler.quant.spec import E4M3_MAX, QuantizedTensor, QuantSpec, quantize
 
-# Metadata key on each quantized MatMul: the resolved specs, which backends lower from.
-ANNOTATION = "qcompiler.quant"
 DEQUANTIZABLE = {"int8", "uint8", "int4", "uint4", "fp8-e4m3", "fp8-e5m2"}
 TINY = 1e-30
 
@@ -78,11 +76,7 @@ class _Emitter:
     def commit(self, result: ir.Value) -> ir.Value:
         result.name = f"{self.prefix}_qdq"
         result.shape, result.type = self.source.shape, self.source.type
-        producer = self.source.producer()
-        if producer is not None:
-            self.graph.insert_after(producer, self.nodes)
-        else:
-            self.graph.insert_before(next(iter(self.graph)), self.nodes)
+        insert_after_producer(self.graph, self.source, self.nodes)
         return result
 
 
@@ -225,9 +219,3 @@ def weight_parts(node: ir.Node) -> tuple[np.ndarray, np.ndarray, np.ndarray | No
     scale = dq.inputs[1].const_value.numpy().astype(np.float32)
     zero = dq.inputs[2].const_value.numpy() if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
     return codes, scale, zero, dq
-
-
-def is_int8_per_token(activation: dict | None) -> bool:
-    """Whether an annotation's activation is symmetric int8 per token: what the backends' integer kernels take."""
-    return activation is not None and activation["format"] == "int8" and activation["dynamic"] \
-        and activation["granularity"] == "token" and activation["symmetric"]

@@ -133,12 +133,6 @@ class QuantizedTensor:
         """Values in the element format's dtype (what a kernel stores)."""
         return self.spec.element.encode(self.values)
 
-    def block_scales(self) -> np.ndarray:
-        """NVFP4's E4M3 block scales (the effective scale without the tensor scale)."""
-        if self.tensor_scale is None:
-            return self.scale
-        return (self.scale / self.tensor_scale).astype(ml_dtypes.float8_e4m3fn)
-
 
 def reduce(x: np.ndarray, axis: int | None, block: int, ufunc: np.ufunc) -> np.ndarray:
     """Reduce ``x`` to the scale layout of ``(axis, block)`` with ``ufunc`` (maximum or minimum)."""

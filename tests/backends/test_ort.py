@@ -74,24 +74,21 @@ def test_formats_without_kernels_stay_simulated(normalized_files, minilm_calibra
 
 def test_matmul_nbits_packing_on_odd_shapes():
     """K not a multiple of the group, per-channel int4 as equal-scale blocks, a single row."""
-    from qcompiler.quant.presets import Scheme
+    from qcompiler.quant.annotation import LayerAnnotation, WeightAnnotation
     from qcompiler.quant.spec import QuantSpec
-    from tests.quant.test_simulate import _linear_model
+    from qcompiler.testing import linear_model
     from qcompiler.quant.simulate import dequantized_weight
     from qcompiler.quant.spec import quantize
-    import json
 
     rng = np.random.default_rng(0)
     for spec in (QuantSpec("uint4", "group", 32, symmetric=False), QuantSpec("int4", "channel"),
                  QuantSpec("int4", "group", 64)):
         weight = rng.standard_normal((100, 24)).astype(np.float32)
-        model, matmul = _linear_model(weight, 1)
+        model, matmul = linear_model(weight, 1)
         quantized = quantize(weight, spec, "weight")
         matmul.replace_input_with(1, dequantized_weight(model.graph, quantized, "w", matmul))
         model.graph.initializers.pop("w")
-        matmul.metadata_props["qcompiler.quant"] = json.dumps({
-            "layer": "linear", "preset": "test", "scheme": Scheme(spec, None).describe(), "weight_sqnr_db": 0.0,
-            "weight": {"stored": "DequantizeLinear", "spec": spec.describe(), **spec.to_dict()}, "activation": None})
+        LayerAnnotation("linear", "test", WeightAnnotation(spec, "rtn", native=True), None, 0.0).to_node(matmul)
         x = rng.standard_normal((2, 1, 100)).astype(np.float32)
         expected = x @ quantized.dequantize()
         assert lower(model).kernels == {"linear": "MatMulNBits"}

@@ -11,6 +11,7 @@ pytest.importorskip("tvm", reason="apache-tvm is not importable, so the TVM back
 
 from qcompiler.backends.tvm.compiled import ALIGNMENT, aligned_empty, huge_page_copy  # noqa: E402
 from qcompiler.backends.tvm.int8_matmul import TILE, build, has_vnni, pack_weights  # noqa: E402
+from tests.backends.kernels import activations, quantized  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI, which the int8 kernel needs")
 
@@ -24,25 +25,6 @@ CASES = [(shape, None) for shape in SHAPES] + [((1, 100, 130), STATIC), ((5, 100
 @functools.lru_cache(maxsize=None)
 def kernel(m: int, k: int, n: int, static: bool):
     return build(m, k, n, static)
-
-
-def activations(rng: np.random.Generator, m: int, k: int) -> np.ndarray:
-    """Float rows whose per-token steps are powers of two, so some values sit exactly on rounding ties."""
-    x = rng.standard_normal((m, k)).astype(np.float32)
-    step = np.float32(2.0 ** -5)
-    x[:, 0] = 127 * step  # max |x| of every row: its step is exactly 2^-5
-    x[:, 1:9] = (np.arange(-4, 4) + 0.5) * step  # ties: numpy rounds half to even
-    x[:, 1:] = np.clip(x[:, 1:], -127 * step, 127 * step)
-    return x
-
-
-def quantized(x: np.ndarray, static: tuple[float, int] | None) -> tuple[np.ndarray, np.ndarray]:
-    """numpy's int8 codes minus their zero point, and the row scales: per token, or one static quantizer."""
-    if static is None:
-        step = np.maximum(np.abs(x).max(axis=1) / 127, 1e-30).astype(np.float32)
-        return np.clip(np.round(x / step[:, None]), -128, 127), step
-    scale, zero = np.float32(static[0]), static[1]
-    return np.clip(np.round(x / scale) + zero, -128, 127) - zero, np.full(len(x), scale, np.float32)
 
 
 @pytest.mark.parametrize("shape, static", CASES, ids=lambda case: str(case) if case else "per-token")

@@ -10,8 +10,8 @@ import pytest
 pytest.importorskip("tvm", reason="apache-tvm is not importable, so the TVM backend cannot compile kernels")
 
 from qcompiler.backends.tvm.int8_matmul import has_vnni  # noqa: E402
-from tests.backends.test_tvm_int8 import activations, quantized  # noqa: E402
 from qcompiler.backends.tvm.w4a8_matmul import TILE, build, pack_weights  # noqa: E402
+from tests.backends.kernels import activations, quantized  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not has_vnni(), reason="this CPU has no AVX-512 VNNI, which the W4A8 kernel needs")
 

@@ -7,7 +7,7 @@ import pytest
 
 from qcompiler.calibration import data as calib_data
 from qcompiler.capture import TOKENIZER_KEY
-from qcompiler.compiler import resolve_calibration
+from qcompiler.calibration.resolve import resolve_calibration
 from qcompiler.errors import CalibrationError
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]

@@ -15,8 +15,8 @@ from qcompiler.inspection import op_summary
 from qcompiler.pass_manager import PassManager
 from qcompiler.pipeline import parse_pipeline
 from qcompiler.runtime import make_session, run_batches
+from qcompiler.testing import random_feeds
 from qcompiler.verify import compare_outputs
-from tests.conftest import random_feeds
 from tests.zoo import EXPECTED
 
 NAMES = ["input_ids", "attention_mask", "token_type_ids"]

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import onnx_ir as ir
 import pytest
 
 from qcompiler.analysis.linears import find_linears
 from qcompiler.errors import PipelineError
+from qcompiler.pass_api import Pass, PassOutcome
 from qcompiler.pass_manager import PassManager
 from qcompiler.pipeline import parse_pipeline
+from qcompiler.quant.annotation import annotated_layers
 from qcompiler.quant.presets import PRESETS
-from tests.conftest import zoo_calibration
+from qcompiler.quant.sensitivity import SensitivityRow
+from qcompiler.testing import zoo_calibration
 
 ARCHITECTURES = ["llama", "qwen2", "gpt2", "opt", "bert", "vit"]
 EIGHT_BIT = {"w8a8", "w8a8-dyn", "w8a16", "fp8", "mxfp8"}
@@ -65,42 +66,42 @@ def test_skip_and_override_by_module_path(normalized_files, minilm_calibration):
     assert layers["encoder.layer.2.attention.output.dense"]["preset"] == "w8a8"
     assert layers["encoder.layer.0.attention.self.query"]["activation"] == "float"
     assert layers["encoder.layer.0.intermediate.dense"]["preset"] == "w4a8"
-    node = next(n for n in model.graph if "qcompiler.quant" in n.metadata_props
-                and json.loads(n.metadata_props["qcompiler.quant"])["preset"] == "w8a8")
-    annotation = json.loads(node.metadata_props["qcompiler.quant"])
-    assert annotation["activation"]["range"] is not None and annotation["weight"]["stored"] == "DequantizeLinear"
+    annotation = next(a for _, a in annotated_layers(model) if a.preset == "w8a8")
+    assert annotation.activation.range is not None and annotation.weight.native
+    assert annotation.activation.source is not None
 
 
 def test_fallback_fills_its_share_by_output_damage_per_parameter(normalized_files, minilm_calibration):
     record = quantize(ir.load(normalized_files("minilm")), "w4a16(fallback=0.2,override=*.query:w8a8)",
                       minilm_calibration)
-    ranking = record.details["sensitivity"]
-    density = [row["rtn_output_error"] / row["parameters"] for row in ranking]
+    ranking = record.findings
+    assert ranking and all(isinstance(row, SensitivityRow) for row in ranking)
+    density = [row.rtn_output_error / row.parameters for row in ranking]
     assert density == sorted(density, reverse=True) and density[-1] > 0
-    budget, spent, expected = 0.2 * sum(row["parameters"] for row in ranking), 0, []
+    budget, spent, expected = 0.2 * sum(row.parameters for row in ranking), 0, []
     for row in ranking:  # greedy: every linear that still fits, in ranking order
-        fits = spent + row["parameters"] <= budget
-        spent += row["parameters"] if fits else 0
+        fits = spent + row.parameters <= budget
+        spent += row.parameters if fits else 0
         expected.append("w8a16" if fits else "w4a16")
-    assert [row["preset"] for row in ranking] == expected and expected[0] == "w8a16"
+    assert [row.preset for row in ranking] == expected and expected[0] == "w8a16"
     # The user's override is kept and not ranked; everything else is.
     layers = {layer["linear"]: layer for layer in record.details["layers"]}
-    assert not any(row["linear"].endswith(".query") for row in ranking)
+    assert not any(row.linear.endswith(".query") for row in ranking)
     assert len(ranking) == len(layers) - 6 and layers["encoder.layer.0.attention.self.query"]["preset"] == "w8a8"
     for row in ranking:
-        assert layers[row["linear"]]["preset"] == row["preset"]
+        assert layers[row.linear]["preset"] == row.preset
 
 
 def test_fallback_ranking_picks_the_linears_worth_the_bytes(normalized_files, minilm_calibration):
     chosen = quantize(ir.load(normalized_files("minilm")), "w4a16(fallback=0.1)", minilm_calibration)
-    ranking = chosen.details["sensitivity"]
-    bought = sum(row["parameters"] for row in ranking if row["preset"] == "w8a16")
+    ranking = chosen.findings
+    bought = sum(row.parameters for row in ranking if row.preset == "w8a16")
     least, spent = [], 0
     for row in reversed(ranking):  # at least as many parameters, from the other end of the ranking
         if spent >= bought:
             break
-        least.append(f"{row['linear']}:w8a16")
-        spent += row["parameters"]
+        least.append(f"{row.linear}:w8a16")
+        spent += row.parameters
     spent_on_the_least = quantize(ir.load(normalized_files("minilm")), f"w4a16(override={';'.join(least)})",
                                   minilm_calibration)
     plain = quantize(ir.load(normalized_files("minilm")), "w4a16", minilm_calibration)
@@ -165,9 +166,30 @@ def test_gptq_scale_search_and_refine_change_the_stored_weights_and_raise_fideli
     assert cosine(record) > cosine(plain_record)
 
 
-def test_searches_score_against_the_pipeline_target():
-    from qcompiler.pass_manager import _target_after
+def test_searches_score_against_the_pipeline_target(normalized_files):
+    seen = []
 
-    passes = parse_pipeline("smooth(search=true),rotate,w4a16(group_size=32)")
-    assert _target_after(passes, 0).describe() == "W uint4 g32 asym / A float"
-    assert _target_after(passes, 2) is None
+    class Spy(Pass):
+        """Records the target each run sees, as smooth's and shift's searches would use it."""
+
+        name, summary = "spy", "records ctx.target"
+
+        def run(self, model, ctx):
+            seen.append(ctx.target)
+            return PassOutcome(False)
+
+    class Wish(Pass):
+        """A later pass with its own wish, which earlier passes see until the next wish."""
+
+        name, summary = "wish", "asks for w8a8"
+
+        def optimizes_for(self):
+            return parse_pipeline("w8a8")[0].scheme()
+
+        def run(self, model, ctx):
+            return PassOutcome(False)
+
+    passes = [Spy(), *parse_pipeline("w4a16(group_size=32)"), Spy(), Wish(), Spy()]
+    PassManager(passes, verify=False, progress=False).run(ir.load(normalized_files("minilm")))
+    assert [t.describe() if t else None for t in seen] == [
+        "W uint4 g32 asym / A float", "W int8 channel sym / A int8 tensor asym", None]

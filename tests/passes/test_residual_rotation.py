@@ -17,8 +17,8 @@ from qcompiler.graph import add_initializer
 from qcompiler.inspection import inspection_dict
 from qcompiler.pass_manager import PassManager
 from qcompiler.pipeline import parse_pipeline
+from qcompiler.testing import zoo_calibration
 from qcompiler.verify import worst
-from tests.conftest import zoo_calibration
 
 TOLERANCE = 1e-4
 PRE_NORM = ["llama", "qwen2", "gpt2", "opt", "vit"]

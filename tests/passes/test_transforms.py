@@ -15,8 +15,8 @@ from qcompiler.analysis.linears import constant_array
 from qcompiler.calibration import data as calib_data
 from qcompiler.pass_manager import PassManager
 from qcompiler.pipeline import parse_pipeline
+from qcompiler.testing import zoo_calibration
 from qcompiler.verify import worst
-from tests.conftest import zoo_calibration
 
 ARCHITECTURES = ["llama", "qwen2", "gpt2", "opt", "bert", "vit"]
 PIPELINES = ["fold-norm", "smooth", "smooth(search=true,grid=5)", "shift", "shift(scale=true,grid=5)",
@@ -96,7 +96,7 @@ def test_scale_and_shift_see_through_online_hadamards(normalized_files, arch):
 
 @pytest.fixture(scope="module")
 def minilm_calibration_48(tokenizer):
-    from qcompiler.compiler import builtin_sentences
+    from qcompiler.calibration.resolve import builtin_sentences
 
     return calib_data.from_sentences(builtin_sentences("calibration")[:48], tokenizer,
                                      ["input_ids", "attention_mask", "token_type_ids"], batch_size=8)

@@ -8,7 +8,7 @@ import onnx_ir as ir
 from qcompiler.analysis.linears import constant_array, find_linears
 from qcompiler.quant.sensitivity import output_sensitivity
 from qcompiler.runtime import make_session
-from tests.conftest import random_feeds
+from qcompiler.testing import random_feeds
 
 
 def _rebuilt_error(path, name: str, array: np.ndarray, batches) -> float:

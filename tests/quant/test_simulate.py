@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
 from qcompiler.quant.presets import PRESETS
 from qcompiler.quant.simulate import dequantized_weight, quantized_activation, weight_is_native
 from qcompiler.quant.spec import QuantSpec, fake_quant, quantize
 from qcompiler.runtime import make_session
-
-
-def _linear_model(weight: np.ndarray, tokens: int) -> tuple[ir.Model, ir.Node]:
-    x = ir.Value(name="x", shape=ir.Shape([2, tokens, weight.shape[0]]), type=ir.TensorType(ir.DataType.FLOAT))
-    w = ir.Value(name="w", shape=ir.Shape(weight.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                 const_value=ir.tensor(weight, name="w"))
-    matmul = ir.node("MatMul", [x, w], name="linear")
-    matmul.outputs[0].name = "y"
-    graph = ir.Graph([x], matmul.outputs, nodes=[matmul], initializers=[w], opset_imports={"": 23}, name="g")
-    return ir.Model(graph, ir_version=11), matmul
+from qcompiler.testing import linear_model
 
 
 def _simulate(weight, x, weight_spec, act_spec, bounds=None):
-    model, matmul = _linear_model(weight, x.shape[1])
+    model, matmul = linear_model(weight, x.shape[1])
     graph = model.graph
     quantized = quantize(weight, weight_spec, "weight")
     matmul.replace_input_with(1, dequantized_weight(graph, quantized, "w", matmul))
@@ -76,7 +66,7 @@ def test_native_weights_are_dequantize_nodes_and_others_pre_dequantized():
     weight = np.random.default_rng(3).standard_normal((64, 16)).astype(np.float32)
     for spec, native in [(QuantSpec("uint4", "group", 32, symmetric=False), True), (QuantSpec("nvfp4"), False),
                          (QuantSpec("fp8-e4m3", "channel"), True), (QuantSpec("mxfp4"), False)]:
-        model, matmul = _linear_model(weight, 3)
+        model, matmul = linear_model(weight, 3)
         value = dequantized_weight(model.graph, quantize(weight, spec, "weight"), "w", matmul)
         assert weight_is_native(spec) is native
         producer = value.producer()

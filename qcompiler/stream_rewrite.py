@@ -18,7 +18,7 @@ import onnx_ir as ir
 from qcompiler.absorb import Notes, mark_output_transformed, rewrite_constant
 from qcompiler.analysis.linears import constant_array
 from qcompiler.analysis.residual import Stream
-from qcompiler.graph import add_initializer, replace_graph_output, unique_node_name
+from qcompiler.graph import add_initializer, insert_after_producer, replace_graph_output, replace_node, unique_node_name
 
 UNROTATE = "qcompiler.unrotate"
 
@@ -74,11 +74,7 @@ def _unrotate(graph: ir.Graph, value: ir.Value, uses: list[tuple[ir.Node | None,
         node.metadata_props[UNROTATE] = "rotate"
         restored = node.outputs[0]
         restored.shape, restored.type, restored.name = value.shape, value.type, f"{value.name}_unrotated"
-        producer = value.producer()
-        if producer is not None:
-            graph.insert_after(producer, node)
-        else:
-            graph.insert_before(next(iter(graph)), node)
+        insert_after_producer(graph, value, node)
         inserted[value] = restored
     for user, index in uses:
         if user is None:
@@ -100,14 +96,8 @@ def _has_beta(norm: ir.Node) -> bool:
 def _to_rmsnorm(graph: ir.Graph, norm: ir.Node) -> ir.Node:
     """``RMSNormalization(x, gamma)`` in place of ``LayerNormalization(x, gamma[, 0])``, same axis and epsilon."""
     attributes = {key: norm.attributes[key].value for key in ("axis", "epsilon", "stash_type") if key in norm.attributes}
-    rms = ir.node("RMSNormalization", [norm.inputs[0], norm.inputs[1]], attributes=attributes)
-    old, new = norm.outputs[0], rms.outputs[0]
-    new.shape, new.type = old.shape, old.type
-    graph.insert_after(norm, rms)
-    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
-    name, node_name = old.name, norm.name
-    graph.remove(norm, safe=True)
-    new.name, rms.name = name, node_name
+    rms = ir.node("RMSNormalization", [norm.inputs[0], norm.inputs[1]], attributes=attributes, name=norm.name)
+    replace_node(graph, norm, rms)
     return rms
 
 

@@ -1,0 +1,72 @@
+"""The TVM backend: ``model.so`` with qcompiler's TIR kernels for the quantized linears, for static shapes.
+
+TVM is imported only when a library is built or run, so listing backends stays cheap.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import onnx_ir as ir
+
+from qcompiler.backend import Backend, LowerContext, Lowered, Session, register_backend
+
+LIBRARY = "model.so"
+TARGETS = ("llvm",)
+
+
+@dataclass
+class TVMOptions:
+    # llvm: this CPU (the kernels are written for x86 with AVX-512; CUDA codegen is not wired yet).
+    target: str = "llvm"
+    # (batch, sequence) per library entry; one library serves every shape listed (weights stored once).
+    shape: Sequence[tuple[int, int]] = ((1, 128),)
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGETS:
+            raise ValueError(f"TVM target '{self.target}' is not supported yet; the TVM backend's kernels are written "
+                             f"for CPUs ({', '.join(TARGETS)})")
+        shapes = [tuple(self.shape)] if self.shape and isinstance(self.shape[0], int) else [tuple(s) for s in self.shape]
+        if not shapes or any(len(s) != 2 or not all(isinstance(d, int) and d > 0 for d in s) for s in shapes):
+            raise ValueError(f"shape must be (batch, sequence) pairs of positive integers, not {self.shape!r}")
+        self.shape = tuple(shapes)
+
+
+@register_backend
+class TVMBackend(Backend):
+    name = "tvm"
+    summary = "model.so with qcompiler's TIR kernels (int4 W4A16, W4A8 and W8A8 on AVX-512 VNNI)"
+    Options = TVMOptions
+    files = (LIBRARY,)
+
+    def lower(self, model: ir.Model, ctx: LowerContext) -> Lowered:
+        """Build the library from a copy; ``model`` stays the simulate form, which model.onnx and eval read."""
+        from qcompiler.backends.tvm.build import compile_model
+        from qcompiler.benchmarking import synthetic_feeds
+
+        shape_sets = [{name: array.shape for name, array in synthetic_feeds(model, *rows).items()}
+                      for rows in self.options.shape]
+        built = compile_model(model, shape_sets, self.options.target)
+        note = f"TVM library built for {self.options.target} and inputs " + "; ".join(
+            ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items()) for shapes in shape_sets)
+        return Lowered(model, built.lowering, files={LIBRARY: lambda path: built.executable.export_library(str(path))},
+                       manifest={"tvm": built.signature}, notes=[note])
+
+    def session(self, folder: Path, manifest: dict, model: ir.Model, *, threads: int = 0,
+                timed: bool = False) -> Session:
+        if timed:  # read when TVM starts its pool, which the first library call does
+            os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+        from qcompiler.backends.tvm.build import TVMSession
+
+        return TVMSession(Path(folder) / LIBRARY, manifest["tvm"], threads)
+
+    def bench_shape(self, manifest: dict) -> tuple[int, int]:
+        """The first shape the library was built for: it runs no other."""
+        from qcompiler.backends.tvm.build import entries
+
+        first = next(iter(entries(manifest["tvm"]).values()))
+        batch, sequence = next(iter(first["inputs"].values()))["shape"][:2]
+        return batch, sequence

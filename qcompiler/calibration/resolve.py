@@ -1,0 +1,74 @@
+"""What the user gave as calibration data, turned into validated batches for this model.
+
+A path (``.npz`` of named arrays, or text with a tokenizer), a `CalibrationData`, an
+iterable of feed dicts, or nothing: a model that carries a tokenizer is then calibrated
+on the sentences shipped with qcompiler (``qcompiler/data``; ``heldout.txt`` is disjoint
+from ``calibration.txt`` and is for evaluation only).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+import onnx_ir as ir
+
+from qcompiler.calibration import data as calib_data
+from qcompiler.calibration.data import CalibrationData
+from qcompiler.capture import TOKENIZER_KEY, load_tokenizer
+from qcompiler.errors import CalibrationError
+
+
+def builtin_sentences(name: str = "calibration") -> list[str]:
+    """Sentences shipped with the package: ``calibration`` or ``heldout`` (disjoint sets)."""
+    text = resources.files("qcompiler").joinpath("data", f"{name}.txt").read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def model_inputs(model: ir.Model) -> list[str]:
+    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+
+
+def resolve_calibration(
+    calib: str | os.PathLike | CalibrationData | Iterable[dict[str, Any]] | None,
+    model: ir.Model,
+    *,
+    tokenizer: str | os.PathLike | None = None,
+    batch_size: int = 8,
+    max_length: int = 128,
+) -> CalibrationData | None:
+    """Turn whatever the user gave as calibration data into validated batches.
+
+    With nothing given, a model that carries a tokenizer is calibrated on the sentences
+    shipped with qcompiler; any other model gets no calibration (and no verification).
+    """
+    if batch_size < 1:
+        raise CalibrationError(f"Batch size must be at least 1, not {batch_size}.")
+    if calib is None:
+        tokenizer_dir = tokenizer or model.metadata_props.get(TOKENIZER_KEY)
+        if tokenizer_dir is None:
+            return None
+        data = calib_data.from_sentences(builtin_sentences(), load_tokenizer(tokenizer_dir), model_inputs(model),
+                                         batch_size, max_length, source="built-in calibration sentences")
+    elif isinstance(calib, CalibrationData):
+        data = calib
+    elif isinstance(calib, (str, os.PathLike)):
+        path = Path(calib)
+        if not path.is_file():
+            raise CalibrationError(f"Calibration file '{path}' does not exist.")
+        if path.suffix == ".npz":
+            data = calib_data.from_npz(path, batch_size)
+        else:
+            tokenizer_dir = tokenizer or model.metadata_props.get(TOKENIZER_KEY)
+            if tokenizer_dir is None:
+                raise CalibrationError(
+                    f"Text calibration file '{path.name}' needs a tokenizer and the model carries none; "
+                    "name one with --tokenizer (a Hugging Face tokenizer folder, or 'minilm')."
+                )
+            data = calib_data.from_text(path, load_tokenizer(tokenizer_dir), model_inputs(model), batch_size, max_length)
+    else:
+        data = calib_data.from_iterable(calib)
+    calib_data.validate(data, model)
+    return data
