@@ -6,7 +6,8 @@ Exporters write linears as MatMul+Add (3-D activations) or Gemm (2-D, GPT-2's Co
 weight is transposed and scaled offline into a new initializer. A ``MatMul`` that reads
 ``Transpose(W)`` of a constant (a tied LM head reading the embedding table) gets its own
 transposed copy too: the head becomes a linear that later passes may rewrite without
-touching the embedding.
+touching the embedding. Where shape inference left a linear's channel axis symbolic (the
+legacy exporter's attention context), the weight's size fills it in.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ class CanonicalLinear(Pass):
             else:
                 kept.append(f"{node.name}: {reason}")
         untied = sum(self._untranspose(graph, node) for node in list(graph) if node.op_type == "MatMul")
-        return PassOutcome(bool(rewritten or untied),
-                           {"gemm_rewritten": rewritten, "gemm_kept": kept, "transposed_weights_materialized": untied})
+        dims = sum(_channel_dims_from_weight(node) for node in graph if node.op_type == "MatMul")
+        return PassOutcome(bool(rewritten or untied or dims),
+                           {"gemm_rewritten": rewritten, "gemm_kept": kept, "transposed_weights_materialized": untied,
+                            "channel_dims_from_weights": dims})
 
     def _untranspose(self, graph: ir.Graph, node: ir.Node) -> bool:
         producer = node.inputs[1].producer() if len(node.inputs) == 2 else None
@@ -80,3 +83,22 @@ class CanonicalLinear(Pass):
             result = add.outputs[0]
         replace_node(graph, node, new_nodes, result)
         return None
+
+
+def _channel_dims_from_weight(node: ir.Node) -> int:
+    """Give a linear's input and output the channel counts its weight ``[C_in, C_out]`` implies; how many were unknown.
+
+    Exporters write the attention context as a Reshape to a shape computed at run time,
+    so shape inference leaves its last axis symbolic, yet ``x @ W`` only runs with
+    ``x.shape[-1] == C_in``. Regions and rotations read channel counts from shapes; this
+    is where they come from when inference could not say.
+    """
+    weight = constant_array(node.inputs[1]) if len(node.inputs) == 2 else None
+    if weight is None or weight.ndim != 2 or node.domain not in ("", "ai.onnx"):
+        return 0
+    filled = 0
+    for value, channels in ((node.inputs[0], weight.shape[0]), (node.outputs[0], weight.shape[1])):
+        if value.shape is not None and len(value.shape) >= 2 and not isinstance(value.shape[-1], int):
+            value.shape = ir.Shape([*value.shape[:-1], int(channels)])
+            filled += 1
+    return filled

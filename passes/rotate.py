@@ -93,9 +93,10 @@ class Rotate(Pass):
                 absorbed.append(f"{name} ({region.kind}{', per head' if region.kind == 'attention' else ''})")
             elif self.options.mode != "offline":
                 for value in dict.fromkeys(s.linear.input for s in region.sinks):
-                    plan = rotation_plan(int(value.shape[-1]))
-                    self._online(model, region, value, notes)
-                    online.append(f"{value.name} ({plan.describe()})")
+                    # The sinks' weights say how many channels they read, whatever the exporter's shapes say.
+                    channels = next(s.linear.in_features for s in region.sinks if s.linear.input is value)
+                    self._online(model, region, value, channels, notes)
+                    online.append(f"{value.name} ({rotation_plan(channels).describe()})")
             else:
                 skipped[name] = region.refused.get(ROTATE, "mode=offline")
         if self.options.kind == "random" and online:
@@ -147,9 +148,9 @@ class Rotate(Pass):
             rewrite_constant(graph, producer.bias_add, index, lambda b: columns(b.reshape(1, -1)).reshape(b.shape),
                              notes)
 
-    def _online(self, model: ir.Model, region: Region, value: ir.Value, notes: list[str]) -> None:
-        node = insert_hadamard(model, value)
-        a, b = factor_pair(int(value.shape[-1]))
+    def _online(self, model: ir.Model, region: Region, value: ir.Value, channels: int, notes: list[str]) -> None:
+        node = insert_hadamard(model, value, channels)
+        a, b = factor_pair(channels)
         rotated = node.outputs[0]
         for sink in region.sinks:
             if sink.linear.input is not value:

@@ -141,7 +141,8 @@ def absorb_affine(graph: ir.Graph, region: Region, scale: np.ndarray | None, shi
 def _online_ops(graph: ir.Graph, online: OnlineAffine, scale: bool, shift: bool) -> ir.Value:
     """Give the Hadamard node the Mul (for a scale) and Add (for a shift) it lacks, as identities; the new output."""
     value = online.hadamard.outputs[0]
-    channels = int(value.shape[-1])
+    a, b = online.hadamard.inputs[1:3]  # x @ (A kron B): the factors' sizes multiply to the channel count
+    channels = constant_array(a).shape[0] * constant_array(b).shape[0]
     dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.float32
     if scale and online.mul is None:
         online.mul = _insert_elementwise(graph, "Mul", value, np.ones(channels, dtype), "scaled")

@@ -107,13 +107,13 @@ class Backend(abc.ABC):
 
     def session(self, folder: Path, manifest: dict, model: ir.Model, *, threads: int = 0,
                 timed: bool = False) -> Session:
-        """What runs the artifact in ``folder``; by default an onnxruntime session of its model.onnx.
+        """What runs the artifact in ``folder``; by default an onnxruntime session of its model.onnx, as deployed.
 
         ``timed`` sessions take turns with others, so their thread pools must not spin between runs.
         """
         from qcompiler.runtime import make_session
 
-        return make_session(model, threads=threads, spinning=not timed)
+        return make_session(model, threads=threads, spinning=not timed, fuse_qdq=True)
 
     def bench_shape(self, manifest: dict) -> tuple[int, int] | None:
         """``(batch, sequence)`` the artifact must be timed at (a static-shape library), or None for any."""

@@ -46,7 +46,8 @@ def compare_latency(models: Mapping[str, ir.Model | Any], feeds: Mapping[str, np
     Runs are interleaved so every contender sees the same machine noise; onnxruntime's pools do
     not spin between runs (a spinning pool would hold the cores the next contender runs on).
     """
-    sessions = {name: model if hasattr(model, "run") else make_session(model, threads=threads, spinning=False)
+    sessions = {name: model if hasattr(model, "run") else make_session(model, threads=threads, spinning=False,
+                                                                         fuse_qdq=True)
                 for name, model in models.items()}
     for session in sessions.values():
         session.run(None, dict(feeds))  # warm-up: allocations, kernel selection

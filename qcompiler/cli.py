@@ -113,15 +113,18 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -
 @click.option("--dialect", type=click.Choice(option_choices("ort", "dialect")),
               help="With --backend ort: ort (contrib kernels such as MatMulNBits, the default) or qdq (standard ONNX "
                    "Q/DQ, opset 21).")
+@click.option("--int8", "int8", type=click.Choice(option_choices("ort", "int8")),
+              help="With --backend ort: the int8 GEMM layout (default auto: u8s8 where this CPU has VNNI, else u8u8, "
+                   "which does not saturate).")
 @_calibration_options
 def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, target, shape,
-                    dialect, calib, tokenizer, batch_size, max_length, debug) -> None:
+                    dialect, int8, calib, tokenizer, batch_size, max_length, debug) -> None:
     """Compile MODEL (ONNX file, Hugging Face folder, or 'minilm') through a pass pipeline."""
     from qcompiler.compiler import compile as run_compile
 
     def action():
         log = (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False))
-        given = {"dialect": dialect, "target": target, "shape": shape}
+        given = {"dialect": dialect, "int8": int8, "target": target, "shape": shape}
         chosen = make_backend(backend, **{name: value for name, value in given.items() if value is not None})
         result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
                              normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,

@@ -71,18 +71,17 @@ def _function() -> ir.Function:
     return ir.Function(DOMAIN, OP, graph=graph, attributes=[])
 
 
-def insert_hadamard(model: ir.Model, value: ir.Value, seed: int = 0) -> ir.Node:
-    """A Hadamard node reading ``value``, placed right after its producer; returns the node."""
-    n = int(value.shape[-1])
+def insert_hadamard(model: ir.Model, value: ir.Value, channels: int, seed: int = 0) -> ir.Node:
+    """A Hadamard node rotating the last axis (``channels`` wide) of ``value``, right after its producer."""
     key = (DOMAIN, OP, "")
     if key not in model.functions:
         model.functions[key] = _function()
         model.opset_imports.setdefault(DOMAIN, 1)
     graph = model.graph
-    a, b = factor_pair(n, seed)
+    a, b = factor_pair(channels, seed)
     dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-    a_value = _shared_factor(graph, f"hadamard_{n}_a", a.astype(dtype))
-    b_value = _shared_factor(graph, f"hadamard_{n}_b", b.astype(dtype))
+    a_value = _shared_factor(graph, f"hadamard_{channels}_a", a.astype(dtype))
+    b_value = _shared_factor(graph, f"hadamard_{channels}_b", b.astype(dtype))
     node = ir.node(OP, [value, a_value, b_value], domain=DOMAIN, name=unique_node_name(graph, f"{value.name}_hadamard"))
     node.outputs[0].name = f"{value.name}_rotated"
     node.outputs[0].shape, node.outputs[0].type = value.shape, value.type

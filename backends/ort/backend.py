@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import platform
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import onnx_ir as ir
@@ -18,6 +21,23 @@ QDQ_NOTE = ("qdq dialect: onnxruntime fuses blocked 4-bit DequantizeLinear + Mat
 class OrtOptions:
     # ort: contrib kernels (MatMulIntegerToFloat, MatMulNBits); qdq: standard ONNX Q/DQ (opset 21) other runtimes read.
     dialect: Literal["ort", "qdq"] = "ort"
+    # int8 GEMM layout (see qcompiler.backends.ort.lower); auto: u8s8 where this CPU runs it without saturating.
+    int8: Literal["auto", "u8s8", "u8u8"] = "auto"
+
+
+def saturation_free_layout() -> str:
+    """``u8s8`` on CPUs whose u8 x s8 products accumulate in 32 bits (x86 with VNNI, non-x86), else ``u8u8``.
+
+    Without VNNI, x86 kernels add pairs of u8 x s8 products in saturating 16-bit lanes.
+    Where the flags cannot be read, ``u8u8``: slower at worst, never wrong.
+    """
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return "u8s8"
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return "u8u8"
+    return "u8s8" if re.search(r"\b(avx512_vnni|avx_vnni)\b", flags) else "u8u8"
 
 
 @register_backend
@@ -29,6 +49,10 @@ class OrtBackend(Backend):
     def lower(self, model: ir.Model, ctx: LowerContext) -> Lowered:
         from qcompiler.backends.ort.lower import lower, qdq_dialect
 
-        if self.options.dialect == "qdq":
-            return Lowered(model, qdq_dialect(model), notes=[QDQ_NOTE])
-        return Lowered(model, lower(model))
+        int8 = saturation_free_layout() if self.options.int8 == "auto" else self.options.int8
+        lowering = qdq_dialect(model, int8) if self.options.dialect == "qdq" else lower(model, int8)
+        notes = [QDQ_NOTE] if self.options.dialect == "qdq" else []
+        if int8 == "u8u8" and any("MatMulInteger" in kernel for kernel in lowering.kernels.values()):
+            notes.append("int8 GEMMs use the u8u8 layout: on x86 CPUs without VNNI, u8s8 products saturate in "
+                         "16-bit lanes (int8=u8s8 forces the faster layout for a VNNI deployment target)")
+        return Lowered(model, lowering, manifest={"ort": {"int8": int8}}, notes=notes)

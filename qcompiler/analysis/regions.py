@@ -212,8 +212,9 @@ def _build_region(source: ir.Value, members: list[tuple[Linear, _Walk]], by_outp
     absorber = by_output.get(source)
     online = _online_affine(producer) if absorber is None else None
     kind, refused = _classify(source, producer, absorber, tags, online)
-    head_dim = next((w.head_dim for _, w in members if w.head_dim), None)
-    sinks, probe_error = _probe_sinks(source, members)
+    sinks, probe_error, probed_head_dim = _probe_sinks(source, members)
+    # The head size from V's shape, or (shapes left symbolic by the exporter) from the probe's replay.
+    head_dim = next((w.head_dim for _, w in members if w.head_dim), probed_head_dim)
     foreign, foreign_inside = _foreign_uses(source, path, [l for l, _ in members])
 
     if "relu" in tags:
@@ -309,16 +310,22 @@ def _foreign_uses(source: ir.Value, path: list[tuple[ir.Node, ir.Value]], sinks:
     """Readers of the source outside the region, and a reason if an inner path value has any.
 
     Only the output a path step uses counts: the other outputs of a channel Split carry
-    channels the region leaves untouched.
+    channels the region leaves untouched. A ``Shape`` reader does not count either: it reads
+    the shape (the legacy exporter's run-time Reshape targets), which no channel
+    transform changes.
     """
     inside = {id(n) for n, _ in path} | {id(l.matmul) for l in sinks}
-    foreign: list[ir.Node | None] = [use.node for use in source.uses() if id(use.node) not in inside]
+
+    def outside(value: ir.Value) -> list[ir.Node]:
+        return [use.node for use in value.uses() if id(use.node) not in inside and use.node.op_type != "Shape"]
+
+    foreign: list[ir.Node | None] = list(outside(source))
     if source.is_graph_output():
         foreign.append(None)
     for _, value in path:
-        outside = [use.node for use in value.uses() if id(use.node) not in inside]
-        if outside or value.is_graph_output():
-            reader = outside[0].op_type if outside else "a graph output"
+        readers = outside(value)
+        if readers or value.is_graph_output():
+            reader = readers[0].op_type if readers else "a graph output"
             return foreign, f"path value '{value.name}' is also read by {reader} outside the region"
     return foreign, None
 
@@ -347,28 +354,30 @@ def _rotation_layout_problem(kind: str, sinks: list[Sink], source: ir.Value, hea
 # --- the index probe -------------------------------------------------------------------------------
 
 
-def _probe_sinks(source: ir.Value, members: list[tuple[Linear, _Walk]]) -> tuple[list[Sink], str | None]:
-    """Replay each sink's path on an array holding channel numbers to get its channel map."""
-    sinks = []
+def _probe_sinks(source: ir.Value, members: list[tuple[Linear, _Walk]]) -> tuple[list[Sink], str | None, int | None]:
+    """Replay each sink's path on an array holding channel numbers: its channel map, and V's head size if any."""
+    sinks, head_dim = [], None
     for linear, walk in members:
         try:
-            channel_map = _probe(source, list(reversed(walk.chain)))
+            channel_map, head_dim = _probe(source, list(reversed(walk.chain)), head_dim)
         except (_ProbeError, ValueError) as error:
-            return [Sink(l, np.arange(l.in_features)) for l, _ in members], f"channel layout unclear: {error}"
+            return [Sink(l, np.arange(l.in_features)) for l, _ in members], f"channel layout unclear: {error}", None
         if channel_map.shape != (linear.in_features,):
-            return [], f"channel layout unclear: probe gave {channel_map.shape[0]} channels for {linear.name}"
+            return [], f"channel layout unclear: probe gave {channel_map.shape[0]} channels for {linear.name}", None
         sinks.append(Sink(linear, channel_map))
-    return sinks, None
+    return sinks, None, head_dim
 
 
 class _ProbeError(Exception):
     pass
 
 
-def _probe(source: ir.Value, nodes: list[ir.Node]) -> np.ndarray:
+def _probe(source: ir.Value, nodes: list[ir.Node], head_dim: int | None = None) -> tuple[np.ndarray, int | None]:
     array = np.broadcast_to(np.arange(1, _channels(source) + 1, dtype=np.int64), _concrete(source.shape))
     current = source
     for node, output in nodes:
+        if node.op_type == "MatMul":  # softmax(Q K^T) @ V: the array is V, its last axis one head
+            head_dim = head_dim or int(array.shape[-1])
         array = _replay(node, output, array)
         current = output
     rows = array.reshape(-1, array.shape[-1])
@@ -376,7 +385,7 @@ def _probe(source: ir.Value, nodes: list[ir.Node]) -> np.ndarray:
         raise _ProbeError(f"channels mix with token positions at '{current.name}'")
     if np.any(rows[0] == 0):
         raise _ProbeError(f"some channels of '{current.name}' do not come from the producer")
-    return rows[0] - 1
+    return rows[0] - 1, head_dim
 
 
 def _channels(value: ir.Value) -> int:
@@ -395,6 +404,48 @@ def _concrete(shape: ir.Shape | None, allow_one_unknown: bool = False) -> tuple[
     return tuple(dims)
 
 
+def _reshape_target(node: ir.Node, current: tuple[int, ...]) -> tuple[int, ...]:
+    """The target of a Reshape whose output shape inference left symbolic, read from its shape input.
+
+    Exporters build it at run time as ``Concat`` of constants (heads, head size, -1) and
+    of dims read from a tensor (``Unsqueeze(Gather(Shape(x), i))``); a symbolic dim read that
+    way is a token dim, 1 in the probe, as `_concrete` makes it.
+    """
+    shape = node.inputs[1]
+    constant = constant_array(shape)
+    producer = shape.producer()
+    if constant is not None:
+        pieces = [int(d) for d in constant.reshape(-1)]
+    elif producer is not None and producer.op_type == "Concat":
+        pieces = []
+        for piece in producer.inputs:
+            values = constant_array(piece)
+            pieces += [int(d) for d in values.reshape(-1)] if values is not None else [_shape_entry(piece)]
+    else:
+        raise _ProbeError(f"the target shape of Reshape '{node.name}' is computed at run time")
+    # Reshape's 0 copies the input's dim at that position (allowzero=0, the default).
+    return tuple(current[i] if d == 0 and i < len(current) else d for i, d in enumerate(pieces))
+
+
+def _shape_entry(value: ir.Value) -> int:
+    """One dim of a run-time shape: ``Unsqueeze(Gather(Shape(x), i))`` is dim ``i`` of ``x`` (1 when symbolic)."""
+    node = value.producer()
+    if node is not None and node.op_type == "Unsqueeze":
+        node = node.inputs[0].producer()
+    if node is not None and node.op_type == "Gather":
+        index, shape_node = constant_array(node.inputs[1]), node.inputs[0].producer()
+        if index is not None and index.size == 1 and shape_node is not None and shape_node.op_type == "Shape":
+            source = shape_node.inputs[0]
+            start = shape_node.attributes["start"].value if "start" in shape_node.attributes else 0
+            if source.shape is not None:
+                dims = list(source.shape)[start:]
+                position = int(index.reshape(-1)[0])
+                if -len(dims) <= position < len(dims):
+                    dim = dims[position]
+                    return dim if isinstance(dim, int) else 1
+    raise _ProbeError(f"the Reshape dim '{value.name}' is computed at run time")
+
+
 def _replay(node: ir.Node, output: ir.Value, array: np.ndarray) -> np.ndarray:
     op = node.op_type
     if op in ("Identity", "Dropout", "Relu", "Mul", "MatMul"):
@@ -403,7 +454,15 @@ def _replay(node: ir.Node, output: ir.Value, array: np.ndarray) -> np.ndarray:
         perm = node.attributes.get("perm")
         return np.transpose(array, perm.value if perm is not None else None)
     if op == "Reshape":
-        return array.reshape(_concrete(node.outputs[0].shape, allow_one_unknown=True))
+        try:  # the shape input says it exactly; inferred output shapes may have symbolic head dims
+            target = _reshape_target(node, array.shape)
+        except _ProbeError:
+            target = _concrete(node.outputs[0].shape, allow_one_unknown=True)
+        try:
+            return array.reshape(target)
+        except ValueError:
+            raise _ProbeError(f"Reshape '{node.name}' to {list(target)} does not fit its input of shape "
+                              f"{list(array.shape)}") from None
     if op == "Expand":
         return np.broadcast_to(array, _concrete(node.outputs[0].shape))
     if op in ("Unsqueeze", "Squeeze"):

@@ -114,6 +114,13 @@ def test_minilm_transforms_preserve_function(normalized_files, minilm_calibratio
         assert len(rotate.details["online"]) == 19  # LayerNorm outputs and GELU outputs: 384 = 32 x 12, 1536 = 128 x 12
 
 
+def test_rotate_on_the_legacy_export_with_symbolic_dims(minilm_files, minilm_calibration_48):
+    """Regression: rotate read int(SymbolicDim) on the legacy exporter's attention context and crashed."""
+    model = ir.load(minilm_files["legacy"])
+    *_, rotate = run(model, "normalize,rotate", minilm_calibration_48)
+    assert len(rotate.details["absorbed"]) == 6 and len(rotate.details["online"]) == 19  # as on the dynamo export
+
+
 def test_minilm_smooth_after_rotate_searches_the_online_regions(normalized_files, minilm_calibration_48):
     model = ir.load(normalized_files("minilm"))
     rotate, smooth = run(model, "rotate,smooth(search=true,grid=4)", minilm_calibration_48)
