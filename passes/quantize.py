@@ -25,6 +25,7 @@ what backends lower from.
 
 from __future__ import annotations
 
+import collections
 import fnmatch
 from dataclasses import dataclass, field, make_dataclass
 from typing import Literal
@@ -33,14 +34,15 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.linears import Linear, constant_array, find_linears
+from qcompiler.errors import QCompilerError
+from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.quant import awq, weights
-from qcompiler.quant.observers import observe_range
 from qcompiler.quant.annotation import ActivationAnnotation, LayerAnnotation, WeightAnnotation
+from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
 from qcompiler.quant.sensitivity import SensitivityRow, output_sensitivity
 from qcompiler.quant.simulate import dequantized_weight, per_consumer, quantized_activation, weight_is_native
 from qcompiler.quant.spec import QuantizedTensor, sqnr_db
-from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.registry import register
 from qcompiler.stream_rewrite import UNROTATE
 
@@ -144,6 +146,8 @@ class Quantize(Pass):
         graph = model.graph
         options = self.options
         plans, skipped = self.plan(graph)
+        if not plans and not any(LayerAnnotation.from_node(node) for node in graph):
+            raise QCompilerError(_nothing_to_quantize(graph, self.name, skipped))
         details: dict = {"scheme": self.scheme().describe(), "skipped": skipped, "notes": []}
         if options.weights in ("awq", "awq-gptq"):
             found = awq.search_and_absorb(model, ctx, {id(p.linear.matmul): p.scheme for p in plans},
@@ -280,6 +284,17 @@ class Quantize(Pass):
                 plan.linear.matmul.replace_input_with(0, value)
                 annotation = LayerAnnotation.from_node(plan.linear.matmul)
                 annotation.with_activation(bounds, source.name).to_node(plan.linear.matmul)
+
+
+def _nothing_to_quantize(graph: ir.Graph, preset: str, skipped: list[str]) -> str:
+    """One sentence on why a quantize pass found no linear: an artifact identical to FP32 is no success."""
+    if skipped:
+        return f"Preset '{preset}' has no linear left to quantize: all {len(skipped)} were skipped ({skipped[0]}, ...)."
+    heavy = collections.Counter(node.op_type for node in graph
+                                if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"))
+    found = ", ".join(f"{op} x{count}" for op, count in heavy.most_common()) or "none"
+    return (f"Preset '{preset}' found no linear layer to quantize (a MatMul or Gemm with a constant 2-D weight); "
+            f"the model's matrix and convolution ops are: {found}, and qcompiler does not quantize convolutions yet.")
 
 
 def _base_name(linear: Linear) -> str:

@@ -48,6 +48,15 @@ def unique_node_name(graph: ir.Graph, base: str) -> str:
     return unique
 
 
+def unique_value_name(graph: ir.Graph, base: str) -> str:
+    """``base``, or ``base_N`` when a value of ``graph`` already has that name (a value is defined once in ONNX)."""
+    taken = {v.name for v in graph.inputs} | set(graph.initializers) | {o.name for n in graph for o in n.outputs}
+    unique, suffix = base, 1
+    while unique in taken:
+        unique, suffix = f"{base}_{suffix}", suffix + 1
+    return unique
+
+
 def insert_after_producer(graph: ir.Graph, value: ir.Value, nodes: ir.Node | Sequence[ir.Node]) -> None:
     """Insert ``nodes`` (which read ``value``) right after its producer, or first when it has none."""
     producer = value.producer()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.graph import add_initializer, insert_after_producer, unique_node_name
+from qcompiler.graph import add_initializer, insert_after_producer, unique_node_name, unique_value_name
 from qcompiler.quant.formats import ElementFormat
 from qcompiler.quant.spec import E4M3_MAX, QuantizedTensor, QuantSpec, quantize
 
@@ -47,7 +47,8 @@ def dequantized_weight(graph: ir.Graph, quantized: QuantizedTensor, name: str, a
         if quantized.block:
             attributes["block_size"] = quantized.block
     node = ir.node("DequantizeLinear", inputs, attributes=attributes, name=unique_node_name(graph, f"{name}_dq"))
-    node.outputs[0].name = f"{name}_dq"
+    # One weight read by several linears is quantized once per reader: each copy needs its own name.
+    node.outputs[0].name = unique_value_name(graph, f"{name}_dq")
     node.outputs[0].shape = ir.Shape(quantized.values.shape)
     node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     graph.insert_before(anchor, node)
@@ -74,7 +75,7 @@ class _Emitter:
         return self.const(label, np.array(value, np.float32))
 
     def commit(self, result: ir.Value) -> ir.Value:
-        result.name = f"{self.prefix}_qdq"
+        result.name = unique_value_name(self.graph, f"{self.prefix}_qdq")  # one per activation spec of a source
         result.shape, result.type = self.source.shape, self.source.type
         insert_after_producer(self.graph, self.source, self.nodes)
         return result

@@ -173,3 +173,31 @@ def test_the_backend_records_its_int8_layout(normalized_files, minilm_calibratio
         codes = {n.inputs[1].const_value.dtype for n in result.model.graph if n.op_type == "MatMulIntegerToFloat"}
         assert codes == {ir.DataType.INT8 if layout == "u8s8" else ir.DataType.UINT8}
     assert saturation_free_layout() in ("u8s8", "u8u8")
+
+
+SHARED_WEIGHT = """
+<ir_version: 10, opset_import: ["" : 23]>
+g (float[2, 8, 128] x, float[2, 8, 128] z) => (float[2, 8, 128] y) {
+    a = MatMul(x, w)
+    b = MatMul(z, w)
+    y = Add(a, b)
+}
+"""
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-dyn", "w4a16", "w4a8"])
+@pytest.mark.parametrize("dialect", ["ort", "qdq"])
+def test_a_weight_read_by_two_linears_lowers_to_a_valid_model(preset, dialect):
+    """Regression: both quantized copies of a shared weight were named '<w>_dq', an invalid model."""
+    from qcompiler.compiler import compile as run_compile
+    from qcompiler.testing import model_from_text
+
+    rng = np.random.default_rng(0)
+    model = model_from_text(SHARED_WEIGHT, {"w": rng.standard_normal((128, 128)).astype(np.float32)})
+    feeds = [{"x": rng.standard_normal((2, 8, 128)).astype(np.float32),
+              "z": rng.standard_normal((2, 8, 128)).astype(np.float32)} for _ in range(4)]
+    result = run_compile(model, preset, calib=feeds, normalize=False, backend="ort", dialect=dialect)
+    onnx.checker.check_model(ir.to_proto(result.model), full_check=True)
+    assert len(result.manifest["layers"]) == 2
+    assert result.manifest["fidelity"]["outputs"]["y"]["cosine"] > 0.99
+    run_batches(make_session(result.model, fuse_qdq=True), feeds)  # runs as deployed

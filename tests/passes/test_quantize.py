@@ -7,7 +7,7 @@ import onnx_ir as ir
 import pytest
 
 from qcompiler.analysis.linears import find_linears
-from qcompiler.errors import PipelineError
+from qcompiler.errors import PipelineError, QCompilerError
 from qcompiler.pass_api import Pass, PassOutcome
 from qcompiler.pass_manager import PassManager
 from qcompiler.pipeline import parse_pipeline
@@ -193,3 +193,42 @@ def test_searches_score_against_the_pipeline_target(normalized_files):
     PassManager(passes, verify=False, progress=False).run(ir.load(normalized_files("minilm")))
     assert [t.describe() if t else None for t in seen] == [
         "W uint4 g32 asym / A float", "W int8 channel sym / A int8 tensor asym", None]
+
+
+CONV_ONLY = """
+<ir_version: 10, opset_import: ["" : 23]>
+cnn (float[1, 3, 16, 16] image) => (float[1, 8, 16, 16] features) {
+    conv = Conv <pads: ints = [1, 1, 1, 1]> (image, kernel)
+    features = Relu(conv)
+}
+"""
+
+
+def test_a_preset_that_finds_nothing_to_quantize_refuses(tmp_path):
+    """Regression: w8a8 on a CNN quantized nothing and still reported success (outputs identical to FP32)."""
+    from click.testing import CliRunner
+
+    from qcompiler.cli import main
+    from qcompiler.testing import model_from_text
+
+    model = model_from_text(CONV_ONLY, {"kernel": np.ones((8, 3, 3, 3), np.float32)})
+    with pytest.raises(QCompilerError, match="found no linear layer to quantize.*Conv x1"):
+        PassManager(parse_pipeline("w8a8"), verify=False, progress=False).run(model)
+    path = tmp_path / "cnn.onnx"
+    ir.save(model, path)
+    result = CliRunner().invoke(main, [str(path), "--passes", "w4a16", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2 and "found no linear layer" in result.output and not (tmp_path / "out").exists()
+
+
+def test_skipping_every_linear_is_refused_too():
+    from qcompiler.testing import model_from_text
+
+    text = """
+    <ir_version: 10, opset_import: ["" : 23]>
+    g (float[2, 4, 16] x) => (float[2, 4, 16] y) {
+        y = MatMul(x, w)
+    }
+    """
+    model = model_from_text(text, {"w": np.eye(16, dtype=np.float32)})
+    with pytest.raises(QCompilerError, match="no linear left to quantize: all 1 were skipped"):
+        PassManager(parse_pipeline("w4a16(skip=*)"), verify=False, progress=False).run(model)
