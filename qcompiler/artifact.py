@@ -11,7 +11,9 @@
 
 `write` puts everything in a temporary sibling directory that is renamed into place only
 when complete, so a failure never leaves a partial artifact, and an existing directory is
-refused unless ``force`` is set. Backends add their own files (``model.so``) through
+refused unless ``force`` is set; the staged model is validated first (the compiler's
+check: full ONNX checker, the backend's session, one held-out batch), and a failure there
+is qcompiler's bug, with nothing written. Backends add their own files (``model.so``) through
 `qcompiler.backend.Lowered.files`. Loading checks that the manifest parses and that
 every file it lists exists with the recorded size, so a truncated copy is refused with
 one sentence instead of failing inside onnxruntime.
@@ -30,7 +32,7 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import onnx_ir as ir
 from rich.console import Console
@@ -156,8 +158,12 @@ def save_model(model: ir.Model, path: Path) -> None:
 
 
 def write(target: Path, lowered: Lowered, report: Report, details: dict, trace: ChannelTrace | None = None, *,
-          force: bool = False) -> None:
-    """Write the artifact directory atomically: model.onnx, the backend's files, report.json, report.md, manifest."""
+          force: bool = False, validate: Callable[[Path], None] | None = None) -> None:
+    """Write the artifact directory atomically: model.onnx, the backend's files, report.json, report.md, manifest.
+
+    ``validate`` checks the staged model files before anything else is written; what it
+    raises leaves nothing behind.
+    """
     check_output_dir(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -165,6 +171,8 @@ def write(target: Path, lowered: Lowered, report: Report, details: dict, trace: 
         save_model(lowered.model, staging / "model.onnx")
         for name, write_file in lowered.files.items():
             write_file(staging / name)
+        if validate is not None:
+            validate(staging)
         report.write_json(staging / "report.json")
         table = Console(width=140, file=io.StringIO(), color_system=None)
         report.print(table)

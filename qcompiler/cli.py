@@ -26,7 +26,7 @@ import click
 from rich.console import Console
 
 from qcompiler.backend import BACKENDS, backend_names, make_backend, option_choices
-from qcompiler.errors import QCompilerError
+from qcompiler.errors import QCompilerBug, QCompilerError
 from qcompiler.pass_manager import DEFAULT_TOLERANCE
 
 console = Console(stderr=True)
@@ -59,6 +59,11 @@ def _guard(debug: bool, action: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    except QCompilerBug as exc:
+        if debug:
+            traceback.print_exc()
+        console.print(f"[bold red]internal error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except Exception as exc:  # a bug in qcompiler, not the user's input
         if debug:
             traceback.print_exc()

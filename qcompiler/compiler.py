@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import onnx
 import onnx_ir as ir
 
 from qcompiler import artifact
 from qcompiler.backend import Backend, LowerContext, Lowering, make_backend
 from qcompiler.calibration import data as calib_data
+from qcompiler.calibration.data import CalibrationData
 from qcompiler.calibration.resolve import resolve_calibration
 from qcompiler.capture import load
+from qcompiler.errors import QCompilerBug, blame_qcompiler
 from qcompiler.evaluation import embedding_metrics
 from qcompiler.pass_api import Pass
 from qcompiler.pass_manager import DEFAULT_TOLERANCE, PassManager
@@ -85,17 +88,42 @@ def compile(
         report.notes.append("calibrated on qcompiler's built-in sentences (no --calib given)")
     lowered = chosen.lower(ir_model, LowerContext(manager.holdout, log))
     report.notes.extend(lowered.notes)
+    with blame_qcompiler(f"in the {chosen.name} lowering"):
+        fidelity = _fidelity(manager, lowered.model)
     details = artifact.manifest(source=model if isinstance(model, (str, os.PathLike)) else source,
                                 pipeline=report.pipeline, backend=chosen.name,
-                                layers=_layers(lowered.model, lowered.lowering),
-                                fidelity=_fidelity(manager, lowered.model), notes=report.notes)
+                                layers=_layers(lowered.model, lowered.lowering), fidelity=fidelity, notes=report.notes)
     details.update(lowered.manifest)
     ranking = report.findings(SensitivityRow)
     if ranking:
         details["sensitivity"] = [vars(row) for row in ranking]
     if output_dir is not None:
-        artifact.write(output_dir, lowered, report, details, trace, force=force)
+        artifact.write(output_dir, lowered, report, details, trace, force=force,
+                       validate=_validator(chosen, details, manager.holdout))
     return CompileResult(lowered.model, report, output_dir, details)
+
+
+def _validator(backend: Backend, manifest: dict, holdout: CalibrationData | None) -> Callable[[Path], None]:
+    """Check a staged artifact as its user will meet it: the full ONNX checker, the backend's session, one batch.
+
+    The model is qcompiler's output, so whatever fails here is qcompiler's fault (exit 1),
+    never the input's. The batch is the first held-out one, run only where the artifact
+    takes its shape (a static-shape library may not).
+    """
+    def validate(folder: Path) -> None:
+        try:
+            onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
+            session = backend.session(folder, manifest, ir.load(folder / "model.onnx"))
+            batch = holdout.batches[0] if holdout is not None and holdout.batches else None
+            static = backend.bench_shape(manifest)
+            if batch is not None and (static is None or next(iter(batch.values())).shape[:2] == tuple(static)):
+                session.run(None, batch)
+        except Exception as exc:
+            first = next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
+            raise QCompilerBug(f"qcompiler produced an invalid artifact ({first}); nothing was written; please "
+                               "report it with the --debug traceback") from exc
+
+    return validate
 
 
 def _fidelity(manager: PassManager, model: ir.Model) -> dict | None:

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from qcompiler.calibration.data import CalibrationData
 from qcompiler.calibration.engine import CalibrationEngine
-from qcompiler.errors import VerificationError
+from qcompiler.errors import VerificationError, blame_qcompiler
 from qcompiler.pass_api import Pass, PassContext
 from qcompiler.pipeline import format_pipeline
 from qcompiler.quant.presets import Scheme
@@ -80,7 +80,8 @@ class PassManager:
             record.modified, record.details, record.findings = outcome.modified, outcome.details, outcome.findings
             _record_changes(record, before, _snapshot(model))
             if checking and outcome.modified:
-                current = self._outputs(model)
+                with blame_qcompiler(f"in pass '{pass_.name}'"):
+                    current = self._outputs(model)
                 record.verification = compare_outputs(previous, current)
                 if pass_.preserves_function:
                     self._check(pass_, record)

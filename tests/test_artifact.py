@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 from click.testing import CliRunner
 
 from qcompiler.artifact import open_artifact
-from qcompiler.cli import main
-from qcompiler.errors import QCompilerError
+from qcompiler.backend import Backend
+from qcompiler.backends.simulate.backend import SimulateBackend
+from qcompiler.cli import _guard, main
+from qcompiler.errors import QCompilerBug, QCompilerError
 
 
 @pytest.fixture(scope="module")
@@ -95,3 +98,43 @@ def test_mixed_precision_artifact_reports_its_fallback_ranking(normalized_files,
     assert sum(layer["preset"] == "w4a16" for layer in manifest["layers"].values()) == 37 - len(kept)
     report = (folder / "report.md").read_text()
     assert "## Fallback ranking" in report and f"| {kept[0]} |" in report
+
+
+class _BrokenBackend(Backend):
+    """A backend with a bug: its lowering leaves two definitions of one value name."""
+
+    name, summary = "broken", "duplicates a value name"
+
+    def lower(self, model, ctx):
+        lowered = SimulateBackend().lower(model, ctx)
+        first = next(iter(model.graph))
+        twin = ir.node("Identity", [first.inputs[0]], name="twin")
+        twin.outputs[0].name = first.outputs[0].name
+        model.graph.insert_before(first, twin)
+        return lowered
+
+
+def test_an_invalid_artifact_is_our_bug_and_nothing_is_written(tmp_path):
+    from qcompiler.compiler import compile as run_compile
+    from qcompiler.testing import model_from_text
+
+    text = """
+    <ir_version: 10, opset_import: ["" : 23]>
+    g (float[2, 4, 16] x) => (float[2, 4, 16] y) {
+        h = Relu(x)
+        y = MatMul(h, w)
+    }
+    """
+    model = model_from_text(text, {"w": np.eye(16, dtype=np.float32)})
+    feeds = [{"x": np.random.default_rng(i).standard_normal((2, 4, 16)).astype(np.float32)} for i in range(4)]
+    with pytest.raises(QCompilerBug, match="qcompiler produced an invalid model in the broken lowering .*Duplicate"):
+        run_compile(model, "w8a8", calib=feeds, normalize=False, backend=_BrokenBackend(), output=tmp_path / "out")
+    assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
+    # Weight-only without calibration: nothing ran the model before the staged artifact's validation.
+    with pytest.raises(QCompilerBug, match="qcompiler produced an invalid artifact .*static assignment"):
+        run_compile(model_from_text(text, {"w": np.eye(16, dtype=np.float32)}), "w4a16(group_size=16)",
+                    normalize=False, backend=_BrokenBackend(), output=tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(SystemExit) as exit_:
+        _guard(False, lambda: (_ for _ in ()).throw(QCompilerBug("qcompiler produced an invalid artifact (x)")))
+    assert exit_.value.code == 1
