@@ -145,3 +145,36 @@ def export_legacy_minilm(path: str | Path) -> Path:
                           opset_version=14, input_names=list(MINILM_INPUTS), output_names=list(MINILM_OUTPUTS),
                           dynamic_axes={n: {0: "batch", 1: "sequence"} for n in MINILM_INPUTS})
     return path
+
+
+def export_legacy_causal_lm(folder: str | Path, path: str | Path, opset: int = 17) -> Path:
+    """A Hugging Face causal LM folder written to ``path`` by the legacy ``torch.onnx`` exporter (logits only).
+
+    The legacy exporter spells Llama's RMSNorm as Pow/ReduceMean/Add/Sqrt/Div/Mul with
+    Casts, and grouped-query attention's head repetition as run-time shape arithmetic:
+    graphs normalization and region analysis must read as they read the dynamo export's.
+    """
+    import torch
+    import transformers
+
+    path = Path(path)
+    module = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+
+    class Logits(torch.nn.Module):
+        """input_ids and attention_mask in, logits out, without the KV cache."""
+
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    ids = torch.randint(0, module.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    names = ["input_ids", "attention_mask"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Logits(module), (ids, torch.ones_like(ids)), str(path), dynamo=False, opset_version=opset,
+                          input_names=names, output_names=["logits"],
+                          dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
+    return path

@@ -20,6 +20,7 @@ right. Nothing here depends on layer names.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -375,10 +376,12 @@ class _ProbeError(Exception):
 def _probe(source: ir.Value, nodes: list[ir.Node], head_dim: int | None = None) -> tuple[np.ndarray, int | None]:
     array = np.broadcast_to(np.arange(1, _channels(source) + 1, dtype=np.int64), _concrete(source.shape))
     current = source
+    shapes = {id(source): array.shape}  # each path value's shape in the probe (token dims 1), for Shape readers
     for node, output in nodes:
         if node.op_type == "MatMul":  # softmax(Q K^T) @ V: the array is V, its last axis one head
             head_dim = head_dim or int(array.shape[-1])
-        array = _replay(node, output, array)
+        array = _replay(node, output, array, shapes)
+        shapes[id(output)] = array.shape
         current = output
     rows = array.reshape(-1, array.shape[-1])
     if rows.shape[0] and np.any(rows != rows[:1]):
@@ -404,8 +407,9 @@ def _concrete(shape: ir.Shape | None, allow_one_unknown: bool = False) -> tuple[
     return tuple(dims)
 
 
-def _reshape_target(node: ir.Node, current: tuple[int, ...]) -> tuple[int, ...]:
-    """The target of a Reshape whose output shape inference left symbolic, read from its shape input.
+def _shape_target(node: ir.Node, current: tuple[int, ...], copy_zeros: bool,
+                  shapes: dict[int, tuple[int, ...]]) -> tuple[int, ...]:
+    """The target of a Reshape or Expand, read from its shape input (``copy_zeros``: Reshape's 0 keeps a dim).
 
     Exporters build it at run time as ``Concat`` of constants (heads, head size, -1) and
     of dims read from a tensor (``Unsqueeze(Gather(Shape(x), i))``); a symbolic dim read that
@@ -420,25 +424,35 @@ def _reshape_target(node: ir.Node, current: tuple[int, ...]) -> tuple[int, ...]:
         pieces = []
         for piece in producer.inputs:
             values = constant_array(piece)
-            pieces += [int(d) for d in values.reshape(-1)] if values is not None else [_shape_entry(piece)]
+            pieces += [int(d) for d in values.reshape(-1)] if values is not None else [_shape_entry(piece, shapes)]
     else:
-        raise _ProbeError(f"the target shape of Reshape '{node.name}' is computed at run time")
+        raise _ProbeError(f"the target shape of {node.op_type} '{node.name}' is computed at run time")
     # Reshape's 0 copies the input's dim at that position (allowzero=0, the default).
-    return tuple(current[i] if d == 0 and i < len(current) else d for i, d in enumerate(pieces))
+    return tuple(current[i] if copy_zeros and d == 0 and i < len(current) else d for i, d in enumerate(pieces))
 
 
-def _shape_entry(value: ir.Value) -> int:
-    """One dim of a run-time shape: ``Unsqueeze(Gather(Shape(x), i))`` is dim ``i`` of ``x`` (1 when symbolic)."""
+def _shape_entry(value: ir.Value, shapes: dict[int, tuple[int, ...]]) -> int:
+    """One dim of a run-time shape: ``Unsqueeze(Gather(Shape(x), i))`` is dim ``i`` of ``x``.
+
+    For ``x`` on the probe's path that is ``x``'s probe shape (token dims 1, heads as
+    replayed); elsewhere its inferred dim, 1 when symbolic (a token dim). Products of such
+    dims (``kv_heads * n_rep`` in grouped-query attention) multiply.
+    """
     node = value.producer()
     if node is not None and node.op_type == "Unsqueeze":
         node = node.inputs[0].producer()
+    if node is not None and node.op_type == "Mul" and len(node.inputs) == 2:
+        factors = [constant_array(v) for v in node.inputs]
+        return math.prod(int(f.reshape(-1)[0]) if f is not None and f.size == 1 else _shape_entry(v, shapes)
+                         for f, v in zip(factors, node.inputs))
     if node is not None and node.op_type == "Gather":
         index, shape_node = constant_array(node.inputs[1]), node.inputs[0].producer()
         if index is not None and index.size == 1 and shape_node is not None and shape_node.op_type == "Shape":
             source = shape_node.inputs[0]
             start = shape_node.attributes["start"].value if "start" in shape_node.attributes else 0
-            if source.shape is not None:
-                dims = list(source.shape)[start:]
+            known = shapes.get(id(source), source.shape)
+            if known is not None:
+                dims = list(known)[start:]
                 position = int(index.reshape(-1)[0])
                 if -len(dims) <= position < len(dims):
                     dim = dims[position]
@@ -446,7 +460,7 @@ def _shape_entry(value: ir.Value) -> int:
     raise _ProbeError(f"the Reshape dim '{value.name}' is computed at run time")
 
 
-def _replay(node: ir.Node, output: ir.Value, array: np.ndarray) -> np.ndarray:
+def _replay(node: ir.Node, output: ir.Value, array: np.ndarray, shapes: dict[int, tuple[int, ...]]) -> np.ndarray:
     op = node.op_type
     if op in ("Identity", "Dropout", "Relu", "Mul", "MatMul"):
         return array  # Relu/Mul: elementwise on the same channels; MatMul: attention with P = identity
@@ -455,7 +469,7 @@ def _replay(node: ir.Node, output: ir.Value, array: np.ndarray) -> np.ndarray:
         return np.transpose(array, perm.value if perm is not None else None)
     if op == "Reshape":
         try:  # the shape input says it exactly; inferred output shapes may have symbolic head dims
-            target = _reshape_target(node, array.shape)
+            target = _shape_target(node, array.shape, copy_zeros=True, shapes=shapes)
         except _ProbeError:
             target = _concrete(node.outputs[0].shape, allow_one_unknown=True)
         try:
@@ -463,8 +477,16 @@ def _replay(node: ir.Node, output: ir.Value, array: np.ndarray) -> np.ndarray:
         except ValueError:
             raise _ProbeError(f"Reshape '{node.name}' to {list(target)} does not fit its input of shape "
                               f"{list(array.shape)}") from None
-    if op == "Expand":
-        return np.broadcast_to(array, _concrete(node.outputs[0].shape))
+    if op == "Expand":  # grouped-query attention repeats kv heads with a run-time target shape
+        try:
+            target = _shape_target(node, array.shape, copy_zeros=False, shapes=shapes)
+        except _ProbeError:
+            target = _concrete(node.outputs[0].shape)
+        try:
+            return np.broadcast_to(array, np.broadcast_shapes(array.shape, target))
+        except ValueError:
+            raise _ProbeError(f"Expand '{node.name}' to {list(target)} does not fit its input of shape "
+                              f"{list(array.shape)}") from None
     if op in ("Unsqueeze", "Squeeze"):
         axes = constant_array(node.inputs[1]) if len(node.inputs) > 1 else None
         if axes is None:

@@ -47,6 +47,22 @@ def test_minilm_exports_normalize_to_the_same_form(minilm_files, tokenizer, held
         assert err["relative_error"] < 1e-5, (name, err)
 
 
+def test_legacy_llama_rmsnorms_fuse_and_its_regions_open(zoo_folder, tmp_path):
+    """Regression: the legacy exporter's Div(1, Sqrt) RMSNorm fused none, so smooth found 2 of 9 regions."""
+    from qcompiler.analysis.regions import SCALE, find_regions
+    from qcompiler.testing import export_legacy_causal_lm, random_feeds
+
+    model = ir.load(export_legacy_causal_lm(zoo_folder("llama"), tmp_path / "llama.onnx"))
+    model, errors = normalize(model, random_feeds(model))
+    assert op_summary(model)["RMSNormalization"] == 5 and "Pow" not in op_summary(model)
+    assert all(err["relative_error"] < 1e-5 for err in errors.values()), errors
+    regions = find_regions(model.graph)
+    # 5 rmsnorm + 2 gated; the 2 attention regions stay refused, with a sentence: grouped-query
+    # attention's Expand target is built with Where/Equal/ConstantOfShape at run time.
+    assert len(regions.regions) == 9 and len(regions.able(SCALE)) == 7
+    assert all("does not fit" in r.refused[SCALE] for r in regions.regions if r.kind == "attention")
+
+
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
 def test_tiny_architectures_capture_and_normalize_with_outputs_unchanged(zoo_folder, arch):
     model = load(zoo_folder(arch))
