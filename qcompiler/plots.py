@@ -52,10 +52,10 @@ def write_figures(folder: Path, trace: ChannelTrace | None, weight_sqnr: dict[st
     from matplotlib import pyplot as plt
 
     written = []
-    if trace is not None and "normalized" in trace.stages and len(trace.stages) > 1:
-        first = trace.stages["normalized"]
-        ratio = {layer: float(a.max() / max(np.median(a), 1e-12)) for layer, a in first.items()}
-        worst = sorted(ratio, key=ratio.get, reverse=True)[:WORST_LAYERS]
+    first = trace.stages.get("normalized", {}) if trace is not None and len(trace.stages) > 1 else {}
+    ratio = {layer: float(a.max() / max(np.median(a), 1e-12)) for layer, a in first.items()}
+    worst = sorted(ratio, key=ratio.get, reverse=True)[:WORST_LAYERS]
+    if worst:  # a model without linears (a CNN) has no channel profile to draw
         figure, axes = plt.subplots(len(worst), 1, figsize=(10, 2.8 * len(worst)), squeeze=False)
         for axis, layer in zip(axes[:, 0], worst):
             for stage, profiles in trace.stages.items():

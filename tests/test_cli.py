@@ -92,3 +92,35 @@ def test_bad_input_is_one_sentence_exit_2_and_no_output(run, minilm_files, tmp_p
     assert result.output.strip().startswith("error:") and result.output.count("error:") == 1
     assert not (tmp_path / "out").exists()
     assert (existing / "keep.txt").read_text() == "user file"
+
+
+CNN = """
+<ir_version: 10, opset_import: ["" : 11]>
+cnn (float[N, 3, 16, 16] image) => (float[N, 8, 16, 16] features) {
+    conv = Conv <pads: ints = [1, 1, 1, 1]> (image, kernel)
+    bn = BatchNormalization (conv, scale, bias, mean, var)
+    features = HardSigmoid(bn)
+}
+"""
+
+
+def test_a_cnn_is_refused_by_presets_and_survives_transforms(run, tmp_path):
+    """Regression: on a CNN, w8a8 wrote an FP32 copy as a success and smooth crashed drawing zero channel plots."""
+    import onnx_ir as ir
+
+    from qcompiler.testing import model_from_text
+
+    rng = np.random.default_rng(0)
+    weights = {"kernel": rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "scale": np.ones(8, np.float32),
+               "bias": np.zeros(8, np.float32), "mean": np.zeros(8, np.float32), "var": np.ones(8, np.float32)}
+    model = tmp_path / "cnn.onnx"
+    ir.save(model_from_text(CNN, weights), model)
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, image=rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
+    refused = run(model, "--passes", "smooth,w8a8", "--calib", calib, "-o", tmp_path / "q")
+    assert refused.exit_code == 2 and "found no linear layer to quantize" in refused.output
+    assert not (tmp_path / "q").exists()
+    smoothed = run(model, "--passes", "smooth", "--calib", calib, "-o", tmp_path / "s")
+    assert smoothed.exit_code == 0, smoothed.output
+    assert (tmp_path / "s" / "model.onnx").is_file() and not (tmp_path / "s" / "channels.png").exists()
+
