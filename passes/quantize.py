@@ -42,7 +42,7 @@ from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
 from qcompiler.quant.sensitivity import SensitivityRow, output_sensitivity
 from qcompiler.quant.simulate import dequantized_weight, per_consumer, quantized_activation, weight_is_native
-from qcompiler.quant.spec import QuantizedTensor, sqnr_db
+from qcompiler.quant.spec import sqnr_db
 from qcompiler.registry import register
 from qcompiler.stream_rewrite import UNROTATE
 

@@ -30,7 +30,6 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.absorb import mark_output_transformed, rewrite_constant
-from qcompiler.analysis.linears import constant_array
 from qcompiler.analysis.regions import ONLINE_ROTATION, ROTATE, Region, find_regions
 from qcompiler.analysis.residual import find_streams
 from qcompiler.hadamard import orthogonal_matrix, rotation_plan

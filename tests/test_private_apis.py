@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 
 import numpy as np
-import onnx_ir as ir
 import pytest
 
 from qcompiler.onnxscript_fusions import fuse_layer_normalization, fuse_rms_normalization
