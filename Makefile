@@ -6,12 +6,15 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test bench
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	# The CPU wheel of torch first: any other spec pulls several GB of CUDA packages.
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[test]"
+	# A real pre-trained CNN for tests and benchmarks: only the ONNX files of this wheel are used, so not its
+	# dependencies (OpenCV, Shapely, pyclipper).
+	$(BIN)/pip install --quiet --no-deps rapidocr-onnxruntime==1.4.4
 	touch $(STAMP)
 
 install: $(STAMP)

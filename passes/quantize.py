@@ -1,4 +1,4 @@
-"""quantize: give every linear a weight and activation spec, quantize its weight, fix ranges.
+"""quantize: give every linear and convolution a weight and activation spec, quantize its weight, fix ranges.
 
 One pass per preset (``w8a8``, ``w8a8-dyn``, ``w8a16``, ``w4a16``, ``w4a8``, ``w4a4``, ``fp8``,
 ``mxfp8``, ``mxfp4``, ``nvfp4``), plus ``quantize(preset=...)``. Per-layer choices go by glob
@@ -18,9 +18,19 @@ or ``awq`` (activation-aware scales absorbed by each region's producer, then out
 (AWQ's scales, then GPTQ's rounding). Static activation
 ranges come from the observer (``minmax``, ``percentile``, ``mse``).
 
+Convolutions (``Conv`` with a constant kernel; normalize has folded BatchNormalization
+into it) are quantized under the same presets. The kernel ``[C_out, C_in/g, k...]`` is
+quantized as its ``[C_in/g * k, C_out]`` matrix, so per channel means per output channel;
+``rtn`` or ``mse`` (``gptq`` and ``awq`` need statistics of input channels, not of patches,
+and take ``mse`` for convolutions, said in the notes). Per-token and grouped activations
+run along the input's channel axis, one "token" per pixel. A convolution with static int8
+activations also quantizes its output unless its readers already do, the
+``DQ -> Conv -> Q`` form onnxruntime runs as QLinearConv.
+
 The result is the simulate form (`qcompiler.quant.simulate`): a QDQ graph onnxruntime runs,
-with the resolved specs on each MatMul as the ``qcompiler.quant`` metadata entry, which is
-what backends lower from.
+with the resolved specs on each MatMul and Conv as the ``qcompiler.quant`` metadata entry,
+which is what backends lower from. ``coverage`` in the report counts, per matrix and
+convolution op type, the nodes quantized and those left float with the reason.
 """
 
 from __future__ import annotations
@@ -33,15 +43,17 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.analysis.convolutions import Convolution, find_convolutions
 from qcompiler.analysis.linears import Linear, constant_array, find_linears
 from qcompiler.errors import QCompilerError
+from qcompiler.graph import redirect_uses
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.quant import awq, weights
 from qcompiler.quant.annotation import ActivationAnnotation, LayerAnnotation, WeightAnnotation
 from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
 from qcompiler.quant.sensitivity import SensitivityRow, output_sensitivity
-from qcompiler.quant.simulate import dequantized_weight, per_consumer, quantized_activation, weight_is_native
+from qcompiler.quant.simulate import dequantized_weight, per_consumer, quantized_activation, stores_codes
 from qcompiler.quant.spec import sqnr_db
 from qcompiler.registry import register
 from qcompiler.stream_rewrite import UNROTATE
@@ -97,16 +109,23 @@ class QuantizeOptions:
             raise ValueError(f"scales and refine tune GPTQ (weights=gptq or awq-gptq), not weights={self.weights}")
 
 
+Layer = Linear | Convolution
+
+
 @dataclass
 class LayerPlan:
-    linear: Linear
+    linear: Layer
     scheme: Scheme
     preset: str
+
+    @property
+    def conv(self) -> bool:
+        return isinstance(self.linear, Convolution)
 
 
 class Quantize(Pass):
     name = "quantize"
-    summary = "Quantize every linear under a preset (w8a8, w4a16, ...), with per-layer overrides and a skip list."
+    summary = "Quantize every linear and Conv under a preset (w8a8, w4a16, ...), with per-layer overrides and a skip list."
     Options = QuantizeOptions
     preserves_function = False
 
@@ -118,20 +137,22 @@ class Quantize(Pass):
         """Searches before quantization (smooth, shift) score against the scheme most linears will get."""
         return self.scheme()
 
-    def plan(self, graph: ir.Graph) -> tuple[list[LayerPlan], list[str]]:
-        """Which linears get which scheme, and which are skipped."""
-        plans, skipped = [], []
-        for linear in find_linears(graph):
-            if LayerAnnotation.from_node(linear.matmul) is not None:
+    def plan(self, graph: ir.Graph) -> tuple[list[LayerPlan], list[tuple[Layer, str]]]:
+        """Which linears and convolutions get which scheme, and which are skipped (with the reason)."""
+        plans: list[LayerPlan] = []
+        skipped: list[tuple[Layer, str]] = []
+        layers: list[Layer] = [*find_linears(graph), *find_convolutions(graph)]
+        for linear in layers:
+            if LayerAnnotation.from_node(linear.node) is not None:
                 continue  # quantized by an earlier pass (a pre-dequantized grid still looks like a linear)
-            if UNROTATE in linear.matmul.metadata_props:
+            if UNROTATE in linear.node.metadata_props:
                 # rotate's exact Q^T in front of a graph output or a kept norm: it carries no learned weight,
                 # and rounding it would add error the unrotated model never had.
-                skipped.append(f"{linear.matmul.name} (rotate's Q^T compensation)")
+                skipped.append((linear, "rotate's Q^T compensation"))
                 continue
-            names = (linear.layer, linear.matmul.name or "", linear.weight.name or "")
+            names = (linear.layer, linear.node.name or "", linear.weight.name or "")
             if any(fnmatch.fnmatchcase(n, glob) for glob in self.options.skip for n in names):
-                skipped.append(linear.layer)
+                skipped.append((linear, "skip="))
                 continue
             preset = self.options.preset
             for item in self.options.override:
@@ -139,18 +160,26 @@ class Quantize(Pass):
                 if any(fnmatch.fnmatchcase(n, glob) for n in names):
                     preset = other
                     break
-            plans.append(LayerPlan(linear, self.scheme(preset), preset))
+            scheme = self.scheme(preset)
+            activation = scheme.activation
+            grouped = activation is not None and activation.granularity == "group"
+            if grouped and linear.in_channels % activation.group_size:
+                skipped.append((linear, f"{preset}'s activation groups of {activation.group_size} do not divide its "
+                                        f"{linear.in_channels} input channels"))
+                continue
+            plans.append(LayerPlan(linear, scheme, preset))
         return plans, skipped
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         graph = model.graph
         options = self.options
         plans, skipped = self.plan(graph)
+        labels = [layer.layer if reason == "skip=" else f"{layer.layer} ({reason})" for layer, reason in skipped]
         if not plans and not any(LayerAnnotation.from_node(node) for node in graph):
-            raise QCompilerError(_nothing_to_quantize(graph, self.name, skipped))
-        details: dict = {"scheme": self.scheme().describe(), "skipped": skipped, "notes": []}
+            raise QCompilerError(_nothing_to_quantize(graph, self.name, labels))
+        details: dict = {"scheme": self.scheme().describe(), "skipped": labels, "notes": []}
         if options.weights in ("awq", "awq-gptq"):
-            found = awq.search_and_absorb(model, ctx, {id(p.linear.matmul): p.scheme for p in plans},
+            found = awq.search_and_absorb(model, ctx, {id(p.linear.node): p.scheme for p in plans},
                                           options.grid, options.rows)
             details["awq_alpha"], details["notes"] = found["scaled"], found["notes"]
             plans = self._refresh(graph, plans)
@@ -158,18 +187,23 @@ class Quantize(Pass):
         if options.fallback and plans:
             plans, ranking = self._fall_back(model, ctx, plans)
         inputs = list(dict.fromkeys(p.linear.input.name for p in plans))
+        # X^T X and AWQ's rows are statistics of a linear's input channels; a convolution's weight
+        # multiplies patches of its input, which those statistics do not see (see _quantize_weight).
+        matrix_inputs = list(dict.fromkeys(p.linear.input.name for p in plans if not p.conv))
         static = [n for n in inputs if any(p.linear.input.name == n and p.scheme.activation is not None
                                            and not p.scheme.activation.dynamic for p in plans)]
-        stats = ctx.statistics(model, static) if static else {}
-        rows = ctx.samples(model, inputs, options.rows) if options.weights == "awq" and inputs else {}
+        requantized = [p for p in plans if p.conv and _int8_static(p.scheme.activation)]
+        observed = static + [p.linear.output.name for p in requantized]
+        stats = ctx.statistics(model, observed) if observed else {}
+        rows = ctx.samples(model, matrix_inputs, options.rows) if options.weights == "awq" and matrix_inputs else {}
         uses_gptq = options.weights in ("gptq", "awq-gptq")
         hessians = {}
-        if uses_gptq and not options.sequential:
-            hessians = {n: s.xtx for n, s in ctx.statistics(model, inputs, xtx=inputs).items()}
+        if uses_gptq and not options.sequential and matrix_inputs:
+            hessians = {n: s.xtx for n, s in ctx.statistics(model, matrix_inputs, xtx=matrix_inputs).items()}
 
         layers = []
         for name in inputs:
-            if uses_gptq and options.sequential:
+            if uses_gptq and options.sequential and name in matrix_inputs:
                 # The input as the layers before it, already quantized, produce it (GPTQ's order).
                 hessians = {name: ctx.statistics(model, [name], xtx=[name])[name].xtx}
             for plan in plans:
@@ -177,15 +211,32 @@ class Quantize(Pass):
                     layers.append(self._quantize_weight(graph, plan, hessians, rows))
         for name in inputs:
             self._quantize_input(graph, [p for p in plans if p.linear.input.name == name], stats)
+        for plan in requantized:
+            self._requantize_output(graph, plan, stats)
+        swapped = sorted({layer["quantizer"] for layer in layers if layer["quantizer"] != options.weights})
+        if swapped:
+            details["notes"].append(
+                f"{options.weights} needs statistics of a linear's input channels, which a convolution's patches are "
+                f"not: convolutions were quantized with {', '.join(swapped)}")
+        if requantized:
+            details["notes"].append(
+                f"{len(requantized)} convolution(s) with static int8 activations also quantize their output (the "
+                "QLinearConv form), unless every reader of it quantizes it already")
         unrefined = sorted({p.scheme.weight.describe() for p in plans if p.scheme.weight.element.kind != "int"})
         if uses_gptq and options.refine and unrefined:
             details["notes"].append(f"refine moves integer codes; {', '.join(unrefined)} weights keep GPTQ's rounding")
-        pre_dequantized = sorted({layer["weight"] for layer in layers if not layer["native"]})
+        pre_dequantized = sorted({layer["weight"] for layer in layers if not layer["native"] and not layer["conv"]})
         if pre_dequantized:
             details["notes"].append(
                 f"onnxruntime has no DequantizeLinear kernel for {', '.join(pre_dequantized)} weights: those are stored "
                 "pre-dequantized (float32 values exactly on the quantized grid), so fidelity is exact but size is not")
+        grouped_kernels = sorted({layer["weight"] for layer in layers if layer["conv"] and not layer["native"]})
+        if grouped_kernels:
+            details["notes"].append(
+                f"convolution weights under {', '.join(grouped_kernels)} are stored pre-dequantized (float32 values "
+                "exactly on the grid): DequantizeLinear has no layout for their scales on a kernel")
         details["layers"] = layers
+        details["coverage"] = coverage(graph, {id(layer.node): reason for layer, reason in skipped})
         return PassOutcome(bool(plans), details, findings=ranking)
 
     def fallback_preset(self) -> str:
@@ -209,36 +260,41 @@ class Quantize(Pass):
         candidates = [p for p in plans if p.preset == self.options.preset]
         trials = {}
         for plan in candidates:
-            weight = constant_array(plan.linear.weight).astype(np.float32)
-            trials[plan.linear.weight.name] = weights.rtn(weight, plan.scheme.weight).dequantize()
+            weight = plan.linear.as_matrix(constant_array(plan.linear.weight).astype(np.float32))
+            rounded = weights.rtn(weight, plan.scheme.weight).dequantize()
+            trials[plan.linear.weight.name] = plan.linear.from_matrix(rounded)
         batches = ctx.batches()
         spread = batches[::max(1, len(batches) // SENSITIVITY_BATCHES)][:SENSITIVITY_BATCHES]
         scores = output_sensitivity(model, trials, spread)
-        size = {id(p.linear.matmul): trials[p.linear.weight.name].size for p in candidates}
-        ranked = sorted(candidates, key=lambda p: scores[p.linear.weight.name] / size[id(p.linear.matmul)],
+        size = {id(p.linear.node): trials[p.linear.weight.name].size for p in candidates}
+        ranked = sorted(candidates, key=lambda p: scores[p.linear.weight.name] / size[id(p.linear.node)],
                         reverse=True)
         budget = self.options.fallback * sum(size.values())
         chosen, spent = set(), 0
         for plan in ranked:
-            if spent + size[id(plan.linear.matmul)] <= budget:
-                chosen.add(id(plan.linear.matmul))
-                spent += size[id(plan.linear.matmul)]
+            if spent + size[id(plan.linear.node)] <= budget:
+                chosen.add(id(plan.linear.node))
+                spent += size[id(plan.linear.node)]
         preset = self.fallback_preset()
-        moved = [LayerPlan(p.linear, self.scheme(preset), preset) if id(p.linear.matmul) in chosen else p
+        moved = [LayerPlan(p.linear, self.scheme(preset), preset) if id(p.linear.node) in chosen else p
                  for p in plans]
-        table = [SensitivityRow(p.linear.layer, scores[p.linear.weight.name], size[id(p.linear.matmul)],
-                                preset if id(p.linear.matmul) in chosen else p.preset) for p in ranked]
+        table = [SensitivityRow(p.linear.layer, scores[p.linear.weight.name], size[id(p.linear.node)],
+                                preset if id(p.linear.node) in chosen else p.preset) for p in ranked]
         return moved, table
 
     def _refresh(self, graph: ir.Graph, plans: list[LayerPlan]) -> list[LayerPlan]:
         """Linears again after AWQ rewrote weights (a copied weight is a new value)."""
-        current = {id(linear.matmul): linear for linear in find_linears(graph)}
-        return [LayerPlan(current[id(p.linear.matmul)], p.scheme, p.preset) for p in plans]
+        current = {id(linear.node): linear for linear in find_linears(graph)}
+        return [LayerPlan(current.get(id(p.linear.node), p.linear), p.scheme, p.preset) for p in plans]
 
     def _quantize_weight(self, graph: ir.Graph, plan: LayerPlan, hessians: dict, rows: dict) -> dict:
         linear, spec = plan.linear, plan.scheme.weight
-        weight = constant_array(linear.weight).astype(np.float32)
+        weight = linear.as_matrix(constant_array(linear.weight).astype(np.float32))
         method = self.options.weights
+        if plan.conv and method not in ("rtn", "mse"):
+            # GPTQ's X^T X and AWQ's output error would need the im2col patches of the input;
+            # the clipping search needs only the kernel.
+            method = "mse"
         if method in ("gptq", "awq-gptq"):
             hessian = hessians[linear.input.name]
             clip = weights.clip_ratios(weight, spec, grid=self.options.grid) if self.options.scales == "mse" else 1.0
@@ -255,18 +311,21 @@ class Quantize(Pass):
         else:
             quantized = weights.rtn(weight, spec)
         old = linear.weight
-        linear.matmul.replace_input_with(1, dequantized_weight(graph, quantized, _base_name(linear), linear.matmul))
+        kernel_shape = linear.kernel_shape if plan.conv else None
+        linear.node.replace_input_with(1, dequantized_weight(graph, quantized, _base_name(linear), linear.node,
+                                                             kernel_shape))
         if old.is_initializer() and not old.uses():
             graph.initializers.pop(old.name)
         weight_sqnr = round(sqnr_db(weight, quantized.dequantize()), 2)
         activation = plan.scheme.activation
+        native = stores_codes(quantized, kernel_shape)
         LayerAnnotation(linear.layer, plan.preset,
-                        WeightAnnotation(spec, method, weight_is_native(spec), quantized.tensor_scale),
+                        WeightAnnotation(spec, method, native, quantized.tensor_scale),
                         None if activation is None else ActivationAnnotation(activation),
-                        weight_sqnr).to_node(linear.matmul)
-        return {"linear": linear.layer, "preset": plan.preset, "weight": spec.describe(),
+                        weight_sqnr).to_node(linear.node)
+        return {"linear": linear.layer, "op": linear.node.op_type, "preset": plan.preset, "weight": spec.describe(),
                 "activation": activation.describe() if activation else "float",
-                "quantizer": method, "weight_sqnr_db": weight_sqnr, "native": weight_is_native(spec)}
+                "quantizer": method, "weight_sqnr_db": weight_sqnr, "native": native, "conv": plan.conv}
 
     def _quantize_input(self, graph: ir.Graph, plans: list[LayerPlan], stats: dict) -> None:
         """One quantize-dequantize per distinct activation spec of the linears sharing an input."""
@@ -279,26 +338,87 @@ class Quantize(Pass):
             bounds = None
             if not spec.dynamic:
                 bounds = observe_range(stats[source.name], spec, self.options.percentile)
-            quantized = quantized_activation(graph, source, spec, bounds, group[0].linear.in_features)
+            layer = group[0].linear
+            quantized = quantized_activation(graph, source, spec, bounds, layer.in_channels, layer.channel_axis)
             for plan, value in zip(group, per_consumer(graph, quantized, len(group))):
-                plan.linear.matmul.replace_input_with(0, value)
-                annotation = LayerAnnotation.from_node(plan.linear.matmul)
-                annotation.with_activation(bounds, source.name).to_node(plan.linear.matmul)
+                plan.linear.node.replace_input_with(0, value)
+                annotation = LayerAnnotation.from_node(plan.linear.node)
+                annotation.with_activation(bounds, source.name).to_node(plan.linear.node)
+
+
+    def _requantize_output(self, graph: ir.Graph, plan: LayerPlan, stats: dict) -> None:
+        """Quantize a static int8 convolution's output too, so onnxruntime can run it as QLinearConv.
+
+        onnxruntime fuses ``DQ -> Conv -> Q`` into QLinearConv (integer in, integer out) and
+        has no integer convolution that returns float; with only its input quantized, a
+        Conv runs in float behind a DequantizeLinear, slower than no quantization. When
+        every reader of the output quantizes it already (the next convolution's input),
+        that Q completes the pattern and nothing is added.
+        """
+        output = plan.linear.output
+        readers = [use.node for use in output.uses()]
+        if readers and not output.is_graph_output() and all(r.op_type == "QuantizeLinear" for r in readers):
+            return
+        spec = plan.scheme.activation
+        bounds = observe_range(stats[output.name], spec, self.options.percentile)
+        quantized = quantized_activation(graph, output, spec, bounds, plan.linear.kernel_shape[0], 1)
+        quantize_node = quantized.producer().inputs[0].producer()
+        redirect_uses(graph, output, quantized, except_node=quantize_node)
+        LayerAnnotation.from_node(plan.linear.node).with_output(bounds).to_node(plan.linear.node)
+
+
+def _int8_static(spec) -> bool:
+    """Static per-tensor int8 activations: the spec onnxruntime's QDQ fusions turn into integer kernels."""
+    return spec is not None and spec.format == "int8" and not spec.dynamic and spec.granularity == "tensor"
+
+
+HEAVY_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")
+
+
+def coverage(graph: ir.Graph, skipped: dict[int, str]) -> dict[str, dict]:
+    """Per matrix or convolution op type: how many nodes are quantized, how many stay float, and why.
+
+    An artifact whose outputs match FP32 may simply have quantized nothing that matters
+    (a CNN whose only quantized node is the classifier head); this is what says so.
+    ``skipped`` maps a node's id to the reason the plan left it float.
+    """
+    table: dict[str, dict] = {}
+    for node in graph:
+        if node.op_type not in HEAVY_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        row = table.setdefault(node.op_type, {"quantized": 0, "float": 0, "float_reasons": {}})
+        if LayerAnnotation.from_node(node) is not None:
+            row["quantized"] += 1
+            continue
+        row["float"] += 1
+        reason = skipped.get(id(node)) or _why_float(node)
+        row["float_reasons"][reason] = row["float_reasons"].get(reason, 0) + 1
+    return table
+
+
+def _why_float(node: ir.Node) -> str:
+    """Why the plan never saw ``node`` as a layer to quantize."""
+    if node.op_type == "MatMul":
+        return "no constant 2-D weight (both operands computed, as in attention)"
+    if node.op_type == "Conv":
+        return "its kernel is not a constant"
+    if node.op_type == "Gemm":
+        return "canonical-linear kept it a Gemm (transA=1 or a computed weight)"
+    return f"qcompiler does not quantize {node.op_type}"
 
 
 def _nothing_to_quantize(graph: ir.Graph, preset: str, skipped: list[str]) -> str:
     """One sentence on why a quantize pass found no linear: an artifact identical to FP32 is no success."""
     if skipped:
         return f"Preset '{preset}' has no linear left to quantize: all {len(skipped)} were skipped ({skipped[0]}, ...)."
-    heavy = collections.Counter(node.op_type for node in graph
-                                if node.op_type in ("Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum"))
+    heavy = collections.Counter(node.op_type for node in graph if node.op_type in HEAVY_OPS)
     found = ", ".join(f"{op} x{count}" for op, count in heavy.most_common()) or "none"
-    return (f"Preset '{preset}' found no linear layer to quantize (a MatMul or Gemm with a constant 2-D weight); "
-            f"the model's matrix and convolution ops are: {found}, and qcompiler does not quantize convolutions yet.")
+    return (f"Preset '{preset}' found no layer to quantize (a MatMul or Gemm with a constant 2-D weight, or a Conv "
+            f"with a constant kernel); the model's matrix and convolution ops are: {found}.")
 
 
 def _base_name(linear: Linear) -> str:
-    return linear.weight.name or linear.matmul.name or "weight"
+    return linear.weight.name or linear.node.name or "weight"
 
 
 def _preset_pass(preset: str, summary: str) -> type[Pass]:

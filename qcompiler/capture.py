@@ -96,8 +96,22 @@ def load_onnx_file(path: Path) -> ir.Model:
         raise QCompilerError(f"'{path}' is not a usable ONNX model: its graph has no nodes.")
     _check_external_data(model, path)
     _check_known_ops(model, path)
+    _symbolic_negative_dims(model)
     model.metadata_props[SOURCE_KEY] = str(path.resolve())
     return model
+
+
+def _symbolic_negative_dims(model: ir.Model) -> None:
+    """Read a negative dimension on a graph input or output (Paddle2ONNX writes -1 for "any") as a symbolic one.
+
+    ONNX spells a dynamic axis with a name or no value; Paddle2ONNX and some hand-written
+    graphs store ``dim_value: -1`` instead, which would otherwise be checked as a fixed size
+    of -1 against every calibration batch.
+    """
+    for index, value in enumerate([*model.graph.inputs, *model.graph.outputs]):
+        if value.shape is not None and any(isinstance(d, int) and d < 0 for d in value.shape):
+            value.shape = ir.Shape([d if not isinstance(d, int) or d >= 0 else f"dynamic_{index}_{axis}"
+                                    for axis, d in enumerate(value.shape)])
 
 
 def _check_external_data(model: ir.Model, path: Path) -> None:

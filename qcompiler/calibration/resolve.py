@@ -31,6 +31,21 @@ def model_inputs(model: ir.Model) -> list[str]:
     return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
 
 
+def fixed_batch(model: ir.Model) -> int | None:
+    """The batch size every input fixes on axis 0 (exporters often write ``[1, 3, 224, 224]``), else None.
+
+    Samples are then cut into batches of that size: a model exported for batch 1 runs on
+    nothing else, and the user's ``.npz`` of 500 images should not be refused for it.
+    """
+    sizes = {value.shape[0] for value in model.graph.inputs
+             if value.name not in model.graph.initializers and value.shape is not None and len(value.shape) > 0}
+    if len(sizes) == 1:
+        size = next(iter(sizes))
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
+
+
 def resolve_calibration(
     calib: str | os.PathLike | CalibrationData | Iterable[dict[str, Any]] | None,
     model: ir.Model,
@@ -46,6 +61,7 @@ def resolve_calibration(
     """
     if batch_size < 1:
         raise CalibrationError(f"Batch size must be at least 1, not {batch_size}.")
+    batch_size = fixed_batch(model) or batch_size
     if calib is None:
         tokenizer_dir = tokenizer or model.metadata_props.get(TOKENIZER_KEY)
         if tokenizer_dir is None:

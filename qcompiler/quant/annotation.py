@@ -1,6 +1,6 @@
 """The quantize annotation: the typed contract between the quantize pass and everything after it.
 
-The quantize pass leaves one `LayerAnnotation` on each quantized MatMul (its resolved
+The quantize pass leaves one `LayerAnnotation` on each quantized MatMul and Conv (its resolved
 weight and activation specs, how the weight is stored, where the float activation
 comes from, its weight SQNR). Backends lower from it, `qcompile eval` and the manifest
 read it back. It travels inside the model as JSON in the node's metadata entry
@@ -68,6 +68,8 @@ class LayerAnnotation:
     weight: WeightAnnotation
     activation: ActivationAnnotation | None
     weight_sqnr_db: float
+    # A convolution that also quantizes its output (same spec as its input) keeps that range here.
+    output_range: tuple[float, float] | None = None
 
     @property
     def scheme(self) -> Scheme:
@@ -79,6 +81,10 @@ class LayerAnnotation:
             raise ValueError(f"{self.layer} has no activation spec to give a range")
         range_ = None if bounds is None else (float(bounds[0]), float(bounds[1]))
         return dataclasses.replace(self, activation=dataclasses.replace(self.activation, range=range_, source=source))
+
+    def with_output(self, bounds: tuple[float, float]) -> "LayerAnnotation":
+        """The annotation once the layer's output is quantized too, with that static range."""
+        return dataclasses.replace(self, output_range=(float(bounds[0]), float(bounds[1])))
 
     def to_node(self, node: ir.Node) -> None:
         """Store the annotation on ``node`` (replacing any earlier one)."""
@@ -118,6 +124,7 @@ class LayerAnnotation:
                        "stored": "DequantizeLinear" if weight.native else "pre-dequantized float32",
                        "tensor_scale": weight.tensor_scale},
             "activation": activation,
+            "output_range": None if self.output_range is None else list(self.output_range),
         }
 
     @classmethod
@@ -130,7 +137,9 @@ class LayerAnnotation:
             bounds = a.get("range")
             activation = ActivationAnnotation(_spec(a), None if bounds is None else (float(bounds[0]), float(bounds[1])),
                                               a.get("source"))
-        return cls(data["layer"], data["preset"], weight, activation, float(data["weight_sqnr_db"]))
+        output = data.get("output_range")
+        return cls(data["layer"], data["preset"], weight, activation, float(data["weight_sqnr_db"]),
+                   None if output is None else (float(output[0]), float(output[1])))
 
 
 def _spec(data: dict) -> QuantSpec:

@@ -31,25 +31,46 @@ def weight_is_native(spec: QuantSpec) -> bool:
     return spec.element.name in DEQUANTIZABLE and spec.scale_kind != "e4m3+tensor"
 
 
-def dequantized_weight(graph: ir.Graph, quantized: QuantizedTensor, name: str, anchor: ir.Node) -> ir.Value:
-    """A value carrying the quantized weight: a DequantizeLinear output, or a float initializer."""
+def stores_codes(quantized: QuantizedTensor, kernel_shape: tuple[int, ...] | None = None) -> bool:
+    """Whether the weight is stored as DequantizeLinear codes (else as float32 values on the grid).
+
+    A convolution's kernel (``kernel_shape``) is quantized as its ``[C_in/g * k, C_out]``
+    matrix; per-column and per-tensor scales map onto the kernel's axis 0, but groups along
+    the flattened patch have no DequantizeLinear layout on a 4-D kernel.
+    """
+    if not weight_is_native(quantized.spec):
+        return False
+    return kernel_shape is None or quantized.axis is None or (quantized.axis == 1 and quantized.block == 0)
+
+
+def dequantized_weight(graph: ir.Graph, quantized: QuantizedTensor, name: str, anchor: ir.Node,
+                       kernel_shape: tuple[int, ...] | None = None) -> ir.Value:
+    """A value carrying the quantized weight: a DequantizeLinear output, or a float initializer.
+
+    ``quantized`` is in matrix layout ``[K, N]``; ``kernel_shape`` gives a convolution's
+    kernel shape to store it in (see `stores_codes`).
+    """
     spec = quantized.spec
-    if not weight_is_native(spec):
-        return add_initializer(graph, f"{name}_dequantized", quantized.dequantize())
-    codes = add_initializer(graph, f"{name}_quantized", quantized.codes())
+
+    def laid_out(matrix: np.ndarray) -> np.ndarray:
+        return matrix if kernel_shape is None else np.ascontiguousarray(matrix.T.reshape(kernel_shape))
+
+    if not stores_codes(quantized, kernel_shape):
+        return add_initializer(graph, f"{name}_dequantized", laid_out(quantized.dequantize()))
+    codes = add_initializer(graph, f"{name}_quantized", laid_out(quantized.codes()))
     scale = add_initializer(graph, f"{name}_scale", np.asarray(quantized.scale, np.float32))
     inputs = [codes, scale]
     if quantized.zero_point is not None:
         inputs.append(add_initializer(graph, f"{name}_zero_point", spec.element.encode(quantized.zero_point)))
     attributes = {}
     if quantized.axis is not None:
-        attributes["axis"] = quantized.axis
+        attributes["axis"] = quantized.axis if kernel_shape is None else 0
         if quantized.block:
             attributes["block_size"] = quantized.block
     node = ir.node("DequantizeLinear", inputs, attributes=attributes, name=unique_node_name(graph, f"{name}_dq"))
     # One weight read by several linears is quantized once per reader: each copy needs its own name.
     node.outputs[0].name = unique_value_name(graph, f"{name}_dq")
-    node.outputs[0].shape = ir.Shape(quantized.values.shape)
+    node.outputs[0].shape = ir.Shape(kernel_shape or quantized.values.shape)
     node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
     graph.insert_before(anchor, node)
     return node.outputs[0]
@@ -82,26 +103,40 @@ class _Emitter:
 
 
 def quantized_activation(graph: ir.Graph, source: ir.Value, spec: QuantSpec,
-                         bounds: tuple[float, float] | None, channels: int) -> ir.Value:
-    """A value equal to ``source`` quantized and dequantized under ``spec`` (static ``bounds`` or dynamic)."""
+                         bounds: tuple[float, float] | None, channels: int, channel_axis: int = -1) -> ir.Value:
+    """A value equal to ``source`` quantized and dequantized under ``spec`` (static ``bounds`` or dynamic).
+
+    Per-token and grouped scales run along ``channels`` on ``channel_axis``: the last axis
+    of a linear's input; axis 1 of a convolution's, where a "token" is one pixel's channel
+    vector (the input is viewed channels-last for the reduction and moved back after).
+    """
     emit = _Emitter(graph, source, source.name or "activation")
     if not spec.dynamic:
         if spec.granularity != "tensor":
             raise ValueError(f"static activation ranges are per tensor; {spec.describe()} must be dynamic")
         return emit.commit(_static(emit, source, spec, bounds))
     x = source
+    channels_last = spec.granularity != "tensor" and channel_axis != -1
+    if channels_last:
+        if source.shape is None:
+            raise ValueError(f"the rank of {source.name} is unknown, so its channel axis cannot be moved last")
+        rank = len(source.shape)
+        order = [0, *range(2, rank), 1]
+        x = emit.op("Transpose", x, perm=order)
     grouped = spec.granularity == "group"
     if grouped:
         if channels % spec.group_size:
             raise ValueError(f"activation groups of {spec.group_size} do not divide {channels} channels")
-        head = emit.op("Shape", source, start=0, end=-1)
+        head = emit.op("Shape", x, start=0, end=-1)
         shape = emit.op("Concat", head, emit.const("groups", np.array([channels // spec.group_size, spec.group_size],
                                                                      np.int64)), axis=0)
-        x = emit.op("Reshape", source, shape)
+        ungrouped, x = x, emit.op("Reshape", x, shape)
     axes = None if spec.granularity == "tensor" else emit.const("axes", np.array([-1], np.int64))
     result = _dynamic(emit, x, spec, axes)
     if grouped:
-        result = emit.op("Reshape", result, emit.op("Shape", source))
+        result = emit.op("Reshape", result, emit.op("Shape", ungrouped))
+    if channels_last:
+        result = emit.op("Transpose", result, perm=[0, rank - 1, *range(1, rank - 1)])
     return emit.commit(result)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from qcompiler.analysis.convolutions import find_convolutions
 from qcompiler.analysis.linears import find_linears
 from qcompiler.errors import PipelineError, QCompilerError
 from qcompiler.pass_api import Pass, PassOutcome
@@ -34,9 +35,13 @@ def cosine(record) -> float:
 def test_every_preset_quantizes_every_linear_of_every_architecture(normalized_files, arch, preset):
     model = ir.load(normalized_files(arch))
     linears = len(find_linears(model.graph))
+    convs = find_convolutions(model.graph)  # ViT's patch embedding
+    activation = PRESETS[preset][0].activation
+    group = activation.group_size if activation is not None and activation.granularity == "group" else 1
+    expected = linears + sum(conv.in_channels % group == 0 for conv in convs)
     record = quantize(model, preset, zoo_calibration(model))
     annotated = [n for n in model.graph if "qcompiler.quant" in n.metadata_props]
-    assert len(annotated) == linears == len(record.details["layers"])
+    assert len(annotated) == expected == len(record.details["layers"])
     # Weights are DequantizeLinear outputs, or (formats onnxruntime cannot dequantize) annotated float grids.
     assert all("qcompiler.quant" in linear.matmul.metadata_props for linear in find_linears(model.graph))
     # Tiny random models claim nothing about accuracy; 8-bit must still track the float model closely.
@@ -195,11 +200,11 @@ def test_searches_score_against_the_pipeline_target(normalized_files):
         "W uint4 g32 asym / A float", "W int8 channel sym / A int8 tensor asym", None]
 
 
-CONV_ONLY = """
+TRANSPOSED_CONV_ONLY = """
 <ir_version: 10, opset_import: ["" : 23]>
-cnn (float[1, 3, 16, 16] image) => (float[1, 8, 16, 16] features) {
-    conv = Conv <pads: ints = [1, 1, 1, 1]> (image, kernel)
-    features = Relu(conv)
+decoder (float[1, 3, 16, 16] image) => (float[1, 8, 33, 33] features) {
+    up = ConvTranspose <strides: ints = [2, 2]> (image, kernel)
+    features = Relu(up)
 }
 """
 
@@ -211,13 +216,13 @@ def test_a_preset_that_finds_nothing_to_quantize_refuses(tmp_path):
     from qcompiler.cli import main
     from qcompiler.testing import model_from_text
 
-    model = model_from_text(CONV_ONLY, {"kernel": np.ones((8, 3, 3, 3), np.float32)})
-    with pytest.raises(QCompilerError, match="found no linear layer to quantize.*Conv x1"):
+    model = model_from_text(TRANSPOSED_CONV_ONLY, {"kernel": np.ones((3, 8, 3, 3), np.float32)})
+    with pytest.raises(QCompilerError, match="found no layer to quantize.*ConvTranspose x1"):
         PassManager(parse_pipeline("w8a8"), verify=False, progress=False).run(model)
-    path = tmp_path / "cnn.onnx"
+    path = tmp_path / "decoder.onnx"
     ir.save(model, path)
     result = CliRunner().invoke(main, [str(path), "--passes", "w4a16", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 2 and "found no linear layer" in result.output and not (tmp_path / "out").exists()
+    assert result.exit_code == 2 and "found no layer to quantize" in result.output and not (tmp_path / "out").exists()
 
 
 def test_skipping_every_linear_is_refused_too():
