@@ -90,3 +90,39 @@ def test_holdout_is_disjoint_from_calibration(minilm_calibration):
     single = calib_data.CalibrationData([_feeds(batch=4)], "one batch")
     first, second = single.split()
     assert first.num_samples == 2 and second.num_samples == 2
+
+
+def _image_model(batch):
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 3, 4, 4])])
+    return ir.serde.deserialize_model(helper.make_model(graph))
+
+
+def test_a_model_exported_for_batch_1_is_calibrated_in_batches_of_1(tmp_path):
+    """Exporters often fix the batch ([1, 3, 224, 224]); an .npz of many images must still calibrate it."""
+    path = tmp_path / "images.npz"
+    np.savez(path, x=np.ones((5, 3, 4, 4), np.float32))
+    data = resolve_calibration(path, _image_model(1), batch_size=8)
+    assert [b["x"].shape[0] for b in data.batches] == [1] * 5
+    assert [b["x"].shape[0] for b in resolve_calibration(path, _image_model("N"), batch_size=2).batches] == [2, 2, 1]
+
+
+def test_paddle_negative_dims_are_symbolic(tmp_path):
+    """Paddle2ONNX writes dim_value -1 for a dynamic axis; it is no fixed size to check batches against."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from qcompiler.capture import load_onnx_file
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3, 4, 4])])
+    onnx.save(helper.make_model(graph), tmp_path / "paddle.onnx")
+    model = load_onnx_file(tmp_path / "paddle.onnx")
+    assert not isinstance(model.graph.inputs[0].shape[0], int) and model.graph.inputs[0].shape[1] == 3
+    data = resolve_calibration([{"x": np.ones((2, 3, 4, 4), np.float32)}], model)
+    assert data.batches[0]["x"].shape == (2, 3, 4, 4)
