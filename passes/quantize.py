@@ -213,28 +213,7 @@ class Quantize(Pass):
             self._quantize_input(graph, [p for p in plans if p.linear.input.name == name], stats)
         for plan in requantized:
             self._requantize_output(graph, plan, stats)
-        swapped = sorted({layer["quantizer"] for layer in layers if layer["quantizer"] != options.weights})
-        if swapped:
-            details["notes"].append(
-                f"{options.weights} needs statistics of a linear's input channels, which a convolution's patches are "
-                f"not: convolutions were quantized with {', '.join(swapped)}")
-        if requantized:
-            details["notes"].append(
-                f"{len(requantized)} convolution(s) with static int8 activations also quantize their output (the "
-                "QLinearConv form), unless every reader of it quantizes it already")
-        unrefined = sorted({p.scheme.weight.describe() for p in plans if p.scheme.weight.element.kind != "int"})
-        if uses_gptq and options.refine and unrefined:
-            details["notes"].append(f"refine moves integer codes; {', '.join(unrefined)} weights keep GPTQ's rounding")
-        pre_dequantized = sorted({layer["weight"] for layer in layers if not layer["native"] and not layer["conv"]})
-        if pre_dequantized:
-            details["notes"].append(
-                f"onnxruntime has no DequantizeLinear kernel for {', '.join(pre_dequantized)} weights: those are stored "
-                "pre-dequantized (float32 values exactly on the quantized grid), so fidelity is exact but size is not")
-        grouped_kernels = sorted({layer["weight"] for layer in layers if layer["conv"] and not layer["native"]})
-        if grouped_kernels:
-            details["notes"].append(
-                f"convolution weights under {', '.join(grouped_kernels)} are stored pre-dequantized (float32 values "
-                "exactly on the grid): DequantizeLinear has no layout for their scales on a kernel")
+        details["notes"] += _notes(options, plans, layers, len(requantized))
         details["layers"] = layers
         details["coverage"] = coverage(graph, {id(layer.node): reason for layer, reason in skipped})
         return PassOutcome(bool(plans), details, findings=ranking)
@@ -365,6 +344,31 @@ class Quantize(Pass):
         quantize_node = quantized.producer().inputs[0].producer()
         redirect_uses(graph, output, quantized, except_node=quantize_node)
         LayerAnnotation.from_node(plan.linear.node).with_output(bounds).to_node(plan.linear.node)
+
+
+def _notes(options: QuantizeOptions, plans: list[LayerPlan], layers: list[dict], requantized: int) -> list[str]:
+    """What the report should say about how the layers were stored and quantized, beyond the per-layer table."""
+    notes = []
+    swapped = sorted({layer["quantizer"] for layer in layers if layer["quantizer"] != options.weights})
+    if swapped:
+        notes.append(f"{options.weights} needs statistics of a linear's input channels, which a convolution's patches "
+                     f"are not: convolutions were quantized with {', '.join(swapped)}")
+    if requantized:
+        notes.append(f"{requantized} convolution(s) with static int8 activations also quantize their output (the "
+                     "QLinearConv form), unless every reader of it quantizes it already")
+    unrefined = sorted({p.scheme.weight.describe() for p in plans if p.scheme.weight.element.kind != "int"})
+    if options.weights in ("gptq", "awq-gptq") and options.refine and unrefined:
+        notes.append(f"refine moves integer codes; {', '.join(unrefined)} weights keep GPTQ's rounding")
+    pre_dequantized = sorted({layer["weight"] for layer in layers if not layer["native"] and not layer["conv"]})
+    if pre_dequantized:
+        notes.append(f"onnxruntime has no DequantizeLinear kernel for {', '.join(pre_dequantized)} weights: those are "
+                     "stored pre-dequantized (float32 values exactly on the quantized grid), so fidelity is exact but "
+                     "size is not")
+    grouped_kernels = sorted({layer["weight"] for layer in layers if layer["conv"] and not layer["native"]})
+    if grouped_kernels:
+        notes.append(f"convolution weights under {', '.join(grouped_kernels)} are stored pre-dequantized (float32 "
+                     "values exactly on the grid): DequantizeLinear has no layout for their scales on a kernel")
+    return notes
 
 
 def _int8_static(spec) -> bool:

@@ -124,17 +124,20 @@ class CalibrationEngine:
         sizes = _symbol_sizes(model.graph, self.data.batches[0])
         fallback = max((d for a in self.data.batches[0].values() for d in a.shape), default=1)
         batch_bytes, state, unknown_dims = {}, 0, False
+        estimates = {}
+        for name in tensors:
+            value = values[name]
+            if value.dtype is not None and not value.dtype.is_floating_point():
+                raise CalibrationError(f"Tensor '{name}' is {value.dtype}, not floating point: it has no activation statistics.")
+            estimates[name] = _elements(value.shape, sizes)
+        probed = _probe_elements(model, [n for n, e in estimates.items() if e is None], self.data.batches[0])
         for name in tensors:
             value = values[name]
             shape = value.shape
-            if value.dtype is not None and not value.dtype.is_floating_point():
-                raise CalibrationError(f"Tensor '{name}' is {value.dtype}, not floating point: it has no activation statistics.")
-            elements, known = 1, shape is not None
-            for dim in (shape or [fallback] * 3):
-                size = dim if isinstance(dim, int) else sizes.get(str(dim))
-                if size is None:
-                    known, size = False, fallback
-                elements *= size
+            elements, known = estimates[name] or probed.get(name), True
+            if elements is None:  # the probe could not run: every unknown dim as large as the largest input dim
+                known, elements = False, int(np.prod([d if isinstance(d, int) else fallback
+                                                      for d in (shape or [fallback] * 3)]))
             unknown_dims |= not known
             itemsize = value.dtype.itemsize if value.dtype is not None else 4
             batch_bytes[name] = elements * (itemsize + 4)  # onnxruntime's copy plus our float32 view
@@ -183,6 +186,37 @@ def _values_by_name(graph: ir.Graph) -> dict[str, ir.Value]:
             if output.name:
                 values[output.name] = output
     return values
+
+
+def _elements(shape: ir.Shape | None, sizes: dict[str, int]) -> int | None:
+    """Elements of a tensor per batch from its shape and the input symbols' sizes, None where a dim is unknown."""
+    if shape is None:
+        return None
+    elements = 1
+    for dim in shape:
+        size = dim if isinstance(dim, int) else sizes.get(str(dim))
+        if size is None:
+            return None
+        elements *= size
+    return elements
+
+
+def _probe_elements(model: ir.Model, names: Sequence[str], batch: dict[str, np.ndarray]) -> dict[str, int]:
+    """Elements per batch of tensors whose shapes depend on values (a CNN's spatial dims), measured on one sample.
+
+    Shape inference leaves dims computed at run time symbolic (Paddle's ``[-1, 64, ?, ?]``);
+    guessing each as the largest input dim overestimated a text-recognition CNN's
+    activations ~100x and split its calibration into 40 passes over the data. One run on
+    the first sample of the first batch measures them; an empty result keeps the guess.
+    """
+    if not names:
+        return {}
+    samples = max((int(a.shape[0]) for a in batch.values() if a.ndim), default=1)
+    try:
+        arrays = make_session(model, list(names)).run(list(names), {k: v[:1] for k, v in batch.items()})
+    except Exception:  # an input whose axis 0 is no batch axis, say: the estimate stays the guess
+        return {}
+    return {name: int(array.size) * samples for name, array in zip(names, arrays)}
 
 
 def _symbol_sizes(graph: ir.Graph, batch: dict[str, np.ndarray]) -> dict[str, int]:

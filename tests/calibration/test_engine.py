@@ -65,3 +65,24 @@ def test_small_memory_budget_splits_into_blocks_with_same_results(minilm, minilm
     blocked = small.collect(model, names)
     for n in names:
         np.testing.assert_array_equal(whole[n].absmax, blocked[n].absmax)
+
+
+def test_activation_sizes_computed_at_run_time_are_measured_not_guessed():
+    """Regression: a CNN's spatial dims are symbolic after inference; guessing them split calibration into 40 passes."""
+    from qcompiler.calibration.data import from_iterable
+    from qcompiler.testing import model_from_text
+
+    rng = np.random.default_rng(0)
+    model = model_from_text("""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[N, 3, H, W] x) => (float[N, 16, P, Q] y) <float[16, 3, 3, 3] w, float[4] scales> {
+            small = Resize <mode = "nearest"> (x, , scales)
+            y = Conv <strides = [2, 2]> (small, w)
+        }""", {"w": rng.standard_normal((16, 3, 3, 3)).astype(np.float32),
+               "scales": np.array([1, 1, 0.1, 0.1], np.float32)})
+    data = from_iterable([{"x": rng.standard_normal((4, 3, 200, 400)).astype(np.float32)}])
+    plan = CalibrationEngine(data, progress=False).plan(model, ["small", "y"], set())
+    assert not isinstance(next(v for n in model.graph for v in n.outputs if v.name == "y").shape[2], int)
+    # 4 x 3 x 20 x 40 and 4 x 16 x 9 x 19 values, each held twice (onnxruntime's copy and ours).
+    assert plan.batch_bytes == {"small": 4 * 3 * 20 * 40 * 8, "y": 4 * 16 * 9 * 19 * 8}
+    assert not plan.unknown_dims and len(plan.blocks) == 1
