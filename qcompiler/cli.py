@@ -213,6 +213,9 @@ def inspect_command(model, no_normalize, as_json, pipeline, calib, tokenizer, ba
             return
         stdout.print(inspection.op_table(ir_model))
         stdout.print(inspection.linear_table(ir_model))
+        convolutions = inspection.convolution_table(ir_model)
+        if convolutions is not None:
+            stdout.print(convolutions)
         stdout.print(inspection.region_table(find_regions(ir_model.graph).regions))
         stdout.print(inspection.stream_table(find_streams(ir_model.graph)))
         if rows is None:

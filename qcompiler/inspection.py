@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 from rich.table import Table
 
+from qcompiler.analysis.convolutions import find_convolutions
 from qcompiler.analysis.linears import Linear, find_linears
 from qcompiler.analysis.regions import CAPABILITIES, Region, find_regions
 from qcompiler.analysis.residual import CENTER, ROTATE, Stream, find_streams
@@ -66,6 +67,20 @@ def linear_table(model: ir.Model) -> Table:
     for linear in find_linears(model.graph):
         table.add_row(linear.name, linear.input.name, str(linear.in_features), str(linear.out_features),
                       "yes" if linear.bias is not None else "no")
+    return table
+
+
+def convolution_table(model: ir.Model) -> Table | None:
+    """The convolutions the quantize passes take (None when the model has none, to keep transformer output short)."""
+    convolutions = find_convolutions(model.graph)
+    if not convolutions:
+        return None
+    table = Table(title="convolutions (quantized per output channel)", title_justify="left")
+    for header in ("conv", "input", "in", "out", "kernel", "groups"):
+        table.add_column(header, justify="right" if header in ("in", "out", "groups") else "left")
+    for conv in convolutions:
+        table.add_row(conv.name, conv.input.name, str(conv.in_channels), str(conv.kernel_shape[0]),
+                      "x".join(str(d) for d in conv.kernel_shape[2:]), str(conv.groups))
     return table
 
 
@@ -139,6 +154,11 @@ def inspection_dict(model: ir.Model, rows: list[OutlierRow] | None) -> dict:
         "linears": [
             {"name": l.name, "input": l.input.name, "in": l.in_features, "out": l.out_features, "bias": l.bias is not None}
             for l in find_linears(model.graph)
+        ],
+        "convolutions": [
+            {"name": c.name, "input": c.input.name, "in": c.in_channels, "out": c.kernel_shape[0],
+             "kernel": list(c.kernel_shape[2:]), "groups": c.groups}
+            for c in find_convolutions(model.graph)
         ],
         "regions": [region_dict(r) for r in find_regions(model.graph).regions],
         "streams": [stream_dict(s) for s in find_streams(model.graph)],

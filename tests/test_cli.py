@@ -121,6 +121,10 @@ def test_a_cnn_is_quantized_and_survives_transforms(run, tmp_path):
     assert quantized.exit_code == 0, quantized.output
     coverage = json.loads((tmp_path / "q" / "report.json").read_text())["passes"][-1]["details"]["coverage"]
     assert coverage == {"Conv": {"quantized": 1, "float": 0, "float_reasons": {}}}
+    inspected = run("inspect", model, "--json")
+    [conv] = json.loads(inspected.output)["convolutions"]
+    assert {k: conv[k] for k in ("input", "in", "out", "kernel", "groups")} == {
+        "input": "image", "in": 3, "out": 8, "kernel": [3, 3], "groups": 1}
     smoothed = run(model, "--passes", "smooth", "--calib", calib, "-o", tmp_path / "s")
     assert smoothed.exit_code == 0, smoothed.output
     assert (tmp_path / "s" / "model.onnx").is_file() and not (tmp_path / "s" / "channels.png").exists()
