@@ -153,12 +153,15 @@ def export_legacy_causal_lm(folder: str | Path, path: str | Path, opset: int = 1
     The legacy exporter spells Llama's RMSNorm as Pow/ReduceMean/Add/Sqrt/Div/Mul with
     Casts, and grouped-query attention's head repetition as run-time shape arithmetic:
     graphs normalization and region analysis must read as they read the dynamo export's.
+    It has a symbolic for scaled_dot_product_attention from opset 14 on; below, the model
+    is loaded with eager attention (MatMul, Softmax, MatMul), as such old files spell it.
     """
     import torch
     import transformers
 
     path = Path(path)
-    module = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+    attention = "sdpa" if opset >= 14 else "eager"
+    module = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation=attention).eval()
 
     class Logits(torch.nn.Module):
         """input_ids and attention_mask in, logits out, without the KV cache."""

@@ -398,10 +398,19 @@ def _channels(value: ir.Value) -> int:
 
 
 def _concrete(shape: ir.Shape | None, allow_one_unknown: bool = False) -> tuple[int, ...]:
-    """Static dims, with every symbolic (token) dim set to 1: the probe follows channels, not tokens."""
+    """Static dims, with every symbolic (token) dim set to 1: the probe follows channels, not tokens.
+
+    A dim shape inference left anonymous (after a Slice or Reshape to a run-time shape, as
+    optimum's and the opset-11 exports write position ids and attention outputs) is a
+    token dim too, except on the last axis, where a linear's channels are: a wrong guess
+    there would go unnoticed, while a wrong token dim makes the sinks' channel count check
+    (`_probe_sinks`) refuse the region.
+    """
     if shape is None:
         raise _ProbeError("a shape on the path is unknown")
-    dims = [d if isinstance(d, int) else (1 if getattr(d, "value", None) is not None else -1) for d in shape]
+    last = len(shape) - 1
+    dims = [d if isinstance(d, int) else (1 if getattr(d, "value", None) is not None or axis < last else -1)
+            for axis, d in enumerate(shape)]
     if dims.count(-1) > (1 if allow_one_unknown else 0):
         raise _ProbeError("a shape on the path has unknown dimensions")
     return tuple(dims)
