@@ -115,7 +115,9 @@ def _fuse_annotated(model: ir.Model, node: ir.Node, annotation: LayerAnnotation,
             dq = node.inputs[0].producer()
             x = dq.inputs[0].producer().inputs[0]
             activation_scale = float(dq.inputs[1].const_value.numpy())
-            activation_zero = int(dq.inputs[2].const_value.numpy()) if len(dq.inputs) > 2 and dq.inputs[2] else 0
+            zero = dq.inputs[2].const_value if len(dq.inputs) > 2 and dq.inputs[2] else None
+            # int8 activations are stored as uint8 codes + 128 (qcompiler.quant.simulate); the kernel takes int8's.
+            activation_zero = 0 if zero is None else int(zero.numpy()) - (128 if zero.dtype == ir.DataType.UINT8 else 0)
         _emit_int8(model, node, x, codes, scale, activation_scale, activation_zero)
         result.kernels[layer] = "TVM int8 VNNI matmul (" + ("per-token" if tokens else "static per-tensor") + ")"
     else:

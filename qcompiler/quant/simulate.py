@@ -181,7 +181,13 @@ def _static(emit: _Emitter, x: ir.Value, spec: QuantSpec, bounds: tuple[float, f
         # same arithmetic (divide, round-to-nearest-even with saturation, multiply).
         return _scaled_round(emit, x, scale, fmt)
     zero = 0.0 if fitted.zero_point is None else float(fitted.zero_point)
-    zero_point = emit.const("zero_point", fmt.encode(np.array(zero, np.float32)))
+    if fmt.name == "int8":
+        # The same grid as uint8 codes + 128 (zero point z + 128): onnxruntime 1.32 rewrites int8
+        # activation pairs to uint8 itself and, where it also turns a static 3-D MatMul + Add into
+        # a Gemm, leaves a QuantizeLinear whose output_dtype (int8) contradicts its new zero point.
+        zero_point = emit.const("zero_point", np.array(zero + 128, np.float32).astype(np.uint8))
+    else:
+        zero_point = emit.const("zero_point", fmt.encode(np.array(zero, np.float32)))
     return emit.op("DequantizeLinear", emit.op("QuantizeLinear", x, scale, zero_point), scale, zero_point)
 
 

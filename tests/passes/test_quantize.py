@@ -237,3 +237,27 @@ def test_skipping_every_linear_is_refused_too():
     model = model_from_text(text, {"w": np.eye(16, dtype=np.float32)})
     with pytest.raises(QCompilerError, match="no linear left to quantize: all 1 were skipped"):
         PassManager(parse_pipeline("w4a16(skip=*)"), verify=False, progress=False).run(model)
+
+
+def test_static_int8_on_a_static_3d_matmul_add_runs_in_onnxruntime(tmp_path):
+    """Regression (found by the fuzz suite): onnxruntime turned MatMul + Add of a static [2, 5, 8] input into a Gemm
+    and rejected the int8 activation pair it copied for it ('output_dtype INT8 does not match y_zero_point type
+    UINT8'), so every w8a8 artifact of such a graph was reported as qcompiler's bug."""
+    from qcompiler.calibration.data import from_iterable
+    from qcompiler.runtime import make_session
+    from qcompiler.testing import model_from_text
+
+    rng = np.random.default_rng(0)
+    model = model_from_text("""
+        <ir_version: 10, opset_import: ["" : 23]>
+        g (float[2, 5, 8] x) => (float[2, 5, 8] y) <float[8, 8] w, float[8] b> {
+            h = MatMul (x, w)
+            y = Add (h, b)
+        }""", {"w": rng.standard_normal((8, 8)).astype(np.float32), "b": rng.standard_normal(8).astype(np.float32)})
+    batches = [{"x": rng.standard_normal((2, 5, 8)).astype(np.float32)} for _ in range(4)]
+    PassManager(parse_pipeline("w8a8"), calibration=from_iterable(batches), progress=False).run(model)
+    zero_points = {n.inputs[2].const_value.dtype for n in model.graph if n.op_type == "QuantizeLinear"}
+    assert zero_points == {ir.DataType.UINT8}  # int8's grid as uint8 codes + 128: the same values
+    deployed = make_session(model, fuse_qdq=True).run(None, batches[0])[0]
+    measured = make_session(model).run(None, batches[0])[0]
+    np.testing.assert_allclose(deployed, measured, atol=1e-4 * np.abs(measured).max())
