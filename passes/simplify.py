@@ -19,6 +19,7 @@ from onnxscript import rewriter
 from onnxscript.optimizer import fold_constants_ir
 from onnxscript.rewriter.rules import common as rules
 
+from qcompiler.graph import unique_value_name
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.registry import register
 
@@ -82,5 +83,27 @@ class Simplify(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
         before = len(model.graph)
+        names = [value.name for value in model.graph.outputs]
         result = _pipeline()(model)
+        _restore_output_names(model.graph, names)
         return PassOutcome(result.modified, {"nodes_removed": before - len(model.graph)})
+
+
+def _restore_output_names(graph: ir.Graph, names: list[str]) -> None:
+    """Give the graph outputs back the names they had: users read outputs by name.
+
+    Two outputs that are Identity copies of one value (``y`` and ``aux``) come out of
+    onnx_ir's Identity elimination and output fix as ``aux`` and ``aux_alias_1``.
+    """
+    outputs = list(graph.outputs)
+    if [value.name for value in outputs] == names or any(value in graph.inputs for value in outputs):
+        return  # (an output that is a graph input keeps the input's name: feeds are by name)
+    wanted = set(names)
+    for node in graph:  # an inner value holding a wanted name gives it up
+        for value in node.outputs:
+            if value.name in wanted and not value.is_graph_output():
+                value.name = unique_value_name(graph, f"{value.name}_inner")
+    for index, value in enumerate(outputs):
+        value.name = f"{names[index]}__restoring_{index}"
+    for value, name in zip(outputs, names):
+        value.name = name

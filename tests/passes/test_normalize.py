@@ -141,3 +141,23 @@ def test_decomposed_layernorm_with_tiny_epsilon_fuses():
     model, before, after = _run_small(graph, 14, {"x": x})
     assert [n.op_type for n in model.graph] == ["LayerNormalization"]
     np.testing.assert_allclose(after, before, rtol=1e-5, atol=1e-5)
+
+
+def test_outputs_that_copy_one_value_keep_their_names():
+    """Regression (found by the fuzz suite): outputs y and aux, both Identity of one MatMul, came out as aux and
+    aux_alias_1, and verification failed with KeyError: 'y'."""
+    from qcompiler.testing import assert_function_preserved, model_from_text
+
+    text = """
+        <ir_version: 10, opset_import: ["" : 23]>
+        g (float[2, 4, 8] x) => (float[2, 4, 8] y, float[2, 4, 8] aux) <float[8, 8] w> {
+            h = MatMul (x, w)
+            y = Identity (h)
+            aux = Identity (h)
+        }"""
+    weight = {"w": np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)}
+    before, model = model_from_text(text, weight), model_from_text(text, weight)
+    PassManager(parse_pipeline("normalize"), verify=False, progress=False).run(model)
+    assert [value.name for value in model.graph.outputs] == ["y", "aux"]
+    feeds = [{"x": np.random.default_rng(1).standard_normal((2, 4, 8)).astype(np.float32)}]
+    assert_function_preserved(before, model, feeds)
