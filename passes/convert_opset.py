@@ -47,6 +47,9 @@ class ConvertOpset(Pass):
             raise QCompilerError(f"The model uses opset {source}; qcompiler supports opset {OLDEST_SUPPORTED_OPSET} and later.")
         if not OLDEST_SUPPORTED_OPSET <= target <= CANONICAL_OPSET:
             raise QCompilerError(f"convert-opset version must be between {OLDEST_SUPPORTED_OPSET} and {CANONICAL_OPSET}, not {target}.")
+        if target < source:
+            raise QCompilerError(f"convert-opset converts to newer opsets only: the model is at opset {source}, "
+                                 f"so version={target} would need a downgrade, which the version converter does not do.")
         # onnxscript's converter handles opset 18 onwards; older models go through the
         # onnx C API, which needs the whole model as one protobuf (so under 2 GB).
         fallback = source < ONNXSCRIPT_OLDEST_OPSET
@@ -58,7 +61,8 @@ class ConvertOpset(Pass):
         try:
             version_converter.convert_version(model, target, fallback=fallback)
         except Exception as exc:
-            raise QCompilerError(f"Could not convert the model from opset {source} to {target}: {exc}") from exc
+            reason = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else type(exc).__name__
+            raise QCompilerError(f"Could not convert the model from opset {source} to {target} ({reason}).") from exc
         if default_opset(model) != target:
             raise QCompilerError(f"Could not convert the model from opset {source} to {target}.")
         return PassOutcome(True, {"from_opset": source, "opset": target})

@@ -161,3 +161,17 @@ def test_outputs_that_copy_one_value_keep_their_names():
     assert [value.name for value in model.graph.outputs] == ["y", "aux"]
     feeds = [{"x": np.random.default_rng(1).standard_normal((2, 4, 8)).astype(np.float32)}]
     assert_function_preserved(before, model, feeds)
+
+
+def test_converting_to_an_older_opset_is_one_sentence():
+    """Regression (found by the fuzz suite): a downgrade refused with two sentences of the converter's internals."""
+    from qcompiler.errors import QCompilerError
+    from qcompiler.testing import model_from_text
+
+    model = model_from_text("""
+        <ir_version: 10, opset_import: ["" : 23]>
+        g (float[2, 8] x) => (float[2, 8] y) { y = Relu (x) }""")
+    with pytest.raises(QCompilerError) as refused:
+        PassManager(parse_pipeline("convert-opset(version=18)"), verify=False, progress=False).run(model)
+    message = str(refused.value)
+    assert message.startswith("convert-opset converts to newer opsets only") and message.count(". ") == 0
