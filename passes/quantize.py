@@ -48,7 +48,7 @@ from qcompiler.analysis.linears import Linear, constant_array, find_linears
 from qcompiler.errors import QCompilerError
 from qcompiler.graph import redirect_uses
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
-from qcompiler.quant import awq, weights
+from qcompiler.quant import awq, kv_cache, weights
 from qcompiler.quant.annotation import ActivationAnnotation, LayerAnnotation, WeightAnnotation
 from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
@@ -81,9 +81,18 @@ class QuantizeOptions:
     override: tuple[str, ...] = ()
     fallback: float = 0.0
     fallback_preset: str = ""
+    kv: str = ""
+    kv_group: int = 0
 
     def __post_init__(self) -> None:
         preset_scheme(self.preset)
+        if self.kv:
+            problem = kv_cache.kind_problem(self.kv)
+            if problem:
+                raise ValueError(problem)
+        if self.kv_group < 0 or (self.kv_group and not self.kv):
+            raise ValueError(f"kv_group is the group size of kv=int8|int4 along the head (0: the whole head), "
+                             f"not {self.kv_group}{' without kv=' if self.kv_group and not self.kv else ''}")
         for item in self.override:
             pattern, _, preset = item.rpartition(":")
             if not pattern:
@@ -216,7 +225,9 @@ class Quantize(Pass):
         details["notes"] += _notes(options, plans, layers, len(requantized))
         details["layers"] = layers
         details["coverage"] = coverage(graph, {id(layer.node): reason for layer, reason in skipped})
-        return PassOutcome(bool(plans), details, findings=ranking)
+        if options.kv:
+            details.update(kv_cache.quantize_cache(model, options.kv, options.kv_group))
+        return PassOutcome(bool(plans) or bool(options.kv), details, findings=ranking)
 
     def fallback_preset(self) -> str:
         """The preset of the linears ``fallback`` moves: 8-bit weights, activations as the main preset treats them."""

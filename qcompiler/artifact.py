@@ -39,9 +39,10 @@ from rich.console import Console
 
 from qcompiler.backend import Lowered
 from qcompiler.errors import QCompilerError
+from qcompiler.next_token import next_token_line
 from qcompiler.plots import ChannelTrace, write_figures
 from qcompiler.report import Report
-from qcompiler.runtime import INLINE_LIMIT_BYTES, initializer_bytes
+from qcompiler.runtime import INLINE_LIMIT_BYTES, has_external_data, initializer_bytes
 
 FORMAT = "qcompiler-artifact/1"
 MANIFEST = "manifest.json"
@@ -117,6 +118,8 @@ def report_markdown(data: dict, report_table: str, figures: list[str] = ()) -> s
             e = fidelity["embedding"]
             lines += ["", f"Sentence embeddings ({e['output']}): mean cosine {e['mean_cosine']:.5f}, "
                           f"min {e['min_cosine']:.5f}, nearest-neighbour agreement {e['neighbour_agreement']:.3f}."]
+        if fidelity.get("next_token"):
+            lines += ["", f"Next tokens: {next_token_line(fidelity['next_token'])}."]
         lines.append("")
     captions = {"channels.png": "Per-channel input magnitude of the layers with the worst outlier channels, "
                                 "after normalization and after each transform",
@@ -150,8 +153,13 @@ def check_output_dir(target: Path, force: bool) -> None:
 
 
 def save_model(model: ir.Model, path: Path) -> None:
-    """Save with external data once the weights approach protobuf's 2 GB limit."""
-    if initializer_bytes(model) >= INLINE_LIMIT_BYTES:
+    """Save with external data once the weights approach protobuf's 2 GB limit, or when some still live in a file.
+
+    A weight loaded lazily from the source's external data (one no pass rewrote, such as an
+    embedding table) would otherwise be saved as a reference to a file the artifact does
+    not have; saving with external data copies it into the artifact's own data file.
+    """
+    if initializer_bytes(model) >= INLINE_LIMIT_BYTES or has_external_data(model):
         ir.save(model, path, external_data=path.name + ".data")
     else:
         ir.save(model, path)

@@ -82,8 +82,6 @@ class Backend(abc.ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     Options: ClassVar[type] = NoOptions
-    # The files `session` needs beside model.onnx and manifest.json, for the console summary.
-    files: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, options: Any | None = None, **kwargs: Any) -> None:
         fields = {f.name for f in dataclasses.fields(self.Options)}

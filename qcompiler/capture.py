@@ -12,8 +12,10 @@ the model's metadata so text calibration data can be tokenized later without ask
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
+import json
 import logging
 import os
 import warnings
@@ -27,6 +29,8 @@ import onnx_ir as ir
 from qcompiler.errors import QCompilerError
 
 TOKENIZER_KEY = "qcompiler.tokenizer"
+# A causal LM's generation settings (JSON): end-of-sequence ids, positions, vocabulary, family.
+GENERATION_KEY = "qcompiler.generation"
 SOURCE_KEY = "qcompiler.source"
 BUILTIN_MODELS = ("minilm",)
 EXAMPLE_SENTENCES = ("qcompiler captures models into one graph.", "Quantization makes models small and fast.")
@@ -223,8 +227,6 @@ def load_hf_folder(folder: Path, *, opset: int = 18, batch: int = 2, seq_len: in
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
         raise QCompilerError(f"'{folder}' has no readable Hugging Face config ({_first_line(exc)}).") from exc
-    if hasattr(config, "use_cache"):
-        config.use_cache = False
     auto_class = _auto_class_for(config, transformers)
     try:
         with _quiet():
@@ -232,12 +234,146 @@ def load_hf_folder(folder: Path, *, opset: int = 18, batch: int = 2, seq_len: in
     except Exception as exc:
         raise QCompilerError(f"Could not load the weights in '{folder}' ({_first_line(exc)}).") from exc
     module.eval()
-    inputs, axes, tokenizer_dir = _hf_example_inputs(folder, config, module, batch=batch, seq_len=seq_len)
-    model = export_torch(module, inputs, opset=opset, dynamic_axes=axes)
+    if _generates(module):
+        model = export_causal_lm(module, opset=opset)
+        model.metadata_props[GENERATION_KEY] = json.dumps(generation_settings(module))
+        tokenizer_dir = folder if load_tokenizer(folder, required=False) is not None else None
+    else:
+        inputs, axes, tokenizer_dir = _hf_example_inputs(folder, config, module, batch=batch, seq_len=seq_len)
+        model = export_torch(module, inputs, opset=opset, dynamic_axes=axes)
     model.metadata_props[SOURCE_KEY] = str(folder.resolve())
     if tokenizer_dir is not None:
         model.metadata_props[TOKENIZER_KEY] = str(tokenizer_dir.resolve())
     return model
+
+
+def _generates(module: Any) -> bool:
+    """Whether ``module`` is a causal LM that decodes with a cache (an LM head and ``can_generate``)."""
+    can_generate = getattr(module, "can_generate", None)
+    return bool(can_generate and can_generate()) and bool({"past_key_values", "cache"} & _accepted_inputs(module))
+
+
+def export_causal_lm(module: Any, *, opset: int = 18) -> ir.Model:
+    """Export a Hugging Face causal LM with its KV cache, in optimum's and onnxruntime-genai's layout.
+
+    Inputs ``input_ids``, ``attention_mask`` (past and new tokens), ``position_ids`` where
+    the model takes them, ``past_key_values.{i}.key/value``; outputs ``logits`` and
+    ``present.{i}.key/value``. Batch, sequence and past length are dynamic, so one graph
+    serves the prompt (empty past) and every decode step (`qcompiler.decoding`).
+    """
+    import torch
+    from transformers.cache_utils import DynamicCache
+
+    accepted = _accepted_inputs(module)
+    cache_keyword = "cache" if "cache" in accepted else "past_key_values"
+    takes_positions = "position_ids" in accepted
+    with torch.no_grad(), _quiet():
+        probe = _cache_of(module(input_ids=torch.zeros((1, 2), dtype=torch.int64), use_cache=True))
+    shapes = [(layer.keys.shape[1], layer.keys.shape[3]) for layer in probe.layers]
+    layers = len(shapes)
+
+    class WithCache(torch.nn.Module):
+        """Flat tensors in and out: the exporter sees named cache inputs and outputs, not a Cache object."""
+
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=self.inner.config)
+            for index in range(layers):
+                cache.update(past[2 * index], past[2 * index + 1], index)
+            extra = {"position_ids": position_ids} if takes_positions else {}
+            out = self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=True,
+                             **{cache_keyword: cache}, **extra)
+            flat = [t for layer in _cache_of(out).layers for t in (layer.keys, layer.values)]
+            return (out.logits, *flat)
+
+    batch, tokens, past_length = 2, 3, 4
+    vocab = int(getattr(module.config, "vocab_size", 1000))
+    ids = torch.from_numpy(np.random.default_rng(0).integers(0, vocab, size=(batch, tokens)))
+    mask = torch.ones((batch, past_length + tokens), dtype=torch.int64)
+    positions = torch.arange(past_length, past_length + tokens).expand(batch, tokens)
+    past = [torch.zeros((batch, heads, past_length, dim)) for heads, dim in shapes for _ in ("key", "value")]
+    dims = {name: torch.export.Dim(name) for name in ("batch", "sequence", "past_sequence")}
+    dynamic = {"input_ids": {0: dims["batch"], 1: dims["sequence"]},
+               "attention_mask": {0: dims["batch"], 1: torch.export.Dim.AUTO},
+               "position_ids": {0: dims["batch"], 1: dims["sequence"]},
+               "past": tuple({0: dims["batch"], 2: dims["past_sequence"]} for _ in past)}
+    cache_names = [f"past_key_values.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    present_names = [f"present.{i}.{part}" for i in range(layers) for part in ("key", "value")]
+    try:
+        with _quiet(), torch.no_grad():
+            program = torch.onnx.export(
+                WithCache(module.eval()), (ids, mask, positions, *past), dynamo=True, opset_version=opset,
+                dynamic_shapes=dynamic, input_names=["input_ids", "attention_mask", "position_ids", *cache_names],
+                output_names=["logits", *present_names], optimize=True, verbose=False)
+    except Exception as exc:
+        raise QCompilerError(f"PyTorch export of {type(module).__name__} with its KV cache failed: "
+                             f"{_first_line(exc)}") from exc
+    model = program.model
+    _unwrap_names(model, "inner")
+    _name_total_length(model)
+    if not takes_positions:
+        _drop_unused_input(model, "position_ids")
+    return model
+
+
+def generation_settings(module: Any) -> dict[str, Any]:
+    """What generating from the exported graph needs of the source's configs (transformers' names)."""
+    config = module.config
+    generation = getattr(module, "generation_config", None)
+    eos = getattr(generation, "eos_token_id", None) if generation is not None else None
+    eos = getattr(config, "eos_token_id", None) if eos is None else eos
+    return {
+        "model_type": getattr(config, "model_type", None),
+        "eos_token_id": eos,
+        "bos_token_id": getattr(config, "bos_token_id", None),
+        "pad_token_id": getattr(config, "pad_token_id", None),
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_attention_heads": getattr(config, "num_attention_heads", None),
+    }
+
+
+def _cache_of(output: Any) -> Any:
+    """The cache a transformers output returns (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
+    return output.cache if "cache" in output else output.past_key_values
+
+
+def _unwrap_names(model: ir.Model, attribute: str) -> None:
+    """Name weights and scopes as the wrapped module does (``model.layers.0...``), not ``inner.model.layers.0...``.
+
+    ``skip=``/``override=`` patterns, reports and checkpoints speak of the Hugging Face
+    module paths; the export wrapper's attribute is not part of them.
+    """
+    prefix = f"{attribute}."
+    for value in list(model.graph.initializers.values()):
+        if value.name.startswith(prefix):
+            value.name = value.name[len(prefix):]
+    for node in model.graph:
+        scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+        if scopes:
+            try:
+                path = ast.literal_eval(scopes)
+            except (ValueError, SyntaxError):
+                continue
+            path = [scope[len(prefix):] if scope.startswith(prefix) else scope for scope in path if scope != attribute]
+            node.metadata_props["pkg.torch.onnx.name_scopes"] = repr(path)
+
+
+def _name_total_length(model: ir.Model) -> None:
+    """Call the mask's length (past plus new tokens) ``total_sequence``, not the exporter's ``s53``."""
+    mask = next(v for v in model.graph.inputs if v.name == "attention_mask")
+    if mask.shape is not None and len(mask.shape) == 2 and not isinstance(mask.shape[1], int):
+        mask.shape = ir.Shape([mask.shape[0], "total_sequence"])
+
+
+def _drop_unused_input(model: ir.Model, name: str) -> None:
+    value = next((v for v in model.graph.inputs if v.name == name), None)
+    if value is not None and not value.uses():
+        model.graph.inputs.remove(value)
 
 
 def _auto_class_for(config: Any, transformers: Any) -> Any:

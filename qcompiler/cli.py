@@ -6,6 +6,7 @@
     qcompile eval REF COMPILED --data FILE                 fidelity of COMPILED against REF
     qcompile run DIR --inputs FILE.npz [-o OUT.npz]        run an artifact
     qcompile bench DIR [--reference MODEL]                 latency against the FP32 source, interleaved
+    qcompile generate DIR --prompt TEXT                    decode from a causal LM artifact with its KV cache
 
 User errors print one sentence and exit with status 2; ``--debug`` shows the traceback.
 """
@@ -32,7 +33,7 @@ from qcompiler.pass_manager import DEFAULT_TOLERANCE
 console = Console(stderr=True)
 # Reports are tables; when piped (CI logs, files) do not squeeze them to 80 columns.
 stdout = Console() if sys.stdout.isatty() else Console(width=140)
-COMMANDS = ("compile", "passes", "inspect", "eval", "run", "bench")
+COMMANDS = ("compile", "passes", "inspect", "eval", "run", "bench", "generate")
 
 
 class DefaultToCompile(click.Group):
@@ -142,7 +143,12 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
                 e = fidelity["embedding"]
                 stdout.print(f"held-out sentence embeddings vs the source: mean cosine {e['mean_cosine']:.5f}, "
                              f"min {e['min_cosine']:.5f}")
-            files = ", ".join(("model.onnx", *chosen.files, "manifest.json", "report.json", "report.md"))
+            if fidelity and fidelity.get("next_token"):
+                from qcompiler.next_token import next_token_line
+
+                stdout.print(f"held-out next tokens vs the source: {next_token_line(fidelity['next_token'])}")
+            written = sorted(result.manifest.get("files", {})) if result.manifest else []
+            files = ", ".join(["model.onnx", *(f for f in written if f != "model.onnx"), "manifest.json"])
             stdout.print(f"wrote {result.output}/ ({files})")
 
     _guard(debug, action)
@@ -230,31 +236,48 @@ def inspect_command(model, no_normalize, as_json, pipeline, calib, tokenizer, ba
 @main.command("eval")
 @click.argument("reference")
 @click.argument("compiled")
-@click.option("--data", required=True, type=click.Path(dir_okay=False),
+@click.option("--data", type=click.Path(dir_okay=False),
               help="Evaluation data (not the calibration data): .npz of named arrays, or a text file (one sample per line).")
+@click.option("--perplexity", "perplexity_text", type=click.Path(dir_okay=False),
+              help="Causal LMs: a text file whose perplexity to measure under both models (strided windows).")
+@click.option("--window", type=click.IntRange(min=2), help="With --perplexity: tokens per window (default: "
+              "512, or the model's positions if fewer).")
+@click.option("--stride", type=click.IntRange(min=1), help="With --perplexity: tokens between window starts "
+              "(default: half the window).")
 @click.option("--tokenizer", help="Tokenizer for text data: a Hugging Face tokenizer folder or 'minilm'.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--max-length", type=click.IntRange(min=1), default=128, show_default=True, help="Token limit per text sample.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def eval_command(reference, compiled, data, tokenizer, batch_size, max_length, as_json, debug) -> None:
-    """Fidelity of COMPILED (an ONNX file or an output directory) against REFERENCE on --data."""
+def eval_command(reference, compiled, data, perplexity_text, window, stride, tokenizer, batch_size, max_length,
+                 as_json, debug) -> None:
+    """Fidelity of COMPILED (an ONNX file or an output directory) against REFERENCE on --data (and --perplexity)."""
 
     def action():
         from qcompiler.capture import load
         from qcompiler.calibration.resolve import resolve_calibration
-        from qcompiler.evaluation import evaluate
+        from qcompiler.evaluation import Evaluation, evaluate
 
         from qcompiler.compiler import NORMALIZE
         from qcompiler.pass_manager import PassManager
         from qcompiler.pipeline import parse_pipeline
 
+        if data is None and perplexity_text is None:
+            raise QCompilerError("Give --data (evaluation inputs) or --perplexity (a text, for causal LMs), or both.")
+        if perplexity_text is None and (window or stride):
+            raise QCompilerError("--window and --stride apply to --perplexity, which was not given.")
         ref_model = load(reference)
         # Normalizing the reference (function-preserving) gives it the linears the compiled model has.
         PassManager(parse_pipeline(NORMALIZE), verify=False, progress=False).run(ref_model)
         candidate = load(_model_file(compiled))
-        batches = resolve_calibration(data, ref_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        result = evaluate(ref_model, candidate, batches.batches)
+        if data is not None:
+            batches = resolve_calibration(data, ref_model, tokenizer=tokenizer, batch_size=batch_size,
+                                          max_length=max_length)
+            result = evaluate(ref_model, candidate, batches.batches)
+        else:
+            result = Evaluation({}, None)
+        if perplexity_text is not None:
+            result.perplexity = _perplexities(ref_model, candidate, perplexity_text, tokenizer, window, stride)
         if as_json:
             stdout.print_json(json.dumps(result.to_dict(), default=float))
             return
@@ -262,6 +285,37 @@ def eval_command(reference, compiled, data, tokenizer, batch_size, max_length, a
             stdout.print(table)
 
     _guard(debug, action)
+
+
+def _perplexities(reference, candidate, text_path: str, tokenizer: str | None, window: int | None,
+                  stride: int | None) -> dict:
+    """Strided perplexity of the source and of the compiled model on the same tokens of ``text_path``."""
+    import numpy as np
+
+    from qcompiler import decoding, next_token
+    from qcompiler.capture import TOKENIZER_KEY, load_tokenizer
+    from qcompiler.runtime import make_session
+
+    layout = decoding.require_layout(reference, "--perplexity")
+    decoding.require_layout(candidate, "--perplexity")
+    folder = tokenizer or reference.metadata_props.get(TOKENIZER_KEY)
+    if folder is None:
+        raise QCompilerError("--perplexity needs a tokenizer and the model records none; name one with --tokenizer.")
+    try:
+        text = Path(text_path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QCompilerError(f"Text file '{text_path}' does not exist.") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QCompilerError(f"'{text_path}' is not a readable UTF-8 text file ({exc}).") from None
+    ids = np.asarray(load_tokenizer(folder)(text)["input_ids"], dtype=np.int64)
+    positions = decoding.generation_settings(reference).get("max_position_embeddings")
+    window = window or min(512, positions or 512)
+    decoding.check_prompt_length(reference, window)
+    stride = stride or max(1, window // 2)
+    ref = next_token.perplexity(make_session(reference), layout, ids, window=window, stride=stride)
+    cand = next_token.perplexity(make_session(candidate), layout, ids, window=window, stride=stride)
+    return {"text": Path(text_path).name, "tokens": ref.tokens, "window": window, "stride": stride,
+            "reference": ref.value, "compiled": cand.value}
 
 
 def _model_file(path: str) -> str:
@@ -308,15 +362,21 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
 @main.command("bench")
 @click.argument("artifact_dir")
 @click.option("--reference", help="The FP32 model to compare with (default: the source recorded in the manifest).")
-@click.option("--batch", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--batch", type=click.IntRange(min=1), help="Rows per run (default 8; 1 with --decode).")
 @click.option("--sequence", type=click.IntRange(min=1), default=128, show_default=True)
-@click.option("--runs", type=click.IntRange(min=3), default=20, show_default=True)
+@click.option("--runs", type=click.IntRange(min=3), help="Timed runs per model (default 20; 5 with --decode).")
+@click.option("--decode", is_flag=True, help="Causal LMs: time the prompt and the decode steps with the KV cache.")
+@click.option("--prompt-length", type=click.IntRange(min=1), default=128, show_default=True,
+              help="With --decode: prompt tokens.")
+@click.option("--new-tokens", type=click.IntRange(min=2), default=64, show_default=True,
+              help="With --decode: tokens generated per run.")
 @click.option("--threads", type=click.IntRange(min=0), default=0,
               help="Threads for onnxruntime and TVM (0: their defaults).")
 @click.option("--against", multiple=True, type=click.Path(file_okay=False),
               help="Another artifact (e.g. the ORT one of the same pipeline) to time in the same runs; repeatable.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def bench_command(artifact_dir, reference, batch, sequence, runs, threads, against, debug) -> None:
+def bench_command(artifact_dir, reference, batch, sequence, runs, decode, prompt_length, new_tokens, threads, against,
+                  debug) -> None:
     """Latency of ARTIFACT_DIR against its FP32 source (and --against artifacts), in one process, runs interleaved.
 
     A TVM artifact is built for fixed input shapes: --batch and --sequence then come from its manifest
@@ -334,18 +394,144 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, threads, again
         if not source:
             raise QCompilerError("The manifest records no source; name the FP32 model with --reference.")
         fp32 = load(source)
-        rows_and_tokens = _backend_of(manifest).bench_shape(manifest) or (batch, sequence)
+        if decode:
+            _bench_decode(artifact_dir, manifest, compiled, fp32, against, batch or 1, prompt_length, new_tokens,
+                          runs or 5, threads)
+            return
+        rows_and_tokens = _backend_of(manifest).bench_shape(manifest) or (batch or 8, sequence)
         feeds = synthetic_feeds(fp32, *rows_and_tokens)
         models = {"fp32": fp32, "compiled": _session(artifact_dir, manifest, compiled, threads, timed=True)}
         for other in against:
             other_path, other_manifest = open_artifact(other)
             models[os.path.basename(os.path.normpath(other))] = _session(other, other_manifest, _load_onnx(other_path),
                                                                          threads, timed=True)
-        rows = compare_latency(models, feeds, runs, threads)
+        rows = compare_latency(models, feeds, runs or 20, threads)
         for name, row in rows.items():
             stdout.print(f"{name:10s} median {row['median_ms']:8.2f} ms   ratio to fp32 {row['ratio']:.3f}")
 
     _guard(debug, action)
+
+
+def _prompt_ids(text: str) -> list[int]:
+    try:
+        ids = [int(part) for part in text.replace(" ", "").split(",") if part]
+    except ValueError:
+        raise QCompilerError(f"--prompt-ids must be comma-separated token ids (e.g. 1,2,3), not '{text}'.") from None
+    if not ids or any(i < 0 for i in ids):
+        raise QCompilerError(f"--prompt-ids must hold at least one non-negative token id, not '{text}'.")
+    return ids
+
+
+@main.command("generate")
+@click.argument("artifact_dir")
+@click.option("--prompt", help="Text to continue (tokenized with the model's tokenizer, or --tokenizer).")
+@click.option("--prompt-ids", help="Token ids to continue, comma-separated (instead of --prompt).")
+@click.option("--tokenizer", help="Tokenizer folder, when the artifact records none.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="0: greedy; above 0: sampling from softmax(logits / T).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, show_default=True,
+              help="With --temperature: sample from the smallest set of tokens whose probability reaches P.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=0), default=0, help="Threads for the runtime (0: its default).")
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def generate_command(artifact_dir, prompt, prompt_ids, tokenizer, max_new_tokens, temperature, top_p, seed, threads,
+                     debug) -> None:
+    """Generate from the causal LM in ARTIFACT_DIR with its KV cache; stream the text, then tokens/s."""
+
+    def action():
+        import numpy as np
+
+        from qcompiler import decoding
+        from qcompiler.artifact import open_artifact
+        from qcompiler.capture import TOKENIZER_KEY, load_tokenizer
+
+        if (prompt is None) == (prompt_ids is None):
+            raise QCompilerError("Give exactly one of --prompt TEXT and --prompt-ids 1,2,3.")
+        path, manifest = open_artifact(artifact_dir)
+        model = _load_onnx(path)
+        layout = decoding.require_layout(model, "qcompile generate")
+        if _backend_of(manifest).bench_shape(manifest) is not None:
+            raise QCompilerError(f"The {manifest.get('backend')} library of '{artifact_dir}' is built for fixed shapes "
+                                 "and runs the prompt only; decoding needs symbolic past lengths, which this backend "
+                                 "does not build yet: compile with --backend ort to generate.")
+        folder = tokenizer or model.metadata_props.get(TOKENIZER_KEY)
+        text_tokenizer = load_tokenizer(folder) if folder else None
+        if prompt is not None:
+            if text_tokenizer is None:
+                raise QCompilerError("--prompt needs a tokenizer and the artifact records none; name one with "
+                                     "--tokenizer, or give --prompt-ids.")
+            ids = list(text_tokenizer(prompt)["input_ids"])
+            if not ids:
+                raise QCompilerError("The prompt tokenizes to no tokens.")
+        else:
+            ids = _prompt_ids(prompt_ids)
+        vocab = decoding.generation_settings(model).get("vocab_size")
+        if isinstance(vocab, int) and max(ids) >= vocab:
+            raise QCompilerError(f"Token id {max(ids)} is outside the model's vocabulary of {vocab}.")
+        decoding.check_prompt_length(model, len(ids), max_new_tokens)
+        session = _session(artifact_dir, manifest, model, threads)
+        produced: list[int] = []
+        shown = [""]
+
+        def stream(step: np.ndarray) -> None:
+            produced.append(int(step[0]))
+            if text_tokenizer is None:
+                sys.stdout.write(("" if len(produced) == 1 else ",") + str(produced[-1]))
+            else:
+                text = text_tokenizer.decode(produced, skip_special_tokens=True)
+                sys.stdout.write(text[len(shown[0]):])
+                shown[0] = text
+            sys.stdout.flush()
+
+        if text_tokenizer is not None:
+            sys.stdout.write(prompt if prompt is not None else text_tokenizer.decode(ids, skip_special_tokens=True))
+        result = decoding.generate(session, layout, np.asarray([ids]), max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed,
+                                   eos_token_id=decoding.generation_settings(model).get("eos_token_id"),
+                                   on_step=stream)
+        sys.stdout.write("\n")
+        console.print(f"{len(ids)} prompt tokens in {result.prefill_seconds * 1e3:.1f} ms "
+                      f"({len(ids) / max(result.prefill_seconds, 1e-9):.1f} tokens/s); {result.tokens.shape[1]} new "
+                      f"tokens, decode {result.decode_tokens_per_second:.1f} tokens/s", highlight=False)
+
+    _guard(debug, action)
+
+
+def _bench_decode(artifact_dir, manifest: dict, compiled, fp32, against, batch: int, prompt_length: int,
+                  new_tokens: int, runs: int, threads: int) -> None:
+    """Prefill ms and decode tokens/s of the FP32 source, the artifact and ``against``, interleaved in one process."""
+    from qcompiler import decoding
+    from qcompiler.benchmarking import compare_decode, embedding_rows
+    from qcompiler.runtime import make_session
+
+    contenders = {"fp32": (make_session(fp32, threads=threads, spinning=False),
+                           decoding.require_layout(fp32, "bench --decode"))}
+    for name, folder, folder_manifest, model in [("compiled", artifact_dir, manifest, compiled),
+                                                 *[(os.path.basename(os.path.normpath(o)), o, *_opened(o))
+                                                   for o in against]]:
+        if _backend_of(folder_manifest).bench_shape(folder_manifest) is not None:
+            raise QCompilerError(f"'{folder}' is a fixed-shape library that cannot decode; bench --decode needs an "
+                                 "ORT or simulate artifact.")
+        contenders[name] = (_session(folder, folder_manifest, model, threads, timed=True),
+                            decoding.require_layout(model, "bench --decode"))
+    decoding.check_prompt_length(compiled, prompt_length, new_tokens)
+    ids = next(v for v in fp32.graph.inputs if v.name == decoding.TOKENS)
+    vocabulary = decoding.generation_settings(compiled).get("vocab_size") or embedding_rows(ids) or 1000
+    rows = compare_decode(contenders, batch=batch, prompt_length=prompt_length, new_tokens=new_tokens,
+                          vocabulary=vocabulary, runs=runs)
+    stdout.print(f"batch {batch}, prompt {prompt_length} tokens, {new_tokens} new tokens, median of {runs} runs")
+    for name, row in rows.items():
+        stdout.print(f"{name:10s} prefill {row['prefill_ms']:8.2f} ms   decode {row['decode_tokens_per_s']:9.1f} "
+                     f"tokens/s   decode ratio to fp32 {row['decode_ratio']:.3f}")
+
+
+def _opened(folder) -> tuple[dict, Any]:
+    """The manifest and model of an artifact folder."""
+    from qcompiler.artifact import open_artifact
+
+    path, manifest = open_artifact(folder)
+    return manifest, _load_onnx(path)
 
 
 def _backend_of(manifest: dict):

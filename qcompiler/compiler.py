@@ -23,7 +23,9 @@ from qcompiler.calibration.data import CalibrationData
 from qcompiler.calibration.resolve import resolve_calibration
 from qcompiler.capture import load
 from qcompiler.errors import QCompilerBug, blame_qcompiler
+from qcompiler.decoding import cache_layout, refill
 from qcompiler.evaluation import embedding_metrics
+from qcompiler.next_token import next_token_metrics
 from qcompiler.pass_api import Pass
 from qcompiler.pass_manager import DEFAULT_TOLERANCE, PassManager
 from qcompiler.pipeline import parse_pipeline
@@ -113,8 +115,12 @@ def _validator(backend: Backend, manifest: dict, holdout: CalibrationData | None
     def validate(folder: Path) -> None:
         try:
             onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
-            session = backend.session(folder, manifest, ir.load(folder / "model.onnx"))
+            model = ir.load(folder / "model.onnx")
+            session = backend.session(folder, manifest, model)
             batch = holdout.batches[0] if holdout is not None and holdout.batches else None
+            layout = cache_layout(model)
+            if batch is not None and layout is not None:
+                batch = refill(layout, batch)
             static = backend.bench_shape(manifest)
             if batch is not None and (static is None or next(iter(batch.values())).shape[:2] == tuple(static)):
                 session.run(None, batch)
@@ -138,8 +144,13 @@ def _fidelity(manager: PassManager, model: ir.Model) -> dict | None:
 
     # Compared at real tokens: padding positions compute values nothing downstream reads.
     outputs = compare_outputs(real(manager.reference_outputs), real(compiled))
-    embedding = embedding_metrics(list(outputs), manager.reference_outputs, compiled, manager.holdout.batches)
-    return {"holdout_batches": len(manager.holdout), "outputs": outputs, "embedding": embedding}
+    fidelity = {"holdout_batches": len(manager.holdout), "outputs": outputs, "embedding": None}
+    if cache_layout(model) is not None:  # a causal LM: its logits are next-token distributions, not embeddings
+        fidelity["next_token"] = next_token_metrics(manager.reference_outputs, compiled, manager.holdout.batches)
+    else:
+        fidelity["embedding"] = embedding_metrics(list(outputs), manager.reference_outputs, compiled,
+                                                  manager.holdout.batches)
+    return fidelity
 
 
 def _layers(model: ir.Model, lowering: Lowering) -> dict[str, dict]:

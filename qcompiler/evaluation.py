@@ -5,7 +5,9 @@ embedding models (a ``[batch, tokens, hidden]`` output and a padding mask among 
 inputs): sentence embeddings by masked mean pooling and L2 normalisation, then the
 mean and minimum cosine to the reference embedding of the same sentence and
 nearest-neighbour agreement (the fraction of sentences whose most similar other
-sentence is the same under both models), which is what retrieval depends on.
+sentence is the same under both models), which is what retrieval depends on. For causal
+LMs (a KV cache among the inputs): the logits only, as next-token metrics
+(`qcompiler.next_token`: top-1 agreement, KL, perplexity); the cache is internal state.
 Per layer: output SQNR of every linear, matched by module path, since transforms keep
 each linear's output unchanged and only quantization moves it (a producer that absorbed a
 transform is marked instead: its output is in another basis); weight SQNR as the quantize
@@ -24,10 +26,11 @@ from rich.table import Table
 from qcompiler.absorb import OUTPUT_TRANSFORMED
 from qcompiler.analysis.linears import Linear
 from qcompiler.calibration.data import real_tokens, token_mask
+from qcompiler.decoding import PRESENT_PATTERN, cache_layout, refill
 from qcompiler.errors import QCompilerError
+from qcompiler.next_token import next_token_metrics
 from qcompiler.quant.annotation import LayerAnnotation, annotated_layers
 from qcompiler.runtime import make_session, run_batches
-
 
 
 @dataclass
@@ -36,6 +39,8 @@ class Evaluation:
     embedding: dict[str, float] | None
     layers: list[dict] = field(default_factory=list)
     samples: int = 0
+    next_token: dict[str, float] | None = None
+    perplexity: dict[str, float] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -47,7 +52,7 @@ class Evaluation:
         for name, m in self.outputs.items():
             outputs.add_row(name, f"{m['max_abs_error']:.3g}", f"{m['mean_abs_error']:.3g}", f"{m['cosine']:.6f}",
                             f"{m['sqnr_db']:.1f}")
-        tables = [outputs]
+        tables = [outputs] if self.outputs else []
         if self.embedding:
             e = self.embedding
             embedding = Table(title=f"sentence embeddings ({e['output']}, mean pooled)", title_justify="left")
@@ -55,6 +60,22 @@ class Evaluation:
                 embedding.add_column(header, justify="right")
             embedding.add_row(f"{e['mean_cosine']:.5f}", f"{e['min_cosine']:.5f}", f"{e['neighbour_agreement']:.3f}")
             tables.append(embedding)
+        if self.next_token:
+            n = self.next_token
+            table = Table(title=f"next tokens ({n['positions']} positions)", title_justify="left")
+            for header in ("top-1 agreement", "mean KL (nats)", "perplexity, source", "perplexity, compiled"):
+                table.add_column(header, justify="right")
+            table.add_row(f"{n['top1_agreement']:.4f}", f"{n['mean_kl']:.4g}", f"{n['reference_perplexity']:.4f}",
+                          f"{n['perplexity']:.4f}")
+            tables.append(table)
+        if self.perplexity:
+            p = self.perplexity
+            table = Table(title=f"perplexity of {p['text']} ({p['tokens']} tokens, window {p['window']}, stride "
+                                f"{p['stride']})", title_justify="left")
+            for header in ("source", "compiled", "ratio"):
+                table.add_column(header, justify="right")
+            table.add_row(f"{p['reference']:.4f}", f"{p['compiled']:.4f}", f"{p['compiled'] / p['reference']:.4f}")
+            tables.append(table)
         if self.layers:
             layers = Table(title="per layer", title_justify="left")
             for header in ("layer", "scheme", "weight SQNR dB", "output SQNR dB"):
@@ -72,12 +93,16 @@ def evaluate(reference: ir.Model, candidate: ir.Model, batches: Sequence[Mapping
     """Compare ``candidate`` with ``reference`` on ``batches`` (their outputs must share names)."""
     ref_layers, cand_layers = layer_outputs(reference), layer_outputs(candidate)
     shared = [layer for layer in cand_layers if layer in ref_layers]
-    outputs = [v.name for v in reference.graph.outputs]
+    causal = cache_layout(reference) is not None
+    # A causal LM's cache is state a transform may store in another basis; its logits are what users see.
+    outputs = [v.name for v in reference.graph.outputs if not (causal and PRESENT_PATTERN.match(v.name))]
     missing = [name for name in outputs if name not in {v.name for v in candidate.graph.outputs}]
     if missing:
         raise QCompilerError(f"The compiled model has no output '{missing[0]}' that the reference has.")
     ref_runs = run_batches(make_session(reference, [ref_layers[n] for n in shared]), batches)
-    cand_runs = run_batches(make_session(candidate, [cand_layers[n] for n in shared]), batches)
+    cand_layout = cache_layout(candidate)
+    cand_batches = [refill(cand_layout, b) for b in batches] if causal and cand_layout is not None else batches
+    cand_runs = run_batches(make_session(candidate, [cand_layers[n] for n in shared]), cand_batches)
     masks = [token_mask(dict(b)) for b in batches]
 
     def real(runs: list[dict], name: str) -> list[np.ndarray]:
@@ -86,7 +111,10 @@ def evaluate(reference: ir.Model, candidate: ir.Model, batches: Sequence[Mapping
 
     result = Evaluation({name: output_metrics(real(ref_runs, name), real(cand_runs, name)) for name in outputs},
                         None, samples=sum(len(next(iter(b.values()))) for b in batches))
-    result.embedding = embedding_metrics(outputs, ref_runs, cand_runs, batches)
+    if causal:
+        result.next_token = next_token_metrics(ref_runs, cand_runs, batches)
+    else:
+        result.embedding = embedding_metrics(outputs, ref_runs, cand_runs, batches)
     annotations = {a.layer: a for _, a in annotated_layers(candidate)}
     transformed_layers = _transformed(candidate)
     for layer in shared:

@@ -22,6 +22,7 @@ from qcompiler.pass_api import Pass, PassContext
 from qcompiler.pipeline import format_pipeline
 from qcompiler.quant.presets import Scheme
 from qcompiler.report import PassRecord, Report
+from qcompiler.decoding import cache_layout, prompt_and_step
 from qcompiler.runtime import make_session, run_batches
 from qcompiler.verify import compare_outputs, worst
 
@@ -99,6 +100,9 @@ class PassManager:
 
     def _outputs(self, model: ir.Model):
         session = make_session(model)
+        layout = cache_layout(model)
+        if layout is not None:
+            return prompt_and_step(session, layout, self.holdout.batches)
         return run_batches(session, self.holdout.batches)
 
     def _check(self, pass_: Pass, record: PassRecord) -> None:

@@ -19,6 +19,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompiler.calibration import data as calib_data
+from qcompiler.decoding import cache_layout, complete_feeds
 from qcompiler.runtime import make_session, run_batches
 from qcompiler.verify import compare_outputs
 
@@ -66,10 +67,14 @@ def linear_model(weight: np.ndarray, tokens: int) -> tuple[ir.Model, ir.Node]:
 def random_feeds(model: ir.Model, *, batch: int = 2, seq: int = 12, vocab: int = 256, seed: int = 0) -> list[dict]:
     """Two valid random batches for a tiny model's inputs (token ids, masks, or pixels)."""
     rng = np.random.default_rng(seed)
+    layout = cache_layout(model)
+    filled = layout.filled_inputs if layout is not None else set()
     batches = []
     for _ in range(2):
         feeds = {}
         for value in model.graph.inputs:
+            if value.name in filled:
+                continue
             if value.name == "pixel_values":
                 dims = [d if isinstance(d, int) else batch for d in value.shape]
                 feeds[value.name] = rng.standard_normal(dims).astype(np.float32)
@@ -77,7 +82,7 @@ def random_feeds(model: ir.Model, *, batch: int = 2, seq: int = 12, vocab: int =
                 feeds[value.name] = np.ones((batch, seq), np.int64)
             else:
                 feeds[value.name] = rng.integers(0, vocab, (batch, seq)).astype(np.int64)
-        batches.append(feeds)
+        batches.append(complete_feeds(layout, feeds) if layout is not None else feeds)
     return batches
 
 

@@ -17,11 +17,13 @@ from qcompiler.errors import QCompilerBug, QCompilerError
 
 
 @pytest.fixture(scope="module")
-def artifact(normalized_files, tmp_path_factory):
+def artifact(normalized_files, tmp_path_factory, sentences):
     folder = tmp_path_factory.mktemp("artifact") / "w8a8"
+    calib = folder.parent / "calib.txt"
+    calib.write_text("\n".join(sentences), encoding="utf-8")
     runner = CliRunner()
     result = runner.invoke(main, [str(normalized_files("minilm")), "--passes", "smooth,w8a8", "--backend", "ort",
-                                  "--tokenizer", "minilm", "-o", str(folder), "--quiet"])
+                                  "--calib", str(calib), "--tokenizer", "minilm", "-o", str(folder), "--quiet"])
     assert result.exit_code == 0, result.output
     return folder
 
@@ -138,3 +140,23 @@ def test_an_invalid_artifact_is_our_bug_and_nothing_is_written(tmp_path):
     with pytest.raises(SystemExit) as exit_:
         _guard(False, lambda: (_ for _ in ()).throw(QCompilerBug("qcompiler produced an invalid artifact (x)")))
     assert exit_.value.code == 1
+
+
+def test_weights_left_in_the_sources_external_data_are_copied_into_the_artifact(normalized_files, tmp_path):
+    """A source saved with external data, quantized: the embedding table no pass rewrote must come along."""
+    from qcompiler.compiler import compile as run_compile
+    from qcompiler.testing import zoo_calibration
+
+    source = tmp_path / "source" / "model.onnx"
+    source.parent.mkdir()
+    ir.save(ir.load(normalized_files("llama")), source, external_data="weights.data")
+    out = tmp_path / "out"
+    run_compile(str(source), "w8a8", calib=zoo_calibration(ir.load(source)), output=out, backend="ort")
+    path, manifest = open_artifact(out)
+    (tmp_path / "source" / "weights.data").unlink()  # the artifact must not need the source's files
+    model = ir.load(path)
+    assert any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())
+    assert "model.onnx.data" in manifest["files"]
+    from qcompiler.runtime import make_session
+
+    make_session(model)

@@ -48,7 +48,7 @@ def test_torch_module_with_example_inputs():
 
 
 def test_hf_folder_without_tokenizer_uses_config(zoo_folder):
-    model = load(zoo_folder("llama"))
+    model = load(zoo_folder("bert"))
     assert [v.name for v in model.graph.inputs] == ["input_ids", "attention_mask"]
     assert TOKENIZER_KEY not in model.metadata_props
 

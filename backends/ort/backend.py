@@ -11,6 +11,8 @@ from typing import Literal
 import onnx_ir as ir
 
 from qcompiler.backend import Backend, LowerContext, Lowered, register_backend
+from qcompiler.decoding import cache_layout
+from qcompiler.genai_config import genai_files
 
 QDQ_NOTE = ("qdq dialect: onnxruntime fuses blocked 4-bit DequantizeLinear + MatMul into MatMulNBits at load and by "
             "default computes it with int8 activations; set the session config "
@@ -55,4 +57,9 @@ class OrtBackend(Backend):
         if int8 == "u8u8" and any("MatMulInteger" in kernel for kernel in lowering.kernels.values()):
             notes.append("int8 GEMMs use the u8u8 layout: on x86 CPUs without VNNI, u8s8 products saturate in "
                          "16-bit lanes (int8=u8s8 forces the faster layout for a VNNI deployment target)")
-        return Lowered(model, lowering, manifest={"ort": {"int8": int8}}, notes=notes)
+        layout = cache_layout(model)
+        if layout is not None and layout.quantized:
+            notes.append("no genai_config.json: onnxruntime-genai allocates a float KV cache of its own and cannot "
+                         "feed a quantized one; generate with qcompile generate")
+        # A causal LM's artifact is also an onnxruntime-genai model folder.
+        return Lowered(model, lowering, files=genai_files(model), manifest={"ort": {"int8": int8}}, notes=notes)

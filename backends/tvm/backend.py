@@ -13,6 +13,7 @@ from typing import Sequence
 import onnx_ir as ir
 
 from qcompiler.backend import Backend, LowerContext, Lowered, Session, register_backend
+from qcompiler.decoding import cache_layout
 
 LIBRARY = "model.so"
 TARGETS = ("llvm",)
@@ -40,7 +41,6 @@ class TVMBackend(Backend):
     name = "tvm"
     summary = "model.so with qcompiler's TIR kernels (int4 W4A16, W4A8 and W8A8 on AVX-512 VNNI)"
     Options = TVMOptions
-    files = (LIBRARY,)
 
     def lower(self, model: ir.Model, ctx: LowerContext) -> Lowered:
         """Build the library from a copy; ``model`` stays the simulate form, which model.onnx and eval read."""
@@ -52,8 +52,12 @@ class TVMBackend(Backend):
         built = compile_model(model, shape_sets, self.options.target)
         note = f"TVM library built for {self.options.target} and inputs " + "; ".join(
             ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items()) for shapes in shape_sets)
+        notes = [note]
+        if cache_layout(model) is not None:
+            notes.append("the TVM library runs the prompt only (an empty KV cache at the built shapes): decoding needs "
+                         "symbolic past lengths, which the TVM backend does not build yet; generate from an ORT artifact")
         return Lowered(model, built.lowering, files={LIBRARY: lambda path: built.executable.export_library(str(path))},
-                       manifest={"tvm": built.signature}, notes=[note])
+                       manifest={"tvm": built.signature}, notes=notes)
 
     def session(self, folder: Path, manifest: dict, model: ir.Model, *, threads: int = 0,
                 timed: bool = False) -> Session:

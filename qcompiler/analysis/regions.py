@@ -5,7 +5,8 @@ A pass that makes linears read ``x' = (x - z) T`` instead of ``x`` rewrites ever
 produces ``x``. A region groups those pieces. It is found by walking back from each
 linear's input through ops that only move channels around (Reshape, Transpose,
 Unsqueeze, Squeeze, Expand, Identity, Dropout, Gather on a token axis), through
-attention's ``P @ V`` (linear in ``V``), through ReLU (commutes with positive scales) and
+attention's ``P @ V`` (linear in ``V``), through a KV cache's Concat of past and new
+tokens (the past was written by the same producer, so it is transformed alike), through ReLU (commutes with positive scales) and
 through a gated product ``act(gate) * up`` (commutes with a per-channel scale of ``up``),
 to the first node that is none of these: the producer. An online ``qcompiler.Hadamard``
 node (inserted by rotate where no producer can absorb a rotation) is a producer too: it
@@ -27,6 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.linears import Linear, constant_array, find_linears, is_constant
+from qcompiler.decoding import PAST_PATTERN
 from qcompiler.online_rotation import DOMAIN as HADAMARD_DOMAIN
 from qcompiler.online_rotation import OP as HADAMARD_OP
 
@@ -164,6 +166,11 @@ def _walk_back(value: ir.Value, by_output: dict[ir.Value, Linear]) -> _Walk:
             chain.append((node, output))
             value = node.inputs[1]
             head_dim = _last_dim(value)
+        elif op == "Concat" and _cache_concat(node):
+            # the KV cache: past tokens (a graph input the same transformed producer wrote) before the new ones
+            tags.add("cache")
+            chain.append((node, output))
+            value = next(v for v in node.inputs if not _is_cache_input(v))
         elif op == "Relu":
             tags.add("relu")
             chain.append((node, output))
@@ -189,6 +196,24 @@ def _token_gather(node: ir.Node) -> bool:
     axis = node.attributes.get("axis")
     axis = axis.value if axis is not None else 0
     return axis % len(data.shape) != len(data.shape) - 1
+
+
+def _is_cache_input(value: ir.Value | None) -> bool:
+    return value is not None and value.producer() is None and bool(PAST_PATTERN.match(value.name or ""))
+
+
+def _cache_concat(node: ir.Node) -> bool:
+    """Concat of a ``past_key_values.*`` input and one computed tensor along a token axis (not the channels).
+
+    The past was written by the same producer in an earlier step, so a channel transform of
+    the producer transforms the whole cache alike, and the ``present`` output it feeds is the
+    region's own state, not a foreign reader.
+    """
+    computed = [v for v in node.inputs if not _is_cache_input(v)]
+    if len(computed) != 1 or len(node.inputs) < 2 or computed[0] is None or computed[0].shape is None:
+        return False
+    axis = node.attributes.get("axis")
+    return axis is not None and axis.value % len(computed[0].shape) != len(computed[0].shape) - 1
 
 
 def _split_on_last_axis(node: ir.Node) -> bool:
@@ -323,9 +348,10 @@ def _foreign_uses(source: ir.Value, path: list[tuple[ir.Node, ir.Value]], sinks:
     foreign: list[ir.Node | None] = list(outside(source))
     if source.is_graph_output():
         foreign.append(None)
-    for _, value in path:
+    for node, value in path:
         readers = outside(value)
-        if readers or value.is_graph_output():
+        cache_state = node.op_type == "Concat" and _cache_concat(node)
+        if readers or (value.is_graph_output() and not cache_state):
             reader = readers[0].op_type if readers else "a graph output"
             return foreign, f"path value '{value.name}' is also read by {reader} outside the region"
     return foreign, None
@@ -471,8 +497,10 @@ def _shape_entry(value: ir.Value, shapes: dict[int, tuple[int, ...]]) -> int:
 
 def _replay(node: ir.Node, output: ir.Value, array: np.ndarray, shapes: dict[int, tuple[int, ...]]) -> np.ndarray:
     op = node.op_type
-    if op in ("Identity", "Dropout", "Relu", "Mul", "MatMul"):
-        return array  # Relu/Mul: elementwise on the same channels; MatMul: attention with P = identity
+    if op in ("Identity", "Dropout", "Relu", "Mul", "MatMul", "Concat"):
+        # Relu/Mul: elementwise on the same channels; MatMul: attention with P = identity; Concat: the KV cache
+        # adds past tokens, whose channels are the new tokens' channels
+        return array
     if op == "Transpose":
         perm = node.attributes.get("perm")
         return np.transpose(array, perm.value if perm is not None else None)

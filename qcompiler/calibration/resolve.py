@@ -18,6 +18,7 @@ import onnx_ir as ir
 from qcompiler.calibration import data as calib_data
 from qcompiler.calibration.data import CalibrationData
 from qcompiler.capture import TOKENIZER_KEY, load_tokenizer
+from qcompiler.decoding import cache_layout, complete_feeds
 from qcompiler.errors import CalibrationError
 
 
@@ -28,7 +29,10 @@ def builtin_sentences(name: str = "calibration") -> list[str]:
 
 
 def model_inputs(model: ir.Model) -> list[str]:
-    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
+    """The inputs calibration data gives: a decoder's cache and positions are filled in (`qcompiler.decoding`)."""
+    layout = cache_layout(model)
+    filled = layout.filled_inputs if layout is not None else set()
+    return [v.name for v in model.graph.inputs if v.name not in model.graph.initializers and v.name not in filled]
 
 
 def fixed_batch(model: ir.Model) -> int | None:
@@ -86,5 +90,8 @@ def resolve_calibration(
             data = calib_data.from_text(path, load_tokenizer(tokenizer_dir), model_inputs(model), batch_size, max_length)
     else:
         data = calib_data.from_iterable(calib)
+    layout = cache_layout(model)
+    if layout is not None:
+        data = CalibrationData([complete_feeds(layout, batch) for batch in data.batches], data.source)
     calib_data.validate(data, model)
     return data

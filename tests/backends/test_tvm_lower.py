@@ -121,9 +121,12 @@ def test_models_quantized_for_onnxruntime_import_onto_the_int4_kernel(normalized
 
 
 @pytest.fixture(scope="module")
-def tvm_artifact(tmp_path_factory):
+def tvm_artifact(tmp_path_factory, normalized_files, sentences):
     folder = tmp_path_factory.mktemp("tvm") / "w4a16"
-    result = CliRunner().invoke(main, ["minilm", "--passes", "w4a16", "--backend", "tvm", "--shape", "2x16,1x8",
+    calib = folder.parent / "calib.txt"  # a few sentences: the test is about the library, not the fidelity
+    calib.write_text("\n".join(sentences[:16]), encoding="utf-8")
+    result = CliRunner().invoke(main, [str(normalized_files("minilm")), "--passes", "w4a16", "--backend", "tvm",
+                                       "--shape", "2x16,1x8", "--calib", str(calib), "--tokenizer", "minilm",
                                        "-o", str(folder), "--quiet"])
     assert result.exit_code == 0, result.output
     return folder
