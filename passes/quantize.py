@@ -83,6 +83,7 @@ class QuantizeOptions:
     fallback_preset: str = ""
     kv: str = ""
     kv_group: int = 0
+    kv_rotate: bool = True
 
     def __post_init__(self) -> None:
         preset_scheme(self.preset)
@@ -226,7 +227,7 @@ class Quantize(Pass):
         details["layers"] = layers
         details["coverage"] = coverage(graph, {id(layer.node): reason for layer, reason in skipped})
         if options.kv:
-            details.update(kv_cache.quantize_cache(model, options.kv, options.kv_group))
+            details.update(kv_cache.quantize_cache(model, options.kv, options.kv_group, options.kv_rotate))
         return PassOutcome(bool(plans) or bool(options.kv), details, findings=ranking)
 
     def fallback_preset(self) -> str:

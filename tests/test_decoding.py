@@ -351,9 +351,23 @@ def test_unstorable_cache_formats_are_one_sentence(spec, message, normalized_fil
         compiler.compile(model, spec, calib=zoo_calibration(model), normalize=False)
 
 
-def test_kv_on_a_model_without_a_cache_is_refused(normalized_files):
-    from qcompiler.errors import QCompilerError
+def test_kv_on_minilm_rounds_its_keys_and_values_and_rotation_helps_int4(normalized_files, minilm_calibration,
+                                                                        tokenizer, heldout_sentences):
+    """The real-weights check: MiniLM has no cache, but its attention reads the same K and V a cache holds."""
+    from qcompiler.calibration import data as calib_data
+    from qcompiler.evaluation import evaluate
 
-    model = ir.load(normalized_files("bert"))
-    with pytest.raises(QCompilerError, match="has none"):
-        compiler.compile(model, "w8a8(kv=int8)", calib=zoo_calibration(model), normalize=False)
+    source = ir.load(normalized_files("minilm"))
+    heldout = calib_data.from_sentences(heldout_sentences, tokenizer, ["input_ids", "attention_mask",
+                                                                       "token_type_ids"], 8).batches
+
+    def cosine(passes: str) -> float:
+        result = compiler.compile(ir.load(normalized_files("minilm")), passes, calib=minilm_calibration,
+                                  normalize=False, verify=False)
+        return evaluate(source, result.model, heldout).embedding["mean_cosine"]
+
+    weights_only = cosine("w8a16")
+    assert abs(cosine("w8a16(kv=int8)") - weights_only) < 2e-4   # 8-bit K and V cost nothing measurable
+    plain_int4 = cosine("w8a16(kv=int4,kv_rotate=false)")
+    assert plain_int4 < weights_only - 1e-3                       # 4-bit does
+    assert cosine("rotate,w8a16(kv=int4)") > plain_int4 + 1e-4    # values rotated per head, keys by online Hadamard
