@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from docs_section import machine_stamp, replace_section  # noqa: E402
 
-PIPELINES = {"fp32": "normalize", "w8a8": "w8a8", "w8a8-dyn": "w8a8-dyn", "w4a16": "w4a16", "w4a8": "w4a8"}
+PIPELINES = {"fp32": "normalize", "w8a8": "w8a8", "w8a8-dyn": "w8a8-dyn", "w4a16": "w4a16", "w4a8": "w4a8",
+             "w4a8, kv=int4": "w4a8(kv=int4)"}
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -89,7 +90,7 @@ def main() -> None:
     np.savez(calib, input_ids=np.random.default_rng(0).integers(0, 32000, (4, 32)))
     artifacts = {}
     for name, passes in PIPELINES.items():
-        out = workdir / name
+        out = workdir / name.replace(", ", "-").replace("=", "")
         if not (out / "manifest.json").is_file():
             tick = time.perf_counter()
             compiler.compile(str(source), passes, calib=str(calib), output=out, force=True, backend="ort",

@@ -341,11 +341,15 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
 
         from qcompiler.artifact import open_artifact
         from qcompiler.calibration import data as calib_data
+        from qcompiler.decoding import cache_layout, complete_feeds
         from qcompiler.runtime import run_batches
 
         path, manifest = open_artifact(artifact_dir)
         model = _load_onnx(path)
         data = calib_data.from_npz(inputs, batch_size=1 << 30)
+        layout = cache_layout(model)
+        if layout is not None:  # a causal LM's prompt: the cache starts empty, positions follow the mask
+            data.batches = [complete_feeds(layout, batch) for batch in data.batches]
         calib_data.validate(data, model)
         results = run_batches(_session(artifact_dir, manifest, model), data.batches)[0]
         if output:

@@ -69,7 +69,21 @@ def zoo_folder(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def normalized_files(tmp_path_factory, zoo_folder, minilm_files):
+def captured_files(tmp_path_factory, zoo_folder):
+    """Factory: a zoo architecture as qcompiler captures it (torch.export + onnx), saved once per session."""
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = tmp_path_factory.mktemp(f"captured_{name}") / "model.onnx"
+            ir.save(load(zoo_folder(name)), built[name])
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def normalized_files(tmp_path_factory, captured_files, minilm_files):
     """Factory: the path of a normalized model ('minilm' or a zoo architecture), built once per session."""
     from qcompiler.pass_manager import PassManager
     from qcompiler.pipeline import parse_pipeline
@@ -78,7 +92,7 @@ def normalized_files(tmp_path_factory, zoo_folder, minilm_files):
 
     def get(name: str) -> Path:
         if name not in built:
-            model = ir.load(minilm_files["dynamo"]) if name == "minilm" else load(zoo_folder(name))
+            model = ir.load(minilm_files["dynamo"] if name == "minilm" else captured_files(name))
             PassManager(parse_pipeline("normalize"), verify=False, progress=False).run(model)
             built[name] = tmp_path_factory.mktemp(f"normalized_{name}") / "model.onnx"
             ir.save(model, built[name])

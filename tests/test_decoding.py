@@ -237,6 +237,25 @@ def test_generate_command_streams_text_and_reports_speed(lm_with_tokenizer):
     assert ids.exit_code == 0, ids.output
 
 
+def test_run_fills_the_cache_of_a_prompt(lm_with_tokenizer, tmp_path):
+    _, _, artifact = lm_with_tokenizer
+    prompt = tmp_path / "prompt.npz"
+    np.savez(prompt, input_ids=np.array([[101, 2023, 2003, 102]]))
+    result = CliRunner().invoke(main, ["run", str(artifact), "--inputs", str(prompt)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "logits: shape [1, 4, 30522]" in result.output and "present.0.key: shape [1, 1, 4, 16]" in result.output
+
+
+def test_bench_decode_times_the_prompt_and_the_steps_of_source_and_artifact(lm_with_tokenizer):
+    _, _, artifact = lm_with_tokenizer
+    result = CliRunner().invoke(main, ["bench", str(artifact), "--decode", "--prompt-length", "8", "--new-tokens", "4",
+                                       "--runs", "3"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "batch 1, prompt 8 tokens, 4 new tokens" in result.output
+    rows = [line for line in result.output.splitlines() if "tokens/s" in line]
+    assert [row.split()[0] for row in rows] == ["fp32", "compiled"] and "decode ratio to fp32 1.000" in rows[0]
+
+
 def test_perplexity_of_the_source_equals_transformers_loss(lm_with_tokenizer, heldout_sentences, tmp_path):
     folder, source, artifact = lm_with_tokenizer
     text = tmp_path / "text.txt"

@@ -50,7 +50,9 @@ from tests.zoo import EXPECTED
 
 Feeds = dict[str, np.ndarray]
 
-LEGACY_OPSETS = (11, 14, 17)
+# 11 (no native norms, Gelu or Trilu) and 14; the legacy exporter at 17 writes this Llama as at 14 (it has no
+# LayerNorm to spell natively), so that column would cost the suite time and test nothing new.
+LEGACY_OPSETS = (11, 14)
 EXPORTERS = [f"legacy-{opset}" for opset in LEGACY_OPSETS] + ["dynamo", "optimum"]
 OTHERS = [exporter for exporter in EXPORTERS if exporter != "dynamo"]
 PIPELINES = ["normalize", "smooth,w8a8", "rotate,w8a8", "smooth,rotate,w4a8", "w4a16"]
@@ -70,7 +72,7 @@ OPTIMUM_MISSING = (f"optimum-onnx is not installed here; it pins transformers<4.
 GQA_ATTENTION = ("smooth refuses both attention regions: grouped-query attention's head repetition is shape "
                  "arithmetic built at run time (legacy 14/17: a Reshape the probe cannot fit; legacy 11 and optimum: "
                  "anonymous dims inside the head split)")
-LLAMA_SMOOTH_GAPS = {exporter: GQA_ATTENTION for exporter in ("legacy-11", "legacy-14", "legacy-17", "optimum")}
+LLAMA_SMOOTH_GAPS = {exporter: GQA_ATTENTION for exporter in ("legacy-11", "legacy-14", "optimum")}
 
 
 @dataclass
@@ -181,12 +183,11 @@ def optimum_files(tmp_path_factory, zoo_folder) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory, zoo_folder, optimum_files) -> Matrix:
+def llama(tmp_path_factory, zoo_folder, captured_files, optimum_files) -> Matrix:
     folder, root = zoo_folder("llama"), tmp_path_factory.mktemp("llama")
     files = {f"legacy-{opset}": export_legacy_causal_lm(folder, root / f"legacy{opset}.onnx", opset)
              for opset in LEGACY_OPSETS}
-    files["dynamo"] = root / "dynamo.onnx"
-    ir.save(qcompiler.load(folder), files["dynamo"])
+    files["dynamo"] = captured_files("llama")
     if "llama" in optimum_files:
         files["optimum"] = optimum_files["llama"]
     return Matrix(files, lambda model: calib_data.from_iterable(token_batches(model, seed=0, count=4)),

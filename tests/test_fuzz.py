@@ -47,13 +47,13 @@ def assert_no_failure(case: FuzzCase, outcome: Outcome) -> None:
         raise AssertionError(f"{outcome.pipeline} on {outcome.backend}: {outcome.message}\n{case.description}")
 
 
-@settings(FUZZ, max_examples=30)
+@settings(FUZZ, max_examples=20)
 @given(case=fuzz_cases(), pipeline=st.sampled_from(PRESERVING))
 def test_function_preserving_passes_keep_the_function(case, pipeline):
     assert_no_failure(case, check_preserving(case, pipeline))
 
 
-@settings(FUZZ, max_examples=35)
+@settings(FUZZ, max_examples=25)
 @given(case=fuzz_cases(), preset=st.sampled_from(PRESETS), backend=st.sampled_from(BACKENDS))
 def test_presets_give_a_runnable_artifact_or_one_sentence(case, preset, backend):
     assert_no_failure(case, check_preset(case, preset, backend))

@@ -10,7 +10,6 @@ from onnx import TensorProto, helper
 
 from qcompiler.analysis.linears import find_linears
 from qcompiler.calibration import data as calib_data
-from qcompiler.capture import load
 from qcompiler.inspection import op_summary
 from qcompiler.pass_manager import PassManager
 from qcompiler.pipeline import parse_pipeline
@@ -64,8 +63,8 @@ def test_legacy_llama_rmsnorms_fuse_and_its_regions_open(zoo_folder, tmp_path):
 
 
 @pytest.mark.parametrize("arch", sorted(EXPECTED))
-def test_tiny_architectures_capture_and_normalize_with_outputs_unchanged(zoo_folder, arch):
-    model = load(zoo_folder(arch))
+def test_tiny_architectures_capture_and_normalize_with_outputs_unchanged(captured_files, arch):
+    model = ir.load(captured_files(arch))
     model, errors = normalize(model, random_feeds(model))
     ops = op_summary(model)
     layer_norms, rms_norms, gelus, linears = EXPECTED[arch]
