@@ -266,10 +266,11 @@ def eval_command(reference, compiled, data, perplexity_text, window, stride, tok
             raise QCompilerError("Give --data (evaluation inputs) or --perplexity (a text, for causal LMs), or both.")
         if perplexity_text is None and (window or stride):
             raise QCompilerError("--window and --stride apply to --perplexity, which was not given.")
+        compiled_file = _model_file(compiled)  # before the reference's capture, which may take a while
         ref_model = load(reference)
         # Normalizing the reference (function-preserving) gives it the linears the compiled model has.
         PassManager(parse_pipeline(NORMALIZE), verify=False, progress=False).run(ref_model)
-        candidate = load(_model_file(compiled))
+        candidate = load(compiled_file)
         if data is not None:
             batches = resolve_calibration(data, ref_model, tokenizer=tokenizer, batch_size=batch_size,
                                           max_length=max_length)

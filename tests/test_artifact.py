@@ -74,10 +74,11 @@ def test_damaged_artifacts_are_refused(artifact, tmp_path):
     assert result.exit_code == 2 and "not a qcompiler artifact" in result.output
 
 
-def test_eval_reads_lowered_artifacts_layer_by_layer(artifact, tmp_path):
+def test_eval_reads_lowered_artifacts_layer_by_layer(artifact, minilm_files, tmp_path):
     data = tmp_path / "held.txt"
     data.write_text("a held out sentence\nanother sentence to embed\nthe third one\n")
-    result = CliRunner().invoke(main, ["eval", "minilm", str(artifact), "--data", str(data), "--json"])
+    result = CliRunner().invoke(main, ["eval", str(minilm_files["dynamo"]), str(artifact), "--data", str(data),
+                                       "--tokenizer", "minilm", "--json"])
     assert result.exit_code == 0, result.output
     layers = json.loads(result.output)["layers"]
     assert len(layers) == 37

@@ -50,11 +50,12 @@ def test_evaluate_reports_outputs_embeddings_and_layers(normalized_files, compil
     assert all(15 < layer["output_sqnr_db"] < 60 and layer["weight_sqnr_db"] > 35 for layer in measured)
 
 
-def test_eval_command(compiled, tmp_path):
+def test_eval_command(compiled, minilm_files, tmp_path):
     data = tmp_path / "held.txt"
     data.write_text("a held out sentence\nanother sentence to embed\nthe third one\n")
     runner = CliRunner()
-    result = runner.invoke(main, ["eval", "minilm", str(compiled.parent), "--data", str(data), "--json"])
+    result = runner.invoke(main, ["eval", str(minilm_files["dynamo"]), str(compiled.parent), "--data", str(data),
+                                  "--json"])
     assert result.exit_code == 0, result.output
     assert '"neighbour_agreement"' in result.output
     missing = runner.invoke(main, ["eval", "minilm", str(tmp_path), "--data", str(data)])
