@@ -295,7 +295,10 @@ def export_causal_lm(module: Any, *, opset: int = 18) -> ir.Model:
     mask = torch.ones((batch, past_length + tokens), dtype=torch.int64)
     positions = torch.arange(past_length, past_length + tokens).expand(batch, tokens)
     past = [torch.zeros((batch, heads, past_length, dim)) for heads, dim in shapes for _ in ("key", "value")]
-    dims = {name: torch.export.Dim(name) for name in ("batch", "sequence", "past_sequence")}
+    # A sliding-window cache (Mistral) keeps at most window - 1 past tokens: the graph holds for pasts up to that.
+    window = getattr(module.config, "sliding_window", None)
+    dims = {name: torch.export.Dim(name) for name in ("batch", "sequence")}
+    dims["past_sequence"] = torch.export.Dim("past_sequence", **({"max": window - 1} if isinstance(window, int) else {}))
     dynamic = {"input_ids": {0: dims["batch"], 1: dims["sequence"]},
                "attention_mask": {0: dims["batch"], 1: torch.export.Dim.AUTO},
                "position_ids": {0: dims["batch"], 1: dims["sequence"]},
@@ -331,6 +334,7 @@ def generation_settings(module: Any) -> dict[str, Any]:
         "bos_token_id": getattr(config, "bos_token_id", None),
         "pad_token_id": getattr(config, "pad_token_id", None),
         "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "sliding_window": getattr(config, "sliding_window", None),
         "vocab_size": getattr(config, "vocab_size", None),
         "hidden_size": getattr(config, "hidden_size", None),
         "num_attention_heads": getattr(config, "num_attention_heads", None),

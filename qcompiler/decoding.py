@@ -120,6 +120,11 @@ def cache_layout(model: ir.Model) -> CacheLayout | None:
                        has_mask=MASK in inputs, has_positions=POSITIONS in inputs, storage=tuple(storage))
 
 
+def is_cache_input(value: ir.Value | None) -> bool:
+    """A graph input holding a layer's past keys or values (``past_key_values.{i}.*``)."""
+    return value is not None and value.producer() is None and bool(PAST_PATTERN.match(value.name or ""))
+
+
 def require_layout(model: ir.Model, what: str) -> CacheLayout:
     """The cache layout of a model ``what`` needs to be a causal LM with a KV cache; one sentence otherwise."""
     layout = cache_layout(model)
@@ -140,10 +145,15 @@ def generation_settings(model: ir.Model) -> dict:
 
 def check_prompt_length(model: ir.Model, tokens: int, new_tokens: int = 0) -> None:
     """Refuse a prompt (plus the tokens to generate) beyond the model's positions, in one sentence."""
-    limit = generation_settings(model).get("max_position_embeddings")
+    settings = generation_settings(model)
+    limit = settings.get("max_position_embeddings")
     if isinstance(limit, int) and tokens + new_tokens > limit:
         raise QCompilerError(f"The prompt has {tokens} tokens and {new_tokens} more are asked for, beyond the "
                              f"model's {limit} positions.")
+    window = settings.get("sliding_window")
+    if isinstance(window, int) and tokens + new_tokens > window:
+        raise QCompilerError(f"The prompt has {tokens} tokens and {new_tokens} more are asked for, beyond the "
+                             f"model's sliding window of {window}, which its exported cache does not slide.")
 
 
 def positions_from_mask(mask: np.ndarray, new_tokens: int) -> np.ndarray:

@@ -102,6 +102,20 @@ def test_fp32_artifact_generates_what_transformers_generates(name, zoo_folder, c
     assert len(genai) == NEW_TOKENS or genai[-1] == config["model"]["eos_token_id"]
 
 
+def test_a_sliding_window_decoder_generates_within_its_window(zoo_folder, compiled):
+    """Mistral's cache keeps window - 1 past tokens; the export holds up to there, and longer prompts are refused."""
+    ids, mask = _prompts()
+    folder = compiled("mistral", "normalize")
+    model = ir.load(folder / "model.onnx")
+    ours = decoding.generate(_artifact_session(folder), decoding.cache_layout(model), ids, mask=mask,
+                             max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(ours.tokens, _transformers_generate(zoo_folder("mistral"), ids, mask, NEW_TOKENS))
+    from qcompiler.errors import QCompilerError
+
+    with pytest.raises(QCompilerError, match="sliding window of 64"):
+        decoding.check_prompt_length(model, 60, 8)
+
+
 def _genai_generate(folder, ids: np.ndarray, new_tokens: int) -> list[int]:
     """Greedy tokens from onnxruntime-genai's own loop and cache, reading the artifact folder as it is."""
     import onnxruntime_genai as og

@@ -28,7 +28,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.linears import Linear, constant_array, find_linears, is_constant
-from qcompiler.decoding import PAST_PATTERN
+from qcompiler.decoding import is_cache_input
 from qcompiler.online_rotation import DOMAIN as HADAMARD_DOMAIN
 from qcompiler.online_rotation import OP as HADAMARD_OP
 
@@ -170,7 +170,7 @@ def _walk_back(value: ir.Value, by_output: dict[ir.Value, Linear]) -> _Walk:
             # the KV cache: past tokens (a graph input the same transformed producer wrote) before the new ones
             tags.add("cache")
             chain.append((node, output))
-            value = next(v for v in node.inputs if not _is_cache_input(v))
+            value = next(v for v in node.inputs if not is_cache_input(v))
         elif op == "Relu":
             tags.add("relu")
             chain.append((node, output))
@@ -198,10 +198,6 @@ def _token_gather(node: ir.Node) -> bool:
     return axis % len(data.shape) != len(data.shape) - 1
 
 
-def _is_cache_input(value: ir.Value | None) -> bool:
-    return value is not None and value.producer() is None and bool(PAST_PATTERN.match(value.name or ""))
-
-
 def _cache_concat(node: ir.Node) -> bool:
     """Concat of a ``past_key_values.*`` input and one computed tensor along a token axis (not the channels).
 
@@ -209,7 +205,7 @@ def _cache_concat(node: ir.Node) -> bool:
     the producer transforms the whole cache alike, and the ``present`` output it feeds is the
     region's own state, not a foreign reader.
     """
-    computed = [v for v in node.inputs if not _is_cache_input(v)]
+    computed = [v for v in node.inputs if not is_cache_input(v)]
     if len(computed) != 1 or len(node.inputs) < 2 or computed[0] is None or computed[0].shape is None:
         return False
     axis = node.attributes.get("axis")

@@ -35,7 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis.linears import is_constant
-from qcompiler.decoding import PAST_PATTERN, cache_layout
+from qcompiler.decoding import cache_layout, is_cache_input
 from qcompiler.errors import QCompilerError
 from qcompiler.graph import add_initializer
 from qcompiler.hadamard import orthogonal_matrix
@@ -193,7 +193,7 @@ def _anchor(reader: ir.Node, index: int, head_dim: int) -> ir.Node | tuple[ir.Va
 
 
 def _is_cache_append(node: ir.Node) -> bool:
-    return any(v is not None and v.producer() is None and PAST_PATTERN.match(v.name or "") for v in node.inputs)
+    return any(is_cache_input(v) for v in node.inputs)
 
 
 # --------------------------------------------------------------------------- rewrites
