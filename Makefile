@@ -24,7 +24,8 @@ demo: $(STAMP)
 	$(BIN)/qcompile eval minilm out/minilm --data qcompiler/data/heldout.txt
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	# Two workers: the suite is mostly single-threaded Python (capture, passes), and CI has two cores.
+	$(BIN)/python -m pytest -q -n 2
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/calibration.py

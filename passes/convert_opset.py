@@ -14,6 +14,7 @@ import onnx_ir as ir
 from onnxscript import version_converter
 
 from qcompiler.errors import QCompilerError
+from qcompiler.options import option
 from qcompiler.runtime import INLINE_LIMIT_BYTES, initializer_bytes
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.registry import register
@@ -29,7 +30,7 @@ def default_opset(model: ir.Model) -> int:
 
 @dataclass
 class ConvertOpsetOptions:
-    version: int = CANONICAL_OPSET
+    version: int = option(CANONICAL_OPSET, "the opset the model is converted to")
 
 
 @register

@@ -31,6 +31,7 @@ import onnx_ir as ir
 from qcompiler.analysis.convolutions import Convolution, find_convolutions
 from qcompiler.analysis.linears import constant_array
 from qcompiler.graph import add_initializer, replace_node, unique_node_name
+from qcompiler.options import option
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.registry import register
 
@@ -39,7 +40,7 @@ HOMOGENEOUS = ("Relu", "Clip")
 
 @dataclass
 class EqualizeOptions:
-    iterations: int = 4
+    iterations: int = option(4, "sweeps of cross-layer equalization over the Conv pairs")
 
     def __post_init__(self) -> None:
         if self.iterations < 1:

@@ -30,6 +30,7 @@ from qcompiler.absorb import absorb_affine
 from qcompiler.analysis.linears import constant_array
 from qcompiler.analysis.regions import SHIFT, find_regions
 from qcompiler.analysis.residual import CENTER, find_streams
+from qcompiler.options import option
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.registry import register
 from qcompiler.stream_rewrite import center_stream
@@ -37,7 +38,7 @@ from qcompiler.stream_rewrite import center_stream
 
 @dataclass
 class FoldNormOptions:
-    rmsnorm: bool = False
+    rmsnorm: bool = option(False, "also turn LayerNorms whose input is centred into RMSNorm")
 
 
 @register

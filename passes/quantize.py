@@ -47,6 +47,7 @@ from qcompiler.analysis.convolutions import Convolution, find_convolutions
 from qcompiler.analysis.linears import Linear, constant_array, find_linears
 from qcompiler.errors import QCompilerError
 from qcompiler.graph import redirect_uses
+from qcompiler.options import option
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.quant import awq, kv_cache, weights
 from qcompiler.quant.annotation import ActivationAnnotation, LayerAnnotation, WeightAnnotation
@@ -63,29 +64,57 @@ from qcompiler.stream_rewrite import UNROTATE
 SENSITIVITY_BATCHES = 8
 
 
+# weights=gptq's defaults: the best measured on MiniLM (docs/passes/quantize.md: rotate,w4a16 0.9912 against
+# 0.9882 with damp=0.1,act_order alone, for about 2x GPTQ's time). refine=0,scales=minmax is the fast form.
+GPTQ_BEST = {"act_order": True, "damp": 0.1, "scales": "mse", "refine": 3}
+# The same options under every other quantizer (awq-gptq's GPTQ step keeps the original GPTQ's settings).
+GPTQ_PLAIN = {"act_order": False, "damp": 0.01, "scales": "minmax", "refine": 0}
+
+
 @dataclass
 class QuantizeOptions:
-    preset: str = "w8a8"
-    weights: Literal["rtn", "mse", "gptq", "awq", "awq-gptq"] = "rtn"
-    observer: Literal["minmax", "percentile", "mse"] = "minmax"
-    percentile: float = 99.99
-    group_size: int | None = None
-    act_order: bool = False
-    damp: float = 0.01
-    sequential: bool = False
-    scales: Literal["minmax", "mse"] = "minmax"
-    refine: int = 0
-    grid: int = 20
-    rows: int = 512
-    skip: tuple[str, ...] = ()
-    override: tuple[str, ...] = ()
-    fallback: float = 0.0
-    fallback_preset: str = ""
-    kv: str = ""
-    kv_group: int = 0
-    kv_rotate: bool = True
+    preset: str = option("w8a8", "what to quantize to: a preset name (see the presets table)")
+    weights: Literal["rtn", "mse", "gptq", "awq", "awq-gptq"] = option(
+        "rtn", "weight quantizer: rtn (round to nearest, instant), mse (clipping search, seconds), gptq (Hessian-aware "
+               "rounding; about 35 s on MiniLM with its defaults, 16 s with refine=0,scales=minmax), awq "
+               "(activation-aware scales, about 10 s), awq-gptq (both)")
+    observer: Literal["minmax", "percentile", "mse"] = option(
+        "minmax", "static activation ranges from calibration: minmax, percentile (of |x|) or mse")
+    percentile: float = option(99.99, "with observer=percentile: the percentile of |x| taken as the range")
+    group_size: int | None = option(None, "weight groups along the input (0: per output channel; none: the preset's)")
+    # None: the quantizer's own default (GPTQ_BEST for weights=gptq, GPTQ_PLAIN otherwise).
+    act_order: bool | None = option(None, "GPTQ: quantize rows in order of diag(H), largest first (gptq: true)")
+    damp: float | None = option(None, "GPTQ: dampening added to H as a fraction of mean(diag(H)) (gptq: 0.1)")
+    sequential: bool = option(False, "GPTQ: each Hessian from the already-quantized layers before it (about 7x slower)")
+    scales: Literal["minmax", "mse"] | None = option(
+        None, "GPTQ's group scales: minmax (the weight's range) or mse (clipping searched per scale; gptq: mse)")
+    refine: int | None = option(None, "GPTQ: coordinate-descent sweeps over the rounding after GPTQ (gptq: 3, about "
+                                      "as long as GPTQ itself)")
+    grid: int = option(20, "AWQ, mse and the scale search: candidates tried per search")
+    rows: int = option(512, "AWQ: calibration rows per tensor its searches score on")
+    skip: tuple[str, ...] = option((), "globs (;-separated) of layers kept float, by module path, node or weight name")
+    override: tuple[str, ...] = option((), "glob:preset items (;-separated) giving matching layers another preset; "
+                                           "the first match wins")
+    fallback: float = option(0.0, "share (0-1) of weight parameters kept at fallback_preset, the linears that move "
+                                  "the outputs most per parameter first (one model run per batch per linear)")
+    fallback_preset: str = option("", "preset of the fallback layers and of the kept head (default: w8a16 for "
+                                      "weight-only presets, else w8a8-dyn)")
+    kv: str = option("", "causal LMs: quantize the KV cache to int8 or int4 per head and token (encoders: K and V "
+                         "rounded where attention reads them)")
+    kv_group: int = option(0, "with kv=: channels per cache scale along the head (0: the whole head)")
+    kv_rotate: bool = option(True, "with kv=: rotate keys and queries by an online Hadamard (QuaRot) before rounding")
+    head: Literal["8bit", "same"] = option(
+        "8bit", "under sub-8-bit weights, keep the final projection (lm_head, a classifier) at fallback_preset "
+                "(8bit) or quantize it like the rest (same)")
 
     def __post_init__(self) -> None:
+        if (self.scales is not None and self.scales != "minmax" or self.refine) and \
+                self.weights not in ("gptq", "awq-gptq"):
+            raise ValueError(f"scales and refine tune GPTQ (weights=gptq or awq-gptq), not weights={self.weights}")
+        defaults = GPTQ_BEST if self.weights == "gptq" else GPTQ_PLAIN
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         preset_scheme(self.preset)
         if self.kv:
             problem = kv_cache.kind_problem(self.kv)
@@ -115,8 +144,6 @@ class QuantizeOptions:
             raise ValueError("damp, grid and rows must be positive")
         if self.refine < 0:
             raise ValueError(f"refine counts coordinate-descent sweeps and must be 0 or more, not {self.refine}")
-        if (self.scales != "minmax" or self.refine) and self.weights not in ("gptq", "awq-gptq"):
-            raise ValueError(f"scales and refine tune GPTQ (weights=gptq or awq-gptq), not weights={self.weights}")
 
 
 Layer = Linear | Convolution
@@ -127,6 +154,7 @@ class LayerPlan:
     linear: Layer
     scheme: Scheme
     preset: str
+    head: bool = False  # the final projection, moved to the fallback preset by head=8bit
 
     @property
     def conv(self) -> bool:
@@ -164,12 +192,15 @@ class Quantize(Pass):
             if any(fnmatch.fnmatchcase(n, glob) for glob in self.options.skip for n in names):
                 skipped.append((linear, "skip="))
                 continue
-            preset = self.options.preset
+            preset, head = self.options.preset, False
             for item in self.options.override:
                 glob, _, other = item.rpartition(":")
                 if any(fnmatch.fnmatchcase(n, glob) for n in names):
                     preset = other
                     break
+            else:
+                if self.keeps_head(linear):
+                    preset, head = self.fallback_preset(), True
             scheme = self.scheme(preset)
             activation = scheme.activation
             grouped = activation is not None and activation.granularity == "group"
@@ -177,7 +208,7 @@ class Quantize(Pass):
                 skipped.append((linear, f"{preset}'s activation groups of {activation.group_size} do not divide its "
                                         f"{linear.in_channels} input channels"))
                 continue
-            plans.append(LayerPlan(linear, scheme, preset))
+            plans.append(LayerPlan(linear, scheme, preset, head))
         return plans, skipped
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassOutcome:
@@ -208,17 +239,22 @@ class Quantize(Pass):
         rows = ctx.samples(model, matrix_inputs, options.rows) if options.weights == "awq" and matrix_inputs else {}
         uses_gptq = options.weights in ("gptq", "awq-gptq")
         hessians = {}
-        if uses_gptq and not options.sequential and matrix_inputs:
-            hessians = {n: s.xtx for n, s in ctx.statistics(model, matrix_inputs, xtx=matrix_inputs).items()}
+        if uses_gptq and matrix_inputs:
+            gathered = ctx.statistics(model, matrix_inputs, xtx=[] if options.sequential else matrix_inputs)
+            _warn_if_few_rows(ctx, gathered, {p.linear.input.name: p.linear.in_features for p in plans if not p.conv})
+            if not options.sequential:
+                hessians = {n: s.xtx for n, s in gathered.items()}
 
         layers = []
-        for name in inputs:
-            if uses_gptq and options.sequential and name in matrix_inputs:
-                # The input as the layers before it, already quantized, produce it (GPTQ's order).
-                hessians = {name: ctx.statistics(model, [name], xtx=[name])[name].xtx}
-            for plan in plans:
-                if plan.linear.input.name == name:
-                    layers.append(self._quantize_weight(graph, plan, hessians, rows))
+        with ctx.progress(f"quantizing weights ({options.weights})", len(plans)) as advance:
+            for name in inputs:
+                if uses_gptq and options.sequential and name in matrix_inputs:
+                    # The input as the layers before it, already quantized, produce it (GPTQ's order).
+                    hessians = {name: ctx.statistics(model, [name], xtx=[name])[name].xtx}
+                for plan in plans:
+                    if plan.linear.input.name == name:
+                        layers.append(self._quantize_weight(graph, plan, hessians, rows))
+                        advance()
         for name in inputs:
             self._quantize_input(graph, [p for p in plans if p.linear.input.name == name], stats)
         for plan in requantized:
@@ -226,9 +262,20 @@ class Quantize(Pass):
         details["notes"] += _notes(options, plans, layers, len(requantized))
         details["layers"] = layers
         details["coverage"] = coverage(graph, {id(layer.node): reason for layer, reason in skipped})
+        details["kept_8bit"] = [f"{p.linear.layer} ({p.preset})" for p in plans if p.head]
         if options.kv:
             details.update(kv_cache.quantize_cache(model, options.kv, options.kv_group, options.kv_rotate))
         return PassOutcome(bool(plans) or bool(options.kv), details, findings=ranking)
+
+    def keeps_head(self, layer: Layer) -> bool:
+        """Whether ``layer`` is the final projection that ``head=8bit`` keeps at 8-bit weights.
+
+        The last linear before an output (``lm_head``, a classifier) is where rounding error
+        meets the logits unaveraged, and it is one layer among many: llm-compressor and
+        others leave it out of 4-bit schemes by default, for the same reason.
+        """
+        return (self.options.head == "8bit" and self.scheme().weight.element.bits < 8
+                and reaches_output(layer.output))
 
     def fallback_preset(self) -> str:
         """The preset of the linears ``fallback`` moves: 8-bit weights, activations as the main preset treats them."""
@@ -256,7 +303,8 @@ class Quantize(Pass):
             trials[plan.linear.weight.name] = plan.linear.from_matrix(rounded)
         batches = ctx.batches()
         spread = batches[::max(1, len(batches) // SENSITIVITY_BATCHES)][:SENSITIVITY_BATCHES]
-        scores = output_sensitivity(model, trials, spread)
+        with ctx.progress("fallback ranking", len(trials)) as advance:
+            scores = output_sensitivity(model, trials, spread, advance)
         size = {id(p.linear.node): trials[p.linear.weight.name].size for p in candidates}
         ranked = sorted(candidates, key=lambda p: scores[p.linear.weight.name] / size[id(p.linear.node)],
                         reverse=True)
@@ -276,7 +324,7 @@ class Quantize(Pass):
     def _refresh(self, graph: ir.Graph, plans: list[LayerPlan]) -> list[LayerPlan]:
         """Linears again after AWQ rewrote weights (a copied weight is a new value)."""
         current = {id(linear.node): linear for linear in find_linears(graph)}
-        return [LayerPlan(current.get(id(p.linear.node), p.linear), p.scheme, p.preset) for p in plans]
+        return [LayerPlan(current.get(id(p.linear.node), p.linear), p.scheme, p.preset, p.head) for p in plans]
 
     def _quantize_weight(self, graph: ir.Graph, plan: LayerPlan, hessians: dict, rows: dict) -> dict:
         linear, spec = plan.linear, plan.scheme.weight
@@ -383,9 +431,32 @@ def _notes(options: QuantizeOptions, plans: list[LayerPlan], layers: list[dict],
     return notes
 
 
+def _warn_if_few_rows(ctx: PassContext, stats: dict, channels: dict[str, int]) -> None:
+    """GPTQ's Hessian ``X^T X`` of C channels is singular below C rows and noisy near it: say so, with the count."""
+    rows = min(s.count for s in stats.values())
+    widest = max(channels.values())
+    if rows < 2 * widest:
+        ctx.warn(f"GPTQ estimated its Hessians from {rows} calibration rows (tokens), fewer than twice the {widest} "
+                 "input channels of the widest linear: its rounding leans on damp; give more calibration data")
+
+
 def _int8_static(spec) -> bool:
     """Static per-tensor int8 activations: the spec onnxruntime's QDQ fusions turn into integer kernels."""
     return spec is not None and spec.format == "int8" and not spec.dynamic and spec.granularity == "tensor"
+
+
+# Ops between a final projection and the graph output that do not mix in other computation.
+LAYOUT_OPS = ("Reshape", "Transpose", "Cast", "Identity", "Squeeze", "Unsqueeze", "Flatten", "Softmax", "LogSoftmax")
+
+
+def reaches_output(value: ir.Value) -> bool:
+    """Whether ``value`` is a graph output, or becomes one through layout ops only (a model's last projection)."""
+    while not value.is_graph_output():
+        readers = [use.node for use in value.uses()]
+        if len(readers) != 1 or readers[0].op_type not in LAYOUT_OPS or not readers[0].outputs:
+            return False
+        value = readers[0].outputs[0]
+    return True
 
 
 HEAVY_OPS = ("MatMul", "Gemm", "Conv", "ConvTranspose", "Einsum")

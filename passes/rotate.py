@@ -34,6 +34,7 @@ from qcompiler.analysis.regions import ONLINE_ROTATION, ROTATE, Region, find_reg
 from qcompiler.analysis.residual import find_streams
 from qcompiler.hadamard import orthogonal_matrix, rotation_plan
 from qcompiler.online_rotation import factor_pair, insert_hadamard, rotate_last_axis
+from qcompiler.options import option
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.registry import register
 from qcompiler.stream_rewrite import UNROTATE, center_stream, rotate_stream
@@ -41,9 +42,11 @@ from qcompiler.stream_rewrite import UNROTATE, center_stream, rotate_stream
 
 @dataclass
 class RotateOptions:
-    kind: Literal["hadamard", "random"] = "hadamard"
-    seed: int = 0
-    mode: Literal["auto", "offline", "online"] = "auto"
+    kind: Literal["hadamard", "random"] = option("hadamard", "the rotation: hadamard (QuaRot) or random orthogonal")
+    seed: int = option(0, "seed of the random signs and of kind=random")
+    mode: Literal["auto", "offline", "online"] = option(
+        "auto", "auto: absorb rotations into weights where the region allows, online Hadamard elsewhere; offline: "
+                "absorbed only; online: online everywhere")
 
 
 def rotate_rows(weight: np.ndarray, q: np.ndarray) -> np.ndarray:

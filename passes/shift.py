@@ -23,6 +23,7 @@ import onnx_ir as ir
 from qcompiler.absorb import absorb_affine
 from qcompiler.analysis.region_data import producer_channel_max
 from qcompiler.analysis.regions import SHIFT, Region
+from qcompiler.options import option
 from qcompiler.quant.presets import Scheme
 from qcompiler.quant.proxy import region_error, region_samples
 from qcompiler.region_pass import RegionPass
@@ -32,9 +33,9 @@ from qcompiler.registry import register
 
 @dataclass
 class ShiftOptions:
-    scale: bool = False
-    grid: int = 20
-    rows: int = 512
+    scale: bool = option(False, "after shifting, also scale (OS+): thresholds searched per region by quantized error")
+    grid: int = option(20, "with scale: thresholds tried")
+    rows: int = option(512, "with scale: calibration rows per tensor the search scores on")
 
     def __post_init__(self) -> None:
         if self.grid < 1 or self.rows < 1:
@@ -68,15 +69,17 @@ class Shift(RegionPass):
         stats = work.stats
         notes: list[str] = []
         shifted, thresholds = [], {}
-        for region in work.regions:
-            centre = channel_centres(region, stats)
-            scale = None
-            if self.options.scale:
-                reach = producer_channel_max(region, {n: np.maximum(stats[n].max, -stats[n].min) for n in work.names})
-                scale, thresholds[region.name] = self._search(region, centre, np.abs(reach - np.abs(centre)),
-                                                              work.rows, ctx.target)
-            absorb_affine(model.graph, region, scale, centre, notes)
-            shifted.append(f"{region.name} ({region.kind}, max |z| {np.abs(centre).max():.3g})")
+        with ctx.progress("shift search", len(work.regions) if self.searches() else 0) as advance:
+            for region in work.regions:
+                centre = channel_centres(region, stats)
+                scale = None
+                if self.options.scale:
+                    reach = producer_channel_max(region, {n: np.maximum(stats[n].max, -stats[n].min) for n in work.names})
+                    scale, thresholds[region.name] = self._search(region, centre, np.abs(reach - np.abs(centre)),
+                                                                  work.rows, ctx.target)
+                absorb_affine(model.graph, region, scale, centre, notes)
+                shifted.append(f"{region.name} ({region.kind}, max |z| {np.abs(centre).max():.3g})")
+                advance()
         return PassOutcome(bool(shifted), {"shifted": shifted, "thresholds": thresholds,
                                            "skipped": work.refused(SHIFT), "notes": notes})
 

@@ -24,6 +24,7 @@ import onnx_ir as ir
 from qcompiler.absorb import SCALE_LIMITS, absorb_affine
 from qcompiler.analysis.region_data import producer_channel_max, weight_row_max
 from qcompiler.analysis.regions import SCALE, Region
+from qcompiler.options import option
 from qcompiler.quant.presets import Scheme
 from qcompiler.quant.proxy import region_error, region_samples
 from qcompiler.region_pass import RegionPass
@@ -33,10 +34,11 @@ from qcompiler.registry import register
 
 @dataclass
 class SmoothOptions:
-    alpha: float = 0.5
-    search: bool = False
-    grid: int = 20
-    rows: int = 512
+    alpha: float = option(0.5, "migration strength: s = max|x|^alpha / max|W|^(1-alpha), per channel")
+    search: bool = option(False, "choose alpha per region (or no smoothing) by the quantized error of its sinks on "
+                                 "calibration rows (seconds per region)")
+    grid: int = option(20, "with search: alphas tried in [0, 1]")
+    rows: int = option(512, "with search: calibration rows per tensor the search scores on")
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -67,16 +69,18 @@ class Smooth(RegionPass):
         work = self.regions(model, ctx)
         notes: list[str] = []
         smoothed, chosen = [], {}
-        for region in work.regions:
-            act_max = producer_channel_max(region, {n: work.stats[n].absmax for n in work.names})
-            weight_max = weight_row_max(region)
-            alpha = (self._search(region, act_max, weight_max, work.rows, ctx.target) if self.options.search
-                     else self.options.alpha)
-            chosen[region.name] = alpha
-            if alpha is None:
-                continue
-            absorb_affine(model.graph, region, smoothing_scale(act_max, weight_max, alpha), None, notes)
-            smoothed.append(f"{region.name} ({region.kind}, alpha={alpha:.2f})")
+        with ctx.progress("smooth search", len(work.regions) if self.searches() else 0) as advance:
+            for region in work.regions:
+                act_max = producer_channel_max(region, {n: work.stats[n].absmax for n in work.names})
+                weight_max = weight_row_max(region)
+                alpha = (self._search(region, act_max, weight_max, work.rows, ctx.target) if self.options.search
+                         else self.options.alpha)
+                chosen[region.name] = alpha
+                advance()
+                if alpha is None:
+                    continue
+                absorb_affine(model.graph, region, smoothing_scale(act_max, weight_max, alpha), None, notes)
+                smoothed.append(f"{region.name} ({region.kind}, alpha={alpha:.2f})")
         return PassOutcome(bool(smoothed), {"smoothed": smoothed, "skipped": work.refused(SCALE), "alpha": chosen,
                                             "notes": notes})
 

@@ -43,6 +43,7 @@ from qcompiler.next_token import next_token_line
 from qcompiler.plots import ChannelTrace, write_figures
 from qcompiler.report import Report
 from qcompiler.runtime import INLINE_LIMIT_BYTES, has_external_data, initializer_bytes
+from qcompiler.summary import markdown as summary_markdown
 
 FORMAT = "qcompiler-artifact/1"
 MANIFEST = "manifest.json"
@@ -95,6 +96,17 @@ def manifest(*, source: Any, pipeline: str, backend: str, layers: Mapping[str, d
     }
 
 
+def io_signature(model: ir.Model) -> dict[str, list[dict]]:
+    """The model's inputs and outputs (name, dtype, shape with symbolic dims by name): what a caller must feed."""
+    def describe(values) -> list[dict]:
+        return [{"name": v.name, "dtype": v.dtype.name if v.dtype is not None else None,
+                 "shape": None if v.shape is None else [d if isinstance(d, int) else str(d) for d in v.shape]}
+                for v in values]
+
+    inputs = [v for v in model.graph.inputs if v.name not in model.graph.initializers]
+    return {"inputs": describe(inputs), "outputs": describe(model.graph.outputs)}
+
+
 def record_files(folder: Path, data: dict) -> None:
     """Add every file's size to the manifest and write it into ``folder``."""
     data["files"] = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
@@ -106,7 +118,8 @@ def report_markdown(data: dict, report_table: str, figures: list[str] = ()) -> s
     lines = [f"# qcompiler artifact ({data['backend']})", "", f"- source: `{data['source']}`"]
     if "sha256" in data:
         lines.append(f"- sha256: `{data['sha256']}`")
-    lines += [f"- pipeline: `{data['pipeline']}`", f"- created: {data['created']}", "", "## Passes", "", "```",
+    lines += [f"- pipeline: `{data['pipeline']}`", f"- created: {data['created']}", "",
+              *summary_markdown(data.get("summary", [])), "## Passes", "", "```",
               report_table.rstrip(), "```", ""]
     fidelity = data.get("fidelity")
     if fidelity:
@@ -149,7 +162,7 @@ def check_output_dir(target: Path, force: bool) -> None:
     if target.exists() and not target.is_dir():
         raise QCompilerError(f"Output '{target}' exists and is not a directory; qcompiler will not overwrite it.")
     if target.is_dir() and any(target.iterdir()) and not force:
-        raise QCompilerError(f"Output directory '{target}' is not empty; choose another or pass --force to replace it.")
+        raise QCompilerError(f"Output directory '{target}' is not empty; choose another or pass --force (force=True in Python) to replace it.")
 
 
 def save_model(model: ir.Model, path: Path) -> None:

@@ -54,7 +54,10 @@ def load(
     """Load ``src`` into an `onnx_ir.Model`.
 
     ``example_inputs`` is required for a `torch.nn.Module` (a tuple of positional
-    tensors or a dict of keyword tensors); ``opset`` is the exporter's target opset.
+    tensors or a dict of keyword tensors); the first two axes of each tensor (batch and
+    sequence, or batch and channels) are exported dynamic wherever the module allows, so
+    calibration and serving may use other batch sizes and lengths than the example's.
+    ``opset`` is the exporter's target opset.
     """
     if isinstance(src, ir.Model):
         return src
@@ -69,7 +72,7 @@ def load(
     if torch is not None and isinstance(src, torch.nn.Module):
         if example_inputs is None:
             raise QCompilerError("A PyTorch module needs example inputs to be captured (pass example_inputs=...).")
-        return export_torch(src, example_inputs, opset=opset)
+        return export_torch(src, example_inputs, opset=opset, dynamic_axes=_leading_axes(example_inputs))
     raise QCompilerError(
         f"Cannot load a model from a {type(src).__name__}; give an ONNX path, a Hugging Face folder, "
         "'minilm', an onnx_ir.Model or a torch.nn.Module."
@@ -164,8 +167,10 @@ def export_torch(
 ) -> ir.Model:
     """Export a `torch.nn.Module` with the official dynamo-based exporter.
 
-    ``dynamic_axes`` maps keyword input names to ``{axis: symbol}``; it only applies when
-    ``example_inputs`` is a dict (keyword inputs).
+    ``dynamic_axes`` maps input names (keyword inputs) or positions (positional ones) to
+    ``{axis: symbol}``, where a symbol is a name or `torch.export.Dim.AUTO` (dynamic
+    where the module allows, static where it fixes the size, as a Linear fixes its
+    features).
     """
     import torch
 
@@ -175,7 +180,9 @@ def export_torch(
         kwargs = dict(example_inputs)
         dynamic_shapes = {k: dict(dynamic_axes.get(k, {})) for k in kwargs} if dynamic_axes else None
     else:
-        args, kwargs, dynamic_shapes = tuple(example_inputs), None, None
+        args, kwargs = tuple(example_inputs), None
+        dynamic_shapes = (tuple(dict(dynamic_axes[i]) if i in dynamic_axes else None for i in range(len(args)))
+                          if dynamic_axes else None)
     try:
         with _quiet(), torch.no_grad():
             program = torch.onnx.export(
@@ -193,6 +200,15 @@ def export_torch(
     model = program.model
     model.metadata_props.setdefault(SOURCE_KEY, f"torch:{type(module).__name__}")
     return model
+
+
+def _leading_axes(example_inputs: Sequence[Any] | Mapping[str, Any]) -> dict:
+    """``{input: {0: AUTO, 1: AUTO}}`` for each tensor input: batch and sequence dynamic where the module allows."""
+    import torch
+
+    items = example_inputs.items() if isinstance(example_inputs, Mapping) else enumerate(example_inputs)
+    return {key: {axis: torch.export.Dim.AUTO for axis in range(min(value.ndim, 2))}
+            for key, value in items if isinstance(value, torch.Tensor)}
 
 
 @contextlib.contextmanager

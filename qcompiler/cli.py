@@ -13,20 +13,18 @@ User errors print one sentence and exit with status 2; ``--debug`` shows the tra
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
 import sys
 import traceback
-import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import click
 from rich.console import Console
 
-from qcompiler.backend import BACKENDS, backend_names, make_backend, option_choices
+from qcompiler.backend import backend_names, make_backend, option_choices
 from qcompiler.errors import QCompilerBug, QCompilerError
 from qcompiler.pass_manager import DEFAULT_TOLERANCE
 
@@ -110,8 +108,9 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -
 @click.option("--no-verify", is_flag=True, help="Skip output verification after passes.")
 @click.option("--no-normalize", is_flag=True, help="Do not prepend the normalize preset.")
 @click.option("--quiet", is_flag=True, help="Print nothing but errors.")
-@click.option("--backend", type=click.Choice(backend_names()), default=backend_names()[0], show_default=True,
-              help="Where the artifact runs (see 'qcompile passes' for each backend).")
+@click.option("--backend", type=click.Choice(backend_names()), default="ort", show_default=True,
+              help="Where the artifact runs: ort (onnxruntime's integer kernels), tvm (a compiled library), or "
+                   "simulate (the float Q/DQ model, for fidelity studies; slower than the source).")
 @click.option("--target", help="With --backend tvm: the TVM target (default llvm: this CPU).")
 @click.option("--shape", callback=_parse_shape, help="With --backend tvm: BATCHxSEQUENCE, the static shape the library "
               "is built for (default 1x128); several, comma-separated (1x32,1x128), give one library with an entry per "
@@ -129,15 +128,18 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
     from qcompiler.compiler import compile as run_compile
 
     def action():
-        log = (lambda message: None) if quiet else (lambda message: console.print(message, highlight=False))
+        from qcompiler.progress import configure_console
+
+        configure_console(quiet)
         given = {"dialect": dialect, "int8": int8, "target": target, "shape": shape}
         chosen = make_backend(backend, **{name: value for name, value in given.items() if value is not None})
         result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
                              normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,
-                             batch_size=batch_size, max_length=max_length, progress=not quiet, log=log,
-                             backend=chosen)
+                             batch_size=batch_size, max_length=max_length, progress=not quiet, backend=chosen)
         if not quiet:
             result.report.print(stdout)
+            for line in result.manifest.get("summary", []) if result.manifest else []:
+                stdout.print(line, highlight=False, soft_wrap=True)
             fidelity = result.manifest.get("fidelity") if result.manifest else None
             if fidelity and fidelity.get("embedding"):
                 e = fidelity["embedding"]
@@ -155,35 +157,17 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
 
 
 @main.command("passes")
-def passes_command() -> None:
-    """List every pass with its options, and the presets."""
-    from qcompiler.registry import PASSES, PRESET_SUMMARIES, PRESETS, ensure_loaded
+@click.argument("name", required=False)
+def passes_command(name) -> None:
+    """List passes, presets and backends with each option's meaning and default; NAME shows one of them."""
 
-    ensure_loaded()
-    for name in sorted(PASSES):
-        cls = PASSES[name]
-        options = ", ".join(f"{f.name}: {_type_name(f.type)} = {f.default!r}" for f in dataclasses.fields(cls.Options))
-        preserving = "function-preserving" if cls.preserves_function else "changes the function"
-        stdout.print(f"[bold]{name}[/]  ({preserving}) {cls.summary}", highlight=False)
-        if options:
-            stdout.print(f"    options: {options}", highlight=False)
-    stdout.print("\n[bold]presets[/]", highlight=False)
-    for name in sorted(PRESETS):
-        stdout.print(f"[bold]{name}[/] = {PRESETS[name]}\n    {PRESET_SUMMARIES[name]}", highlight=False)
-    stdout.print("\n[bold]backends[/] (--backend)", highlight=False)
-    for name in backend_names():
-        cls = BACKENDS[name]
-        options = ", ".join(f"{f.name}: {_type_name(f.type)} = {f.default!r}" for f in dataclasses.fields(cls.Options))
-        stdout.print(f"[bold]{name}[/]  {cls.summary}" + (f"\n    options: {options}" if options else ""),
-                     highlight=False)
+    def action():
+        from qcompiler.catalog import catalog
 
+        for item in catalog(name):
+            stdout.print(item, highlight=False)
 
-def _type_name(hint: Any) -> str:
-    if isinstance(hint, str):
-        return hint
-    if typing.get_origin(hint) is typing.Literal:
-        return "|".join(map(str, typing.get_args(hint)))
-    return getattr(hint, "__name__", str(hint))
+    _guard(False, action)
 
 
 @main.command("inspect")
@@ -273,7 +257,7 @@ def eval_command(reference, compiled, data, perplexity_text, window, stride, tok
         candidate = load(compiled_file)
         if data is not None:
             batches = resolve_calibration(data, ref_model, tokenizer=tokenizer, batch_size=batch_size,
-                                          max_length=max_length)
+                                          max_length=max_length, what="evaluation batch")
             result = evaluate(ref_model, candidate, batches.batches)
         else:
             result = Evaluation({}, None)
@@ -346,20 +330,28 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
         from qcompiler.runtime import run_batches
 
         path, manifest = open_artifact(artifact_dir)
+        if not inputs.endswith(".npz"):
+            raise QCompilerError(f"qcompile run takes an .npz of named input arrays, and '{inputs}' is not one "
+                                 "(text goes to 'qcompile eval --data' or 'qcompile generate --prompt').")
+        if output and os.path.exists(output):
+            raise QCompilerError(f"'{output}' exists; qcompiler will not overwrite it.")
         model = _load_onnx(path)
         data = calib_data.from_npz(inputs, batch_size=1 << 30)
+        given = ", ".join(f"{name} {list(value.shape)} {value.dtype}" for name, value in data.batches[0].items())
         layout = cache_layout(model)
         if layout is not None:  # a causal LM's prompt: the cache starts empty, positions follow the mask
             data.batches = [complete_feeds(layout, batch) for batch in data.batches]
-        calib_data.validate(data, model)
+        calib_data.validate(data, model, what=f"the inputs in '{inputs}'")
         results = run_batches(_session(artifact_dir, manifest, model), data.batches)[0]
+        stdout.print(f"ran the {manifest.get('backend')} artifact '{artifact_dir}' ({manifest.get('pipeline', '')}) "
+                     f"on {given}", highlight=False, soft_wrap=True)
         if output:
-            if os.path.exists(output):
-                raise QCompilerError(f"'{output}' exists; qcompiler will not overwrite it.")
             np.savez(output, **results)
             stdout.print(f"wrote {output}")
         for name, value in results.items():
-            stdout.print(f"{name}: shape {list(value.shape)}, dtype {value.dtype}, mean {float(value.mean()):.6g}")
+            stats = (f", mean {float(value.mean()):.6g}, min {float(value.min()):.6g}, max {float(value.max()):.6g}"
+                     if value.size and np.issubdtype(value.dtype, np.number) else "")
+            stdout.print(f"{name}: shape {list(value.shape)}, dtype {value.dtype}{stats}", highlight=False)
 
     _guard(debug, action)
 
@@ -369,6 +361,8 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
 @click.option("--reference", help="The FP32 model to compare with (default: the source recorded in the manifest).")
 @click.option("--batch", type=click.IntRange(min=1), help="Rows per run (default 8; 1 with --decode).")
 @click.option("--sequence", type=click.IntRange(min=1), default=128, show_default=True)
+@click.option("--inputs", type=click.Path(dir_okay=False),
+              help="Time on these inputs (.npz of named arrays, every sample in one run) instead of synthetic ones.")
 @click.option("--runs", type=click.IntRange(min=3), help="Timed runs per model (default 20; 5 with --decode).")
 @click.option("--decode", is_flag=True, help="Causal LMs: time the prompt and the decode steps with the KV cache.")
 @click.option("--prompt-length", type=click.IntRange(min=1), default=128, show_default=True,
@@ -380,7 +374,7 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
 @click.option("--against", multiple=True, type=click.Path(file_okay=False),
               help="Another artifact (e.g. the ORT one of the same pipeline) to time in the same runs; repeatable.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
-def bench_command(artifact_dir, reference, batch, sequence, runs, decode, prompt_length, new_tokens, threads, against,
+def bench_command(artifact_dir, reference, batch, sequence, inputs, runs, decode, prompt_length, new_tokens, threads, against,
                   debug) -> None:
     """Latency of ARTIFACT_DIR against its FP32 source (and --against artifacts), in one process, runs interleaved.
 
@@ -392,6 +386,7 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, decode, prompt
         from qcompiler.artifact import open_artifact
         from qcompiler.benchmarking import compare_latency, synthetic_feeds
         from qcompiler.capture import load
+        from qcompiler.decoding import PAST_PATTERN
 
         path, manifest = open_artifact(artifact_dir)
         compiled = _load_onnx(path)
@@ -400,21 +395,50 @@ def bench_command(artifact_dir, reference, batch, sequence, runs, decode, prompt
             raise QCompilerError("The manifest records no source; name the FP32 model with --reference.")
         fp32 = load(source)
         if decode:
+            if inputs:
+                raise QCompilerError("--inputs applies to the one-pass benchmark; --decode draws its prompts itself "
+                                     "(set --prompt-length).")
             _bench_decode(artifact_dir, manifest, compiled, fp32, against, batch or 1, prompt_length, new_tokens,
                           runs or 5, threads)
             return
-        rows_and_tokens = _backend_of(manifest).bench_shape(manifest) or (batch or 8, sequence)
-        feeds = synthetic_feeds(fp32, *rows_and_tokens)
+        static = _backend_of(manifest).bench_shape(manifest)
+        if inputs:
+            feeds = _bench_inputs(inputs, compiled, static)
+        else:
+            feeds = synthetic_feeds(fp32, *(static or (batch or 8, sequence)))
         models = {"fp32": fp32, "compiled": _session(artifact_dir, manifest, compiled, threads, timed=True)}
         for other in against:
             other_path, other_manifest = open_artifact(other)
             models[os.path.basename(os.path.normpath(other))] = _session(other, other_manifest, _load_onnx(other_path),
                                                                          threads, timed=True)
         rows = compare_latency(models, feeds, runs or 20, threads)
+        shown = ", ".join(f"{name} {list(value.shape)}" for name, value in feeds.items()
+                          if not PAST_PATTERN.match(name))
+        stdout.print(f"{'inputs from ' + inputs if inputs else 'synthetic inputs'}: {shown}; median of {runs or 20} "
+                     "runs, interleaved", highlight=False, soft_wrap=True)
         for name, row in rows.items():
             stdout.print(f"{name:10s} median {row['median_ms']:8.2f} ms   ratio to fp32 {row['ratio']:.3f}")
 
     _guard(debug, action)
+
+
+def _bench_inputs(path: str, model, static: tuple[int, int] | None) -> dict:
+    """The feeds ``bench --inputs`` times: every sample of the .npz in one run, checked against the model."""
+    from qcompiler.calibration import data as calib_data
+    from qcompiler.decoding import cache_layout, complete_feeds
+
+    if not path.endswith(".npz"):
+        raise QCompilerError(f"--inputs takes an .npz of named input arrays, and '{path}' is not one.")
+    data = calib_data.from_npz(path, batch_size=1 << 30)
+    layout = cache_layout(model)
+    if layout is not None:
+        data.batches = [complete_feeds(layout, batch) for batch in data.batches]
+    calib_data.validate(data, model, what=f"the inputs in '{path}'")
+    feeds = data.batches[0]
+    if static is not None and next(iter(feeds.values())).shape[:2] != tuple(static):
+        raise QCompilerError(f"The library is built for batch x sequence {static[0]}x{static[1]}, and the arrays in "
+                             f"'{path}' are {'x'.join(map(str, next(iter(feeds.values())).shape[:2]))}.")
+    return feeds
 
 
 def _prompt_ids(text: str) -> list[int]:

@@ -30,9 +30,12 @@ from qcompiler.pass_api import Pass
 from qcompiler.pass_manager import DEFAULT_TOLERANCE, PassManager
 from qcompiler.pipeline import parse_pipeline
 from qcompiler.plots import ChannelTrace
+from qcompiler.progress import logger
 from qcompiler.quant.annotation import annotated_layers
 from qcompiler.quant.sensitivity import SensitivityRow
 from qcompiler.report import Report
+from qcompiler.runtime import initializer_bytes
+from qcompiler.summary import embedding_bytes, summary_lines
 from qcompiler.verify import compare_outputs
 
 NORMALIZE = "normalize"
@@ -50,6 +53,7 @@ def compile(
     model: Any,
     passes: str | Sequence[Pass | str] | None = None,
     *,
+    example_inputs: Any = None,
     calib: Any = None,
     tokenizer: str | os.PathLike | None = None,
     output: str | os.PathLike | None = None,
@@ -60,15 +64,19 @@ def compile(
     batch_size: int = 8,
     max_length: int = 128,
     progress: bool = False,
-    backend: str | Backend = "simulate",
-    log: Callable[[str], None] = lambda message: None,
+    backend: str | Backend = "ort",
+    log: Callable[[str], None] = logger.info,
     **backend_options: Any,
 ) -> CompileResult:
     """Load ``model``, run ``passes`` (after normalization), lower for ``backend``, write ``output`` if given.
 
-    ``backend`` is a registered backend's name (``simulate``: the quantize pass's Q/DQ form;
-    ``ort``: onnxruntime's integer kernels; ``tvm``: ``model.so`` with qcompiler's TIR
-    kernels) or a `Backend` object; ``backend_options`` are that backend's options, e.g.
+    ``model`` is anything `qcompiler.load` takes; a `torch.nn.Module` needs ``example_inputs``
+    (a tuple of tensors or a dict of keyword tensors), from which it is captured with
+    dynamic batch and sequence axes.
+
+    ``backend`` is a registered backend's name (``ort``, the default: onnxruntime's integer
+    kernels; ``tvm``: ``model.so`` with qcompiler's TIR kernels; ``simulate``: the quantize
+    pass's float Q/DQ form, for fidelity studies) or a `Backend` object; ``backend_options`` are that backend's options, e.g.
     ``dialect="qdq"`` for ``ort`` (standard ONNX Q/DQ instead of contrib ops), ``shape=(1, 128)``
     or ``shape=[(1, 32), (1, 128)]`` and ``target`` for ``tvm``.
     """
@@ -80,14 +88,15 @@ def compile(
     if normalize and not (pipeline and pipeline[0].name == "convert-opset"):
         pipeline = parse_pipeline(NORMALIZE) + pipeline
     source = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
-    ir_model = load(model)
+    ir_model = load(model, example_inputs)
+    source_bytes = initializer_bytes(ir_model)
     data = resolve_calibration(calib, ir_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     trace = ChannelTrace(list(pipeline)) if output_dir is not None and data is not None else None
     manager = PassManager(pipeline, calibration=data, tolerance=tolerance, verify=verify, progress=progress, log=log,
                           after_pass=trace)
     report = manager.run(ir_model, source=str(source))
     if data is not None and calib is None:
-        report.notes.append("calibrated on qcompiler's built-in sentences (no --calib given)")
+        report.notes.append("calibrated on qcompiler's built-in sentences (no calibration data given)")
     lowered = chosen.lower(ir_model, LowerContext(manager.holdout, log))
     report.notes.extend(lowered.notes)
     with blame_qcompiler(f"in the {chosen.name} lowering"):
@@ -96,6 +105,10 @@ def compile(
                                 pipeline=report.pipeline, backend=chosen.name,
                                 layers=_layers(lowered.model, lowered.lowering), fidelity=fidelity, notes=report.notes)
     details.update(lowered.manifest)
+    details.update(artifact.io_signature(lowered.model))
+    details["weight_bytes"] = {"source": source_bytes, "artifact": initializer_bytes(lowered.model),
+                               "embeddings": embedding_bytes(lowered.model)}
+    details["summary"] = summary_lines(report, details["weight_bytes"])
     ranking = report.findings(SensitivityRow)
     if ranking:
         details["sensitivity"] = [vars(row) for row in ranking]

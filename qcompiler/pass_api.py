@@ -20,7 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Iterable, Sequence
+from typing import Any, Callable, ClassVar, ContextManager, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -29,6 +29,7 @@ from qcompiler.calibration.data import CalibrationData
 from qcompiler.calibration.engine import CalibrationEngine
 from qcompiler.calibration.stats import TensorStats
 from qcompiler.errors import QCompilerError
+from qcompiler.progress import logger, progress
 from qcompiler.quant.presets import Scheme
 from qcompiler.report import PassRecord, Report
 
@@ -58,7 +59,8 @@ class PassContext:
     holdout: CalibrationData | None
     report: Report
     record: PassRecord | None = None
-    log: Callable[[str], None] = lambda message: None
+    log: Callable[[str], None] = logger.info
+    show_progress: bool = True
     # The scheme a later pass asked earlier passes to optimize for (`Pass.optimizes_for`).
     target: Scheme | None = None
 
@@ -70,8 +72,27 @@ class PassContext:
         return stats
 
     def samples(self, model: ir.Model, tensors: Sequence[str], rows: int = 512) -> dict[str, np.ndarray]:
-        """Token rows of ``tensors`` from the calibration part of the data (for searches)."""
-        return self._engine().samples(model, tensors, rows)
+        """Token rows of ``tensors`` from the calibration part of the data (for searches).
+
+        Fewer rows than asked means the search scores on less data than it was tuned for:
+        that is said on the console and in the report, with the count.
+        """
+        found = self._engine().samples(model, tensors, rows)
+        fewest = min((len(array) for array in found.values()), default=rows)
+        if fewest < rows:
+            name = self.record.name if self.record else "a pass"
+            self.warn(f"{name}'s search scored on {fewest} calibration rows (tokens), fewer than the {rows} it "
+                      "takes; more calibration data makes its choices more reliable")
+        return found
+
+    def progress(self, label: str, total: int) -> ContextManager[Callable[..., None]]:
+        """A bar or periodic log lines over ``total`` steps of a long loop (`qcompiler.progress`)."""
+        return progress(label, total, self.show_progress)
+
+    def warn(self, message: str) -> None:
+        """Tell the user now (the console or the caller's log) and keep it in the report's notes."""
+        self.log(f"warning: {message}")
+        self.report.notes.append(message)
 
     def batches(self) -> list[dict[str, np.ndarray]]:
         """The calibration part's input batches (never the held-out ones), for searches that run the model."""
@@ -80,7 +101,7 @@ class PassContext:
     def _engine(self) -> CalibrationEngine:
         if self.engine is None:
             name = self.record.name if self.record else "this pass"
-            raise QCompilerError(f"Pass '{name}' needs calibration data; give some with --calib.")
+            raise QCompilerError(f"Pass '{name}' needs calibration data; give some with --calib (calib= in Python).")
         return self.engine
 
 
@@ -116,14 +137,15 @@ class Pass(abc.ABC):
         fields = dataclasses.fields(self.options)
         if not fields:
             return self.name
-        values = ",".join(f"{f.name}={_format_value(getattr(self.options, f.name))}" for f in fields)
+        values = ",".join(f"{f.name}={format_option_value(getattr(self.options, f.name))}" for f in fields)
         return f"{self.name}({values})"
 
     def __repr__(self) -> str:
         return f"<pass {self.spec()}>"
 
 
-def _format_value(value: Any) -> str:
+def format_option_value(value: Any) -> str:
+    """An option's value as a pipeline string writes it (``true``, ``a;b``)."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, tuple):

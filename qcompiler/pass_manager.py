@@ -20,6 +20,7 @@ from qcompiler.calibration.engine import CalibrationEngine
 from qcompiler.errors import VerificationError, blame_qcompiler
 from qcompiler.pass_api import Pass, PassContext
 from qcompiler.pipeline import format_pipeline
+from qcompiler.progress import logger
 from qcompiler.quant.presets import Scheme
 from qcompiler.report import PassRecord, Report
 from qcompiler.decoding import cache_layout, prompt_and_step
@@ -27,6 +28,8 @@ from qcompiler.runtime import make_session, run_batches
 from qcompiler.verify import compare_outputs, worst
 
 DEFAULT_TOLERANCE = 1e-4
+# Normalization's passes take well under a second each: naming them on the console is noise.
+QUIET_PASSES = {"convert-opset", "simplify", "fuse-norms", "fuse-gelu", "canonical-linear"}
 
 
 @dataclass
@@ -37,7 +40,7 @@ class PassManager:
     verify: bool = True
     holdout_fraction: float = 0.25
     progress: bool = True
-    log: Callable[[str], None] = lambda message: None
+    log: Callable[[str], None] = logger.info
     # Called after every pass with (pass, model, context): observers such as the channel trace.
     after_pass: Callable[[Pass, ir.Model, PassContext], None] | None = None
     engine: CalibrationEngine | None = field(init=False, default=None)
@@ -65,12 +68,14 @@ class PassManager:
             report.notes.append("outputs were not verified: no calibration data to hold out")
         previous = self._outputs(model) if checking else None
         self.reference_outputs = previous
-        ctx = PassContext(self.engine, self.holdout, report, log=self.log)
+        ctx = PassContext(self.engine, self.holdout, report, log=self.log, show_progress=self.progress)
         for index, pass_ in enumerate(self.passes):
             record = PassRecord(pass_.name, pass_.spec(), pass_.preserves_function)
             ctx.record = record
             ctx.target = _target_after(self.passes, index)
             report.passes.append(record)
+            if pass_.name not in QUIET_PASSES:
+                self.log(f"{pass_.name} ...")
             before = _snapshot(model)
             tick = time.perf_counter()
             needed = pass_.statistics(model)

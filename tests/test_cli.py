@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -37,10 +38,16 @@ def test_compile_writes_a_runnable_model_and_report(run, minilm_files, tmp_path,
     assert np.isfinite(session.run(None, feeds)[0]).all()
 
 
-def test_passes_lists_passes_and_presets(run):
+def test_passes_lists_each_option_once_with_its_meaning(run):
     result = run("passes")
     assert result.exit_code == 0
-    assert "fuse-gelu" in result.output and "normalize =" in result.output and "version: int = 23" in result.output
+    assert "fuse-gelu" in result.output and "normalize" in result.output
+    # The quantize options are one table, not one line per preset.
+    assert len(re.findall(r"^│ fallback_preset ", result.output, re.M)) == 1 and "Hessian-aware rounding" in result.output
+    one = run("passes", "w4a16")
+    assert one.exit_code == 0 and "uint4 g128 asym" in one.output and "head" in one.output
+    unknown = run("passes", "w4a61")
+    assert unknown.exit_code == 2 and "Did you mean 'w4a16'" in unknown.output
 
 
 def test_inspect_reports_outliers_as_json(run, minilm_files, tmp_path, heldout_sentences):

@@ -13,6 +13,7 @@ import onnx_ir as ir
 from qcompiler.backend import Backend, LowerContext, Lowered, register_backend
 from qcompiler.decoding import cache_layout
 from qcompiler.genai_config import genai_files
+from qcompiler.options import option
 
 QDQ_NOTE = ("qdq dialect: onnxruntime fuses blocked 4-bit DequantizeLinear + MatMul into MatMulNBits at load and by "
             "default computes it with int8 activations; set the session config "
@@ -21,10 +22,10 @@ QDQ_NOTE = ("qdq dialect: onnxruntime fuses blocked 4-bit DequantizeLinear + Mat
 
 @dataclass
 class OrtOptions:
-    # ort: contrib kernels (MatMulIntegerToFloat, MatMulNBits); qdq: standard ONNX Q/DQ (opset 21) other runtimes read.
-    dialect: Literal["ort", "qdq"] = "ort"
-    # int8 GEMM layout (see qcompiler.backends.ort.lower); auto: u8s8 where this CPU runs it without saturating.
-    int8: Literal["auto", "u8s8", "u8u8"] = "auto"
+    dialect: Literal["ort", "qdq"] = option("ort", "ort: contrib kernels (MatMulIntegerToFloat, MatMulNBits); qdq: "
+                                                   "standard ONNX Q/DQ (opset 21) that other runtimes read")
+    int8: Literal["auto", "u8s8", "u8u8"] = option("auto", "int8 GEMM layout; auto: u8s8 where this CPU runs it "
+                                                         "without saturating (VNNI), else u8u8")
 
 
 def saturation_free_layout() -> str:

@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from qcompiler.backend import Backend, LowerContext, Lowered, Session, register_backend
 from qcompiler.decoding import cache_layout
+from qcompiler.options import option
 
 LIBRARY = "model.so"
 TARGETS = ("llvm",)
@@ -21,10 +22,10 @@ TARGETS = ("llvm",)
 
 @dataclass
 class TVMOptions:
-    # llvm: this CPU (the kernels are written for x86 with AVX-512; CUDA codegen is not wired yet).
-    target: str = "llvm"
-    # (batch, sequence) per library entry; one library serves every shape listed (weights stored once).
-    shape: Sequence[tuple[int, int]] = ((1, 128),)
+    target: str = option("llvm", "llvm: this CPU (kernels written for x86 with AVX-512 VNNI; CUDA codegen is not "
+                                 "wired yet)")
+    shape: Sequence[tuple[int, int]] = option(((1, 128),), "(batch, sequence) per library entry; one library serves "
+                                                           "every shape listed, weights stored once")
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:

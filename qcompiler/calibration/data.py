@@ -160,11 +160,15 @@ def from_iterable(feeds: Iterable[Mapping[str, Any]], source: str = "python iter
 # --------------------------------------------------------------------------- validation
 
 
-def validate(data: CalibrationData, model: ir.Model) -> None:
-    """Check every batch against the model's inputs; raise one sentence on the first mismatch."""
+def validate(data: CalibrationData, model: ir.Model, what: str = "calibration batch") -> None:
+    """Check every batch against the model's inputs; raise one sentence on the first mismatch.
+
+    ``what`` names a batch in that sentence as the command at hand knows it ("calibration
+    batch", "evaluation batch", "the inputs of qcompile run").
+    """
     inputs = {v.name: v for v in model.graph.inputs if v.name not in model.graph.initializers}
     for index, batch in enumerate(data.batches):
-        where = f"calibration batch {index}"
+        where = f"{what} {index}" if len(data.batches) > 1 or what.endswith("batch") else what
         extra = sorted(set(batch) - set(inputs))
         if extra:
             raise CalibrationError(

@@ -19,12 +19,12 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import onnx_ir as ir
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from qcompiler.analysis.fingerprint import value_fingerprints
 from qcompiler.calibration.data import CalibrationData, real_tokens, token_mask
 from qcompiler.calibration.stats import TensorStats
 from qcompiler.errors import CalibrationError
+from qcompiler.progress import progress
 from qcompiler.runtime import make_session
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -159,9 +159,7 @@ class CalibrationEngine:
     def _run(self, model: ir.Model, plan: MemoryPlan, xtx: set[str]) -> dict[str, TensorStats]:
         results: dict[str, TensorStats] = {}
         total = len(plan.blocks) * len(self.data)
-        with Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      transient=True, disable=not self.progress) as bar:
-            task = bar.add_task("calibrate", total=total)
+        with progress("calibrating", total, self.progress) as advance:
             for block in plan.blocks:
                 session = make_session(model, block)
                 for feeds in self.data.batches:
@@ -174,7 +172,7 @@ class CalibrationEngine:
                             channels = array.shape[-1] if array.ndim else 1
                             results[name] = TensorStats(channels, with_xtx=name in xtx)
                         results[name].update(real_tokens(array, mask))
-                    bar.advance(task)
+                    advance()
                 del session
         return results
 

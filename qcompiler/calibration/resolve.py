@@ -57,6 +57,7 @@ def resolve_calibration(
     tokenizer: str | os.PathLike | None = None,
     batch_size: int = 8,
     max_length: int = 128,
+    what: str = "calibration batch",
 ) -> CalibrationData | None:
     """Turn whatever the user gave as calibration data into validated batches.
 
@@ -85,7 +86,7 @@ def resolve_calibration(
             if tokenizer_dir is None:
                 raise CalibrationError(
                     f"Text calibration file '{path.name}' needs a tokenizer and the model carries none; "
-                    "name one with --tokenizer (a Hugging Face tokenizer folder, or 'minilm')."
+                    "name one with --tokenizer (tokenizer= in Python): a Hugging Face tokenizer folder, or 'minilm'."
                 )
             data = calib_data.from_text(path, load_tokenizer(tokenizer_dir), model_inputs(model), batch_size, max_length)
     else:
@@ -93,5 +94,5 @@ def resolve_calibration(
     layout = cache_layout(model)
     if layout is not None:
         data = CalibrationData([complete_feeds(layout, batch) for batch in data.batches], data.source)
-    calib_data.validate(data, model)
+    calib_data.validate(data, model, what)
     return data

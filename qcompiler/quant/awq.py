@@ -42,16 +42,18 @@ def search_and_absorb(model: ir.Model, ctx, schemes: dict[int, Scheme], grid: in
     samples_by_name = ctx.samples(model, names, rows)
     notes: list[str] = []
     chosen: dict[str, float] = {}
-    for region in regions:
-        mean_abs = producer_channel_max(region, {n: stats[n].mean_abs for n in names})
-        samples = [SinkSample(samples_by_name[s.linear.input.name], constant_array(s.linear.weight), s.channel_map,
-                              schemes[id(s.linear.matmul)]) for s in region.sinks]
-        best_alpha, best_error = 0.0, region_error(samples)
-        for alpha in np.linspace(0.0, 1.0, grid + 1)[1:]:
-            error = region_error(samples, awq_scale(mean_abs, float(alpha)))
-            if error < best_error:
-                best_alpha, best_error = float(alpha), error
-        chosen[region.name] = best_alpha
-        if best_alpha > 0:
-            absorb_affine(graph, region, awq_scale(mean_abs, best_alpha), None, notes)
+    with ctx.progress("AWQ search", len(regions)) as advance:
+        for region in regions:
+            mean_abs = producer_channel_max(region, {n: stats[n].mean_abs for n in names})
+            samples = [SinkSample(samples_by_name[s.linear.input.name], constant_array(s.linear.weight), s.channel_map,
+                                  schemes[id(s.linear.matmul)]) for s in region.sinks]
+            best_alpha, best_error = 0.0, region_error(samples)
+            for alpha in np.linspace(0.0, 1.0, grid + 1)[1:]:
+                error = region_error(samples, awq_scale(mean_abs, float(alpha)))
+                if error < best_error:
+                    best_alpha, best_error = float(alpha), error
+            chosen[region.name] = best_alpha
+            if best_alpha > 0:
+                absorb_affine(graph, region, awq_scale(mean_abs, best_alpha), None, notes)
+            advance()
     return {"scaled": chosen, "notes": notes}

@@ -14,7 +14,7 @@ the session is built, and each trial feeds one replacement.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -33,9 +33,9 @@ class SensitivityRow:
     preset: str  # the preset the linear ended with (the fallback one when it was chosen)
 
 
-def output_sensitivity(model: ir.Model, replacements: Mapping[str, np.ndarray],
-                       batches: Sequence[Feeds]) -> dict[str, float]:
-    """For each initializer name, the relative squared output error with only it replaced."""
+def output_sensitivity(model: ir.Model, replacements: Mapping[str, np.ndarray], batches: Sequence[Feeds],
+                       advance: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """For each initializer name, the relative squared output error with only it replaced (``advance`` after each)."""
     graph = model.graph
     overridable = [graph.initializers[name] for name in replacements]
     graph.inputs.extend(overridable)
@@ -62,4 +62,5 @@ def output_sensitivity(model: ir.Model, replacements: Mapping[str, np.ndarray],
             got = outputs({**feeds, name: np.asarray(array, np.float32)})
             error += sum(float(np.sum(np.square(g - e))) for g, e in zip(got, expected))
         scores[name] = error / energy if energy > 0 else error
+        advance()
     return scores

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -55,10 +57,24 @@ def test_native_formats_store_integer_codes(normalized_files):
     record = quantize(model, "w4a16", zoo_calibration(model))
     dequantize = [n for n in model.graph if n.op_type == "DequantizeLinear"]
     assert len(dequantize) == len(record.details["layers"])
-    assert all(n.inputs[0].const_value.dtype == ir.DataType.UINT4 for n in dequantize)
+    # head=8bit (the default) keeps the LM head at 8-bit weights; every other linear stores 4-bit codes.
+    assert record.details["kept_8bit"] == ["lm_head (w8a16)"]
+    codes = collections.Counter(n.inputs[0].const_value.dtype for n in dequantize)
+    assert codes == {ir.DataType.UINT4: len(dequantize) - 1, ir.DataType.INT8: 1}
+    dequantize = [n for n in dequantize if n.inputs[0].const_value.dtype == ir.DataType.UINT4]
     assert all(n.attributes["block_size"].value == 128 or n.inputs[0].shape[0] < 128 for n in dequantize)
     after = sum(v.const_value.nbytes for v in model.graph.initializers.values())
     assert after < before  # float weights were removed, not kept beside the codes
+
+
+@pytest.mark.parametrize("pipeline, head_preset", [("w4a16(head=same)", "w4a16"),
+                                                   ("w4a16(override=lm_head:w8a8-dyn)", "w8a8-dyn"),
+                                                   ("w8a8", "w8a8")])
+def test_the_head_follows_head_same_an_override_or_an_8bit_preset(normalized_files, pipeline, head_preset):
+    model = ir.load(normalized_files("llama"))
+    record = quantize(model, pipeline, zoo_calibration(model))
+    layers = {layer["linear"]: layer["preset"] for layer in record.details["layers"]}
+    assert layers["lm_head"] == head_preset and record.details["kept_8bit"] == []
 
 
 def test_skip_and_override_by_module_path(normalized_files, minilm_calibration):
@@ -155,7 +171,7 @@ def test_gptq_scale_search_and_refine_change_the_stored_weights_and_raise_fideli
         return model, record
 
     base = "w4a16(weights=gptq,act_order=true,damp=0.1,skip=*layer.[1-5].*;pooler*"
-    plain, plain_record = quantized(base + ")")
+    plain, plain_record = quantized(base + ",scales=minmax,refine=0)")
     tuned, record = quantized(base + ",scales=mse,refine=2)")
     assert {layer["linear"] for layer in record.details["layers"]} == {
         f"encoder.layer.0.{name}" for name in ("attention.self.query", "attention.self.key", "attention.self.value",
