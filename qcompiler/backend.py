@@ -99,6 +99,9 @@ class Backend(abc.ABC):
                 raise QCompilerError(f"Option '{name}' of backend '{self.name}' must be one of "
                                      f"{', '.join(map(str, choices))}, not '{getattr(self.options, name)}'.")
 
+    def accepts(self, model: ir.Model) -> None:
+        """Refuse in one sentence, before any pass runs, a model this backend can never lower (default: any goes)."""
+
     @abc.abstractmethod
     def lower(self, model: ir.Model, ctx: LowerContext) -> Lowered:
         """Lower the quantize pass's simulate form of ``model`` (in place, or a copy) into what this backend runs."""

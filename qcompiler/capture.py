@@ -234,22 +234,8 @@ def load_hf_folder(folder: Path, *, opset: int = 18, batch: int = 2, seq_len: in
     size: transformers 5 image processors need torchvision, which has no CPU wheel
     here, and export only needs the shape). Batch and sequence axes are dynamic.
     """
-    import torch
-    import transformers
-
     folder = Path(folder)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as exc:
-        raise QCompilerError(f"'{folder}' has no readable Hugging Face config ({_first_line(exc)}).") from exc
-    auto_class = _auto_class_for(config, transformers)
-    try:
-        with _quiet():
-            module = auto_class.from_pretrained(folder, config=config, local_files_only=True, torch_dtype=torch.float32)
-    except Exception as exc:
-        raise QCompilerError(f"Could not load the weights in '{folder}' ({_first_line(exc)}).") from exc
-    module.eval()
+    config, module = load_hf_module(folder)
     if _generates(module):
         model = export_causal_lm(module, opset=opset)
         model.metadata_props[GENERATION_KEY] = json.dumps(generation_settings(module))
@@ -261,6 +247,26 @@ def load_hf_folder(folder: Path, *, opset: int = 18, batch: int = 2, seq_len: in
     if tokenizer_dir is not None:
         model.metadata_props[TOKENIZER_KEY] = str(tokenizer_dir.resolve())
     return model
+
+
+def load_hf_module(folder: Path, **options: Any) -> tuple[Any, Any]:
+    """The config and the float32 module (in eval mode) of a local Hugging Face folder; ``options`` go to from_pretrained."""
+    import torch
+    import transformers
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as exc:
+        raise QCompilerError(f"'{folder}' has no readable Hugging Face config ({_first_line(exc)}).") from exc
+    auto_class = _auto_class_for(config, transformers)
+    try:
+        with _quiet():
+            module = auto_class.from_pretrained(folder, config=config, local_files_only=True, dtype=torch.float32,
+                                                **options)
+    except Exception as exc:
+        raise QCompilerError(f"Could not load the weights in '{folder}' ({_first_line(exc)}).") from exc
+    return config, module.eval()
 
 
 def _generates(module: Any) -> bool:

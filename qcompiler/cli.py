@@ -111,6 +111,9 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -
 @click.option("--backend", type=click.Choice(backend_names()), default="ort", show_default=True,
               help="Where the artifact runs: ort (onnxruntime's integer kernels), tvm (a compiled library), or "
                    "simulate (the float Q/DQ model, for fidelity studies; slower than the source).")
+@click.option("--format", "artifact_format", type=click.Choice(["onnx", "compressed-tensors"]), default="onnx",
+              show_default=True, help="compressed-tensors: also write a Hugging Face checkpoint (config.json, "
+              "safetensors) that vLLM and transformers load; for models captured from a Hugging Face folder.")
 @click.option("--target", help="With --backend tvm: the TVM target (default llvm: this CPU).")
 @click.option("--shape", callback=_parse_shape, help="With --backend tvm: BATCHxSEQUENCE, the static shape the library "
               "is built for (default 1x128); several, comma-separated (1x32,1x128), give one library with an entry per "
@@ -122,8 +125,8 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -
               help="With --backend ort: the int8 GEMM layout (default auto: u8s8 where this CPU has VNNI, else u8u8, "
                    "which does not saturate).")
 @_calibration_options
-def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, target, shape,
-                    dialect, int8, calib, tokenizer, batch_size, max_length, debug) -> None:
+def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, artifact_format,
+                    target, shape, dialect, int8, calib, tokenizer, batch_size, max_length, debug) -> None:
     """Compile MODEL (ONNX file, Hugging Face folder, or 'minilm') through a pass pipeline."""
     from qcompiler.compiler import compile as run_compile
 
@@ -131,8 +134,15 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
         from qcompiler.progress import configure_console
 
         configure_console(quiet)
+        chosen_backend = backend
+        if artifact_format == "compressed-tensors":
+            source = click.get_current_context().get_parameter_source("backend")
+            if source == click.core.ParameterSource.COMMANDLINE and backend != "compressed-tensors":
+                raise QCompilerError(f"--format compressed-tensors writes a checkpoint beside its simulate model; it "
+                                     f"takes no --backend {backend}.")
+            chosen_backend = "compressed-tensors"
         given = {"dialect": dialect, "int8": int8, "target": target, "shape": shape}
-        chosen = make_backend(backend, **{name: value for name, value in given.items() if value is not None})
+        chosen = make_backend(chosen_backend, **{name: value for name, value in given.items() if value is not None})
         result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
                              normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,
                              batch_size=batch_size, max_length=max_length, progress=not quiet, backend=chosen)

@@ -89,6 +89,7 @@ def compile(
         pipeline = parse_pipeline(NORMALIZE) + pipeline
     source = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
     ir_model = load(model, example_inputs)
+    chosen.accepts(ir_model)
     source_bytes = initializer_bytes(ir_model)
     data = resolve_calibration(calib, ir_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     trace = ChannelTrace(list(pipeline)) if output_dir is not None and data is not None else None
