@@ -72,7 +72,9 @@ def load(
     if torch is not None and isinstance(src, torch.nn.Module):
         if example_inputs is None:
             raise QCompilerError("A PyTorch module needs example inputs to be captured (pass example_inputs=...).")
-        return export_torch(src, example_inputs, opset=opset, dynamic_axes=_leading_axes(example_inputs))
+        model = export_torch(src, example_inputs, opset=opset, dynamic_axes=_leading_axes(example_inputs))
+        _name_leading_dims(model)
+        return model
     raise QCompilerError(
         f"Cannot load a model from a {type(src).__name__}; give an ONNX path, a Hugging Face folder, "
         "'minilm', an onnx_ir.Model or a torch.nn.Module."
@@ -81,7 +83,8 @@ def load(
 
 def _load_path(src: str | os.PathLike, *, opset: int) -> ir.Model:
     text = os.fspath(src)
-    if text in BUILTIN_MODELS and not Path(text).exists():
+    # A built-in name wins over a same-named folder that holds no model (e.g. an output folder called minilm).
+    if text in BUILTIN_MODELS and not (Path(text).is_file() or (Path(text) / "config.json").is_file()):
         return load_hf_folder(builtin_model_dir(text), opset=opset)
     path = Path(text)
     if not path.exists():
@@ -209,6 +212,23 @@ def _leading_axes(example_inputs: Sequence[Any] | Mapping[str, Any]) -> dict:
     items = example_inputs.items() if isinstance(example_inputs, Mapping) else enumerate(example_inputs)
     return {key: {axis: torch.export.Dim.AUTO for axis in range(min(value.ndim, 2))}
             for key, value in items if isinstance(value, torch.Tensor)}
+
+
+def _name_leading_dims(model: ir.Model) -> None:
+    """Call the exporter's ``s23``/``s27`` of the inputs' first two axes ``batch`` and ``sequence``, everywhere."""
+    names: dict[str, str] = {}
+    for value in model.graph.inputs:
+        for axis, meaning in enumerate(("batch", "sequence")):
+            if value.shape is not None and len(value.shape) > axis and not isinstance(value.shape[axis], int):
+                symbol = str(value.shape[axis])
+                if symbol and symbol not in names and meaning not in names.values():
+                    names[symbol] = meaning
+    if not names:
+        return
+    values = [*model.graph.inputs, *model.graph.outputs, *(v for node in model.graph for v in node.outputs)]
+    for value in values:
+        if value.shape is not None and any(str(d) in names for d in value.shape if not isinstance(d, int)):
+            value.shape = ir.Shape([d if isinstance(d, int) else names.get(str(d), d) for d in value.shape])
 
 
 @contextlib.contextmanager
@@ -448,9 +468,15 @@ def load_tokenizer(folder: str | os.PathLike, *, required: bool = True) -> Any:
     import transformers
 
     text = os.fspath(folder)
-    path = builtin_model_dir(text) if text in BUILTIN_MODELS and not Path(text).exists() else Path(text)
-    has_files = path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"))
-    if not has_files:
+
+    def has_files(path: Path) -> bool:
+        return path.is_dir() and any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json",
+                                                                     "vocab.txt"))
+
+    path = Path(text)
+    if text in BUILTIN_MODELS and not has_files(path):  # the built-in name over a same-named folder of other things
+        path = builtin_model_dir(text)
+    if not has_files(path):
         if required:
             raise QCompilerError(f"'{text}' is not a tokenizer folder (no tokenizer.json, tokenizer_config.json or vocab.txt).")
         return None
