@@ -185,8 +185,10 @@ def passes_command(name) -> None:
 @click.option("--no-normalize", is_flag=True, help="Inspect the model as captured, before normalization.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of tables.")
 @click.option("--passes", "pipeline", default="", help="Apply these passes (after normalize) before inspecting.")
+@click.option("--verbose", is_flag=True, help="Every region on its own row, and node names beside module paths.")
 @_calibration_options
-def inspect_command(model, no_normalize, as_json, pipeline, calib, tokenizer, batch_size, max_length, debug) -> None:
+def inspect_command(model, no_normalize, as_json, pipeline, verbose, calib, tokenizer, batch_size, max_length,
+                    debug) -> None:
     """Op summary, linears, regions and (with calibration data) the outlier table."""
 
     def action():
@@ -212,11 +214,11 @@ def inspect_command(model, no_normalize, as_json, pipeline, calib, tokenizer, ba
             stdout.print_json(json.dumps(inspection.inspection_dict(ir_model, rows)))
             return
         stdout.print(inspection.op_table(ir_model))
-        stdout.print(inspection.linear_table(ir_model))
+        stdout.print(inspection.linear_table(ir_model, verbose))
         convolutions = inspection.convolution_table(ir_model)
         if convolutions is not None:
             stdout.print(convolutions)
-        stdout.print(inspection.region_table(find_regions(ir_model.graph).regions))
+        stdout.print(inspection.region_table(find_regions(ir_model.graph).regions, verbose))
         stdout.print(inspection.stream_table(find_streams(ir_model.graph)))
         if rows is None:
             stdout.print("no calibration data: give --calib (and --tokenizer for text) for the outlier table")

@@ -48,7 +48,7 @@ def linear_inputs(linears: list[Linear]) -> dict[str, list[Linear]]:
 def outlier_rows(model: ir.Model, engine: CalibrationEngine) -> list[OutlierRow]:
     groups = linear_inputs(find_linears(model.graph))
     stats = engine.collect(model, list(groups))
-    return [OutlierRow(name, [l.name for l in sinks], stats[name]) for name, sinks in groups.items()]
+    return [OutlierRow(name, [l.layer for l in sinks], stats[name]) for name, sinks in groups.items()]
 
 
 def op_table(model: ir.Model) -> Table:
@@ -60,12 +60,15 @@ def op_table(model: ir.Model) -> Table:
     return table
 
 
-def linear_table(model: ir.Model) -> Table:
+def linear_table(model: ir.Model, verbose: bool = False) -> Table:
+    """Every linear by module path (what ``skip=``/``override=`` and the reports use); node names with ``verbose``."""
     table = Table(title="linears (y = x W + b)", title_justify="left")
-    for header in ("linear", "input", "in", "out", "bias"):
+    headers = ("linear", *(("node", "input") if verbose else ()), "in", "out", "bias")
+    for header in headers:
         table.add_column(header, justify="right" if header in ("in", "out") else "left")
     for linear in find_linears(model.graph):
-        table.add_row(linear.name, linear.input.name, str(linear.in_features), str(linear.out_features),
+        names = (linear.name, linear.input.name) if verbose else ()
+        table.add_row(linear.layer, *names, str(linear.in_features), str(linear.out_features),
                       "yes" if linear.bias is not None else "no")
     return table
 
@@ -84,21 +87,34 @@ def convolution_table(model: ir.Model) -> Table | None:
     return table
 
 
-def region_table(regions: list[Region]) -> Table:
-    table = Table(title="regions (offline = absorbed into weights, or into a Mul/Add after an online Hadamard; "
-                        "refused ones run online or not at all)",
-                  title_justify="left")
-    for header in ("region", "kind", "producer", "sinks", "offline", "refused"):
-        table.add_column(header)
+def region_table(regions: list[Region], verbose: bool = False) -> Table:
+    """Regions grouped by kind, what they absorb and why the rest is refused (one row each with ``verbose``)."""
+    title = ("regions (offline = absorbed into weights, or into a Mul/Add after an online Hadamard; refused ones run "
+             "online or not at all)")
+    table = Table(title=title, title_justify="left")
+    if verbose:
+        for header in ("region", "kind", "producer", "sinks", "offline", "refused"):
+            table.add_column(header)
+        for region in regions:
+            table.add_row(region.name, region.kind, region.producer_label,
+                          ", ".join(s.linear.layer for s in region.sinks), _absorbed(region), _refused(region))
+        return table
+    groups: dict[tuple[str, str, str], list[Region]] = {}
     for region in regions:
-        reasons = set(region.refused.values())
-        if len(region.refused) == len(CAPABILITIES) and len(reasons) == 1:
-            refused = f"all: {reasons.pop()}"
-        else:
-            refused = "; ".join(f"{c}: {why}" for c, why in region.refused.items())
-        table.add_row(region.name, region.kind, region.producer_label, ", ".join(s.linear.name for s in region.sinks),
-                      _absorbed(region), refused or "-")
+        groups.setdefault((region.kind, _absorbed(region), _refused(region)), []).append(region)
+    for header in ("kind", "regions", "offline", "refused", "sinks (first region)"):
+        table.add_column(header, justify="right" if header == "regions" else "left")
+    for (kind, absorbed, refused), members in groups.items():
+        table.add_row(kind, str(len(members)), absorbed, refused, ", ".join(s.linear.layer for s in members[0].sinks))
+    table.caption = "--verbose lists every region"
     return table
+
+
+def _refused(region: Region) -> str:
+    reasons = set(region.refused.values())
+    if len(region.refused) == len(CAPABILITIES) and len(reasons) == 1:
+        return f"all: {reasons.pop()}"
+    return "; ".join(f"{c}: {why}" for c, why in region.refused.items()) or "-"
 
 
 def _absorbed(region: Region) -> str:
@@ -110,7 +126,8 @@ def _absorbed(region: Region) -> str:
 def region_dict(region: Region) -> dict:
     return {
         "tensor": region.name, "kind": region.kind, "producer": region.producer_label,
-        "sinks": [s.linear.name for s in region.sinks], "channels": region.channels,
+        "sinks": [s.linear.layer for s in region.sinks], "sink_nodes": [s.linear.name for s in region.sinks],
+        "channels": region.channels,
         "offline": [c for c in CAPABILITIES if region.can(c)], "refused": dict(region.refused),
         "outside_readers": len(region.foreign),
     }
@@ -130,8 +147,8 @@ def stream_table(streams: list[Stream]) -> Table:
 def stream_dict(stream: Stream) -> dict:
     return {
         "stream": stream.name, "channels": stream.channels,
-        "writers": [f"{w.name} ({w.kind})" for w in stream.writers],
-        "readers": [f"{r.name} ({r.kind})" for r in stream.readers],
+        "writers": [f"{w.label} ({w.kind})" for w in stream.writers],
+        "readers": [f"{r.label} ({r.kind})" for r in stream.readers],
         ROTATE: stream.refused.get(ROTATE, "admissible"), CENTER: stream.refused.get(CENTER, "admissible"),
     }
 
@@ -152,7 +169,8 @@ def inspection_dict(model: ir.Model, rows: list[OutlierRow] | None) -> dict:
     return {
         "ops": dict(op_summary(model)),
         "linears": [
-            {"name": l.name, "input": l.input.name, "in": l.in_features, "out": l.out_features, "bias": l.bias is not None}
+            {"layer": l.layer, "name": l.name, "input": l.input.name, "in": l.in_features, "out": l.out_features,
+             "bias": l.bias is not None}
             for l in find_linears(model.graph)
         ],
         "convolutions": [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -75,7 +76,8 @@ class Report:
         return table
 
     def print(self, console: Console | None = None) -> None:
-        console = console or Console()
+        """The pass table and notes; outside a terminal (a notebook, a log) at 140 columns, not squeezed to 80."""
+        console = console or (Console() if sys.stdout.isatty() else Console(width=140))
         console.print(self.table())
         for note in self.notes:
             console.print(f"note: {note}")

@@ -62,6 +62,18 @@ def test_inspect_reports_outliers_as_json(run, minilm_files, tmp_path, heldout_s
     assert ffn_inputs
 
 
+def test_inspect_names_linears_by_module_path_and_groups_alike_regions(run):
+    result = run("inspect", "minilm")
+    assert result.exit_code == 0, result.output
+    linears = result.output.split("linears (y = x W + b)")[1].split("regions (")[0]
+    assert "encoder.layer.0.attention.self.query" in linears and "node_MatMul" not in linears
+    # MiniLM's 13 LayerNorm regions share one refusal: one row, with the count.
+    row = next(line for line in result.output.splitlines() if line.startswith("│ layernorm"))
+    assert "│      13 │" in row
+    verbose = run("inspect", "minilm", "--verbose")
+    assert verbose.exit_code == 0 and "node_MatMul" in verbose.output
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

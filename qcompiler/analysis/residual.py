@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.analysis.linears import Linear, constant_array, find_linears, is_constant
+from qcompiler.analysis.linears import Linear, constant_array, find_linears, is_constant, module_path
 
 ROTATE, CENTER = "rotate", "center"
 NORMS = ("LayerNormalization", "RMSNormalization")
@@ -57,6 +57,14 @@ class Writer:
         node = self.targets[0].node if self.targets else self.value.producer()
         return (node.name or node.op_type) if node is not None else (self.value.name or "?")
 
+    @property
+    def label(self) -> str:
+        """The source module's path where the exporter kept it (what users name layers by), else `name`."""
+        if self.linear is not None:
+            return self.linear.layer
+        node = self.targets[0].node if self.targets else self.value.producer()
+        return module_path(node, (), self.name) if node is not None else self.name
+
 
 @dataclass
 class Exposure:
@@ -88,6 +96,11 @@ class Reader:
         if self.node is None:
             return f"graph output '{self.value.name}'"
         return self.node.name or self.node.op_type
+
+    @property
+    def label(self) -> str:
+        """The source module's path where the exporter kept it, else `name`."""
+        return self.name if self.node is None else module_path(self.node, (), self.name)
 
     @property
     def is_norm(self) -> bool:

@@ -100,5 +100,5 @@ def test_online_hadamard_is_a_region_that_absorbs_scales_and_shifts(normalized_f
         assert region.online.hadamard is region.producer and region.online.output is region.source
         assert "Hadamard" in region.producer_label
     console = Console(record=True, width=400)
-    console.print(region_table(regions))
+    console.print(region_table(regions, verbose=True))  # one row per region
     assert console.export_text().count("scale,shift (Mul/Add after the Hadamard)") == AFTER_ROTATE[arch][ONLINE_ROTATION]
