@@ -136,7 +136,8 @@ def report_markdown(data: dict, report_table: str, figures: list[str] = ()) -> s
         lines.append("")
     captions = {"channels.png": "Per-channel input magnitude of the layers with the worst outlier channels, "
                                 "after normalization and after each transform",
-                "weight_sqnr.png": "Weight SQNR per layer"}
+                "outliers.png": "Outlier ratio of every linear input after each transform",
+                "weight_sqnr.png": "Weight SQNR per layer, worst first"}
     for figure in figures:
         lines += [f"## {captions.get(figure, figure)}", "", f"![{figure}]({figure})", ""]
     if data["layers"]:

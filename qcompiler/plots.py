@@ -4,7 +4,9 @@
 pass it records each linear input's per-channel absmax on the calibration data (cached
 statistics, so a pass that did not touch a tensor costs nothing). `write_figures` then
 draws, for the layers whose inputs had the worst max/median channel ratio, the channel
-profile at every stage, and the per-layer weight SQNR the quantize pass recorded.
+profile at every stage (channels.png), that ratio for every layer after every stage
+(outliers.png: what each transform bought, layer by layer), and the per-layer weight
+SQNR the quantize pass recorded, worst first (weight_sqnr.png: where to spend bits).
 """
 
 from __future__ import annotations
@@ -71,15 +73,42 @@ def write_figures(folder: Path, trace: ChannelTrace | None, weight_sqnr: dict[st
         figure.savefig(folder / "channels.png", dpi=110)
         plt.close(figure)
         written.append("channels.png")
+    if ratio and len(trace.stages) > 1:
+        written.append(_outlier_ratios(plt, folder, trace, ratio))
     if weight_sqnr:
-        layers = list(weight_sqnr)
-        figure, axis = plt.subplots(figsize=(10, 0.18 * len(layers) + 1.2))
-        axis.barh(range(len(layers)), [weight_sqnr[layer] for layer in layers], color="tab:blue")
-        axis.set_yticks(range(len(layers)), layers, fontsize=6)
-        axis.invert_yaxis()
-        axis.set_xlabel("weight SQNR (dB)")
-        figure.tight_layout()
-        figure.savefig(folder / "weight_sqnr.png", dpi=110)
-        plt.close(figure)
-        written.append("weight_sqnr.png")
+        written.append(_weight_sqnr(plt, folder, weight_sqnr))
     return written
+
+
+def _outlier_ratios(plt, folder: Path, trace: ChannelTrace, first: dict[str, float]) -> str:
+    """Every layer's input max/median channel ratio after each stage, layers worst first: what each transform bought."""
+    layers = sorted(first, key=first.get, reverse=True)
+    figure, axis = plt.subplots(figsize=(10, 3.6))
+    for stage, profiles in trace.stages.items():
+        values = [float(profiles[l].max() / max(np.median(profiles[l]), 1e-12)) if l in profiles else np.nan
+                  for l in layers]
+        axis.plot(range(len(layers)), values, marker="o", markersize=2.5, linewidth=0.9, label=stage)
+    axis.set_yscale("log")
+    axis.set_xlabel("linear input, worst first after normalization", fontsize=8)
+    axis.set_ylabel("max / median channel |x|", fontsize=8)
+    axis.set_title("outlier ratio of every linear input after each transform (lower quantizes better)", fontsize=9)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "outliers.png", dpi=110)
+    plt.close(figure)
+    return "outliers.png"
+
+
+def _weight_sqnr(plt, folder: Path, weight_sqnr: dict[str, float]) -> str:
+    """Per-layer weight SQNR, worst first, labels in full: the layers to keep at higher precision are at the top."""
+    layers = sorted(weight_sqnr, key=weight_sqnr.get)
+    label_inches = 0.065 * max(len(layer) for layer in layers)
+    figure, axis = plt.subplots(figsize=(6 + label_inches, 0.2 * len(layers) + 1.2))
+    axis.barh(range(len(layers)), [weight_sqnr[layer] for layer in layers], color="tab:blue")
+    axis.set_yticks(range(len(layers)), layers, fontsize=6)
+    axis.invert_yaxis()
+    axis.set_xlabel("weight SQNR (dB), worst first", fontsize=8)
+    figure.tight_layout()
+    figure.savefig(folder / "weight_sqnr.png", dpi=110)
+    plt.close(figure)
+    return "weight_sqnr.png"

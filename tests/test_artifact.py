@@ -32,13 +32,17 @@ def test_manifest_records_what_a_deployer_needs(artifact):
     path, manifest = open_artifact(artifact)
     assert path.is_file() and manifest["backend"] == "ort" and len(manifest["sha256"]) == 64
     assert "smooth(" in manifest["pipeline"] and "w8a8(" in manifest["pipeline"] and manifest["versions"]["onnxruntime"]
-    assert set(manifest["files"]) == {"model.onnx", "report.json", "report.md", "channels.png", "weight_sqnr.png"}
+    assert set(manifest["files"]) == {"model.onnx", "report.json", "report.md", "channels.png", "outliers.png",
+                                      "weight_sqnr.png"}
     layers = manifest["layers"]
     assert len(layers) == 37 and all(layer["kernel"].startswith("MatMulIntegerToFloat") for layer in layers.values())
     embedding = manifest["fidelity"]["embedding"]
     assert 0.98 < embedding["mean_cosine"] < 1.0
     report = (artifact / "report.md").read_text()
     assert "MatMulIntegerToFloat" in report and "![channels.png](channels.png)" in report
+    # The summary opens the report: what was quantized, what each transform did, the bytes.
+    assert "## Summary" in report and "- w8a8: quantized MatMul 37 of 49" in report and "- smooth: " in report
+    assert manifest["summary"][-1].startswith("weights: ") and manifest["inputs"][0]["name"] == "input_ids"
 
 
 def test_run_and_bench(artifact, tmp_path, tokenizer):
