@@ -54,6 +54,6 @@ def configure_console(quiet: bool) -> None:
     """The command line's handler: plain lines on stderr, nothing but errors with ``quiet``."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
-    logger.handlers[:] = [handler]
+    logger.handlers = [handler]
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
     logger.propagate = False

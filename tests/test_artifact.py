@@ -54,11 +54,23 @@ def test_run_and_bench(artifact, tmp_path, tokenizer):
     result = runner.invoke(main, ["run", str(artifact), "--inputs", str(inputs), "-o", str(out)])
     assert result.exit_code == 0, result.output
     assert np.load(out)["layer_norm_12"].shape[:2] == encoded["input_ids"].shape
+    # It says what ran on what, in the words of this command.
+    assert "ran the ort artifact" in result.output and "input_ids [2, " in result.output and "min " in result.output
     again = runner.invoke(main, ["run", str(artifact), "--inputs", str(inputs), "-o", str(out)])
     assert again.exit_code == 2 and "will not overwrite" in again.output
+    text = tmp_path / "inputs.txt"
+    text.write_text("a sentence\n")
+    wrong = runner.invoke(main, ["run", str(artifact), "--inputs", str(text)])
+    assert wrong.exit_code == 2 and "takes an .npz of named input arrays" in wrong.output
+    np.savez(tmp_path / "extra.npz", ids=encoded["input_ids"].astype(np.int64))
+    named = runner.invoke(main, ["run", str(artifact), "--inputs", str(tmp_path / "extra.npz")])
+    assert named.exit_code == 2 and "calibration" not in named.output and "extra.npz" in named.output
     bench = runner.invoke(main, ["bench", str(artifact), "--batch", "2", "--sequence", "16", "--runs", "3"])
     assert bench.exit_code == 0, bench.output
-    assert "ratio to fp32" in bench.output
+    assert "ratio to fp32" in bench.output and "synthetic inputs: input_ids [2, 16]" in bench.output
+    given = runner.invoke(main, ["bench", str(artifact), "--inputs", str(inputs), "--runs", "3"])
+    assert given.exit_code == 0, given.output
+    assert f"inputs from {inputs}: input_ids [2, {encoded['input_ids'].shape[1]}]" in given.output
 
 
 def test_damaged_artifacts_are_refused(artifact, tmp_path):

@@ -38,6 +38,28 @@ def test_compile_writes_a_runnable_model_and_report(run, minilm_files, tmp_path,
     assert np.isfinite(session.run(None, feeds)[0]).all()
 
 
+def test_compile_ends_with_a_summary_and_defaults_to_onnxruntime(run, zoo_folder, tmp_path):
+    """What was quantized and what stayed float is on the console; a tiny calibration set is warned about."""
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "calib.npz", input_ids=rng.integers(0, 256, (8, 8)).astype(np.int64),
+             attention_mask=np.ones((8, 8), np.int64))
+    result = run(zoo_folder("llama"), "--passes", "smooth,w4a16(weights=gptq,refine=0)", "--calib",
+                 tmp_path / "calib.npz", "--batch-size", "2", "-o", tmp_path / "q")
+    assert result.exit_code == 0, result.output
+    assert "smooth: 9 transformed" in result.output
+    assert "w4a16: quantized MatMul 15 of 19 (4 x no constant 2-D weight" in result.output
+    assert "kept at 8-bit weights as the final projection: lm_head (w8a16)" in result.output
+    assert "weights: " in result.output and "in the artifact" in result.output
+    # 48 calibration rows for linears of 128 input channels: GPTQ says its Hessians are thin.
+    assert "warning: GPTQ estimated its Hessians from" in result.output
+    manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
+    assert manifest["backend"] == "ort" and any("GPTQ estimated" in note for note in manifest["notes"])
+    assert "act_order=true,damp=0.1" in manifest["pipeline"] and "scales=mse,refine=0" in manifest["pipeline"]
+    quiet = run(zoo_folder("llama"), "--passes", "w8a16", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "r",
+                "--quiet")
+    assert quiet.exit_code == 0 and quiet.output == ""
+
+
 def test_passes_lists_each_option_once_with_its_meaning(run):
     result = run("passes")
     assert result.exit_code == 0
