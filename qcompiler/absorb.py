@@ -30,6 +30,9 @@ from qcompiler.graph import add_initializer, insert_after_producer, interpose, r
 
 Notes = list[str]
 OUTPUT_TRANSFORMED = "qcompiler.output_transformed"
+# On the elementwise Mul/Add a transform inserts where no weight could absorb it (outside readers of a region's
+# source, the identity ops behind an online Hadamard): graph nodes the source architecture has no parameter for.
+COMPENSATION = "qcompiler.compensation"
 # Scales beyond these would trade an activation outlier for a float32 precision problem.
 SCALE_LIMITS = (1e-5, 1e5)
 
@@ -155,6 +158,7 @@ def _insert_elementwise(graph: ir.Graph, op: str, value: ir.Value, vector: np.nd
     """``op(value, vector)`` right after ``value``'s producer, read by every former reader of ``value``."""
     name = unique_node_name(graph, f"{value.name}_{suffix}")
     node = ir.node(op, [value, add_initializer(graph, f"{name}_vector", vector)], name=name)
+    node.metadata_props[COMPENSATION] = suffix
     node.outputs[0].name = name
     interpose(graph, value, node)
     return node
@@ -176,6 +180,8 @@ def _compensate_foreign(graph: ir.Graph, region: Region, s: np.ndarray | None, z
                              name=unique_node_name(graph, f"{source.name}_unshift")))
         value = nodes[-1].outputs[0]
     value.shape, value.type = source.shape, source.type
+    for node in nodes:
+        node.metadata_props[COMPENSATION] = "outside readers"
     insert_after_producer(graph, source, nodes)
     redirect_uses(graph, source, value, readers=[n for n in region.foreign if n is not None],
                   graph_output=None in region.foreign)

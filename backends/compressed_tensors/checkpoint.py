@@ -12,7 +12,8 @@ The codes are not re-derived: compressed-tensors computes ``q = round(w / s) + z
 the dequantized weight ``w = (q0 - z0) s`` and qcompiler's ``s``, with ``z = z0 - 2^(b-1)``
 (its integers are signed, qcompiler's 4-bit codes unsigned), which gives back ``q0``
 shifted, exactly. What the format cannot hold is refused in one sentence: online
-rotations (it has no transform for qcompiler's Hadamard factors), a quantized KV cache,
+rotations (it has no transform for qcompiler's Hadamard factors), elementwise
+compensations a transform left in the graph (no module has a parameter for them), a quantized KV cache,
 convolutions, float and block formats (for now), and biases the architecture lacks.
 """
 
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.absorb import COMPENSATION
 from qcompiler.analysis.linears import constant_array, find_linears, module_path
 from qcompiler.capture import SOURCE_KEY, load_hf_module, load_tokenizer
 from qcompiler.decoding import cache_layout
@@ -65,6 +67,11 @@ def refusal(model: ir.Model) -> str | None:
     if online:
         return (f"The pipeline rotates {online} activation(s) online, which compressed-tensors cannot express with "
                 "qcompiler's Hadamard factors: use rotate(mode=offline), or deploy the ONNX artifact.")
+    compensations = sum(1 for node in model.graph if COMPENSATION in node.metadata_props)
+    if compensations:
+        return (f"The pipeline inserted {compensations} elementwise compensation(s) (a Mul or Add in front of readers a "
+                "transform could not fold into, such as a post-norm residual), which the Hugging Face architecture "
+                "has no parameter for: drop smooth/shift for this format, or deploy the ONNX artifact.")
     layout = cache_layout(model)
     if layout is not None and layout.quantized:
         return "compressed-tensors has no form for qcompiler's int8/int4 KV cache: drop kv= for this format."

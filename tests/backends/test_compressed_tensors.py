@@ -76,12 +76,13 @@ def test_mixed_precision_is_checked_layer_by_layer_and_says_how_to_load_it(zoo_f
     ("llama", "fp8", "takes integer weights so far"),
     ("llama", "w8a8(kv=int8)", "KV cache"),
     ("onnx", "w8a8", "captured from a Hugging Face folder"),
+    ("bert", "smooth,w8a16", "elementwise compensation(s)"),  # post-norm: the residual reads the scaled LayerNorm
 ])
 def test_what_the_format_cannot_hold_is_one_sentence_and_nothing_written(zoo_folder, minilm_files, llama_calibration,
                                                                        tmp_path, source, passes, message):
     out = tmp_path / "ct"
-    model = zoo_folder("llama") if source == "llama" else minilm_files["legacy"]
-    calib = ["--calib", llama_calibration] if source == "llama" else []
+    model = minilm_files["legacy"] if source == "onnx" else zoo_folder(source)
+    calib = [] if source == "onnx" else ["--calib", llama_calibration]
     result = compile_cli(model, "--passes", passes, *calib, "--format", "compressed-tensors", "-o", out)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not out.exists()
