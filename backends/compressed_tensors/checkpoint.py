@@ -32,8 +32,8 @@ from qcompiler.capture import SOURCE_KEY, load_hf_module, load_tokenizer
 from qcompiler.decoding import cache_layout
 from qcompiler.errors import QCompilerError
 from qcompiler.online_rotation import DOMAIN as ONLINE_DOMAIN
-from qcompiler.quant.annotation import LayerAnnotation, annotated_layers
-from qcompiler.quant.spec import QuantSpec
+from qcompiler.quant.annotation import ActivationAnnotation, LayerAnnotation, annotated_layers
+from qcompiler.quant.spec import QuantSpec, quantize
 
 NORMS = ("LayerNormalization", "RMSNormalization")
 
@@ -87,9 +87,9 @@ def refusal(model: ir.Model) -> str | None:
 
 
 def _spec_problem(spec: QuantSpec, role: str) -> str | None:
-    if spec.element.kind != "int":
-        return (f"the compressed-tensors writer takes integer {role} so far (w8a8, w8a8-dyn, w8a16, w4a16, w4a8, "
-                f"w4a4), not {spec.describe()}")
+    if spec.element.kind != "int" and spec.format != "fp8-e4m3":
+        return (f"the compressed-tensors writer takes integer and FP8 {role} so far (w8a8, w8a8-dyn, w8a16, w4a16, "
+                f"w4a8, w4a4, fp8), not {spec.describe()}")
     if spec.granularity not in ("tensor", "channel", "group", "token"):
         return f"compressed-tensors has no {spec.granularity} granularity for {role}"
     return None
@@ -97,7 +97,7 @@ def _spec_problem(spec: QuantSpec, role: str) -> str | None:
 
 def quantization_args(spec: QuantSpec, role: str) -> dict[str, Any]:
     """compressed-tensors' QuantizationArgs fields for a qcompiler spec (signed integers of the same width)."""
-    args: dict[str, Any] = {"num_bits": spec.element.bits, "type": "int", "symmetric": spec.symmetric,
+    args: dict[str, Any] = {"num_bits": spec.element.bits, "type": spec.element.kind, "symmetric": spec.symmetric,
                             "strategy": spec.granularity, "dynamic": spec.dynamic}
     if spec.granularity == "group":
         args["group_size"] = spec.group_size
@@ -114,7 +114,7 @@ def linear_states(model: ir.Model) -> dict[str, LinearState]:
         state = LinearState(weight.T, _bias(node), annotation, scale, zero)
         activation = annotation.activation
         if activation is not None and not activation.spec.dynamic:
-            state.input_scale, state.input_zero_point = _static_input(node, activation.spec)
+            state.input_scale, state.input_zero_point = _static_input(activation)
         states[annotation.layer] = state
     for linear in find_linears(model.graph):
         if linear.layer not in states:
@@ -163,18 +163,17 @@ def _dequantize(value: ir.Value, spec: QuantSpec) -> tuple[np.ndarray, np.ndarra
     return weight, scale_out, None if spec.symmetric else zero_out - offset
 
 
-def _static_input(node: ir.Node, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
-    """The scale and signed zero point of a static activation, read off the QuantizeLinear in front of the linear."""
-    dequantize = node.inputs[0].producer()
-    quantize = dequantize.inputs[0].producer() if dequantize is not None else None
-    if quantize is None or quantize.op_type != "QuantizeLinear":
-        raise QCompilerError(f"No QuantizeLinear feeds the static activations of {node.name}; this is a qcompiler "
-                             "bug.")
-    scale = quantize.inputs[1].const_value.numpy().astype(np.float32).reshape(1)
-    zero = quantize.inputs[2]
-    codes = zero.const_value.numpy() if zero is not None else np.zeros(1, np.uint8)
-    offset = 128 if codes.dtype == np.uint8 else 0
-    return scale, (codes.astype(np.float32) - offset).reshape(1)
+def _static_input(activation: ActivationAnnotation) -> tuple[np.ndarray, np.ndarray]:
+    """The scale and signed zero point of a static activation, from the range the quantize pass fixed.
+
+    The same fit as the simulate form's (`qcompiler.quant.spec.quantize` on the range), so
+    the checkpoint's ``input_scale`` is the graph's scale; int8 zero points are already signed.
+    """
+    lo, hi = activation.range
+    fitted = quantize(np.array([lo, hi], np.float32), activation.spec, "activation",
+                      bounds=(np.float32(lo), np.float32(hi)))
+    zero = 0.0 if fitted.zero_point is None else float(np.asarray(fitted.zero_point).reshape(-1)[0])
+    return np.asarray(fitted.scale, np.float32).reshape(1), np.array([zero], np.float32)
 
 
 def _bias(matmul: ir.Node) -> np.ndarray | None:

@@ -73,7 +73,7 @@ def test_mixed_precision_is_checked_layer_by_layer_and_says_how_to_load_it(zoo_f
 
 @pytest.mark.parametrize("source, passes, message", [
     ("llama", "rotate,w4a16(group_size=32)", "rotates 2 activation(s) online"),
-    ("llama", "fp8", "takes integer weights so far"),
+    ("llama", "nvfp4", "takes integer and FP8 weights so far"),
     ("llama", "w8a8(kv=int8)", "KV cache"),
     ("onnx", "w8a8", "captured from a Hugging Face folder"),
     ("bert", "smooth,w8a16", "elementwise compensation(s)"),  # post-norm: the residual reads the scaled LayerNorm
@@ -86,3 +86,35 @@ def test_what_the_format_cannot_hold_is_one_sentence_and_nothing_written(zoo_fol
     result = compile_cli(model, "--passes", passes, *calib, "--format", "compressed-tensors", "-o", out)
     assert result.exit_code == 2 and message in result.output, result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("preset, checkpoint_format", [("w8a8(head=same)", "int-quantized"),
+                                                       ("fp8(head=same)", "float-quantized")])
+def test_static_activations_carry_the_compiled_scales(zoo_folder, llama_calibration, tmp_path, preset,
+                                                      checkpoint_format):
+    """transformers' load runs activations in float, so input_scale is checked against the graph here."""
+    import onnx_ir as ir
+    from safetensors.torch import load_file
+
+    from qcompiler.quant.annotation import annotated_layers
+
+    out = tmp_path / "ct"
+    result = compile_cli(zoo_folder("llama"), "--passes", preset, "--calib", llama_calibration, "--format",
+                         "compressed-tensors", "-o", out)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    [group] = config["config_groups"].values()
+    assert group["format"] == checkpoint_format and not group["input_activations"]["dynamic"]
+    tensors = load_file(out / "model.safetensors")
+    simulate = ir.load(out / "model.onnx")
+    checked = 0
+    for node, annotation in annotated_layers(simulate):
+        dequantize = node.inputs[0].producer()
+        if preset.startswith("w8a8"):  # DequantizeLinear(QuantizeLinear(x, scale, zero))
+            scale = dequantize.inputs[0].producer().inputs[1].const_value.numpy()
+        else:  # the float8 form: Mul(Cast(Cast(Div(x, scale))), scale)
+            scale = next(v.const_value.numpy() for v in dequantize.inputs if v.const_value is not None)
+        written = tensors[f"{annotation.layer}.input_scale"].float().numpy()
+        assert np.allclose(written.reshape(-1), scale.reshape(-1), rtol=1e-6)
+        checked += 1
+    assert checked == 15
