@@ -75,10 +75,12 @@ def compile(
     dynamic batch and sequence axes.
 
     ``backend`` is a registered backend's name (``ort``, the default: onnxruntime's integer
-    kernels; ``tvm``: ``model.so`` with qcompiler's TIR kernels; ``simulate``: the quantize
-    pass's float Q/DQ form, for fidelity studies) or a `Backend` object; ``backend_options`` are that backend's options, e.g.
-    ``dialect="qdq"`` for ``ort`` (standard ONNX Q/DQ instead of contrib ops), ``shape=(1, 128)``
-    or ``shape=[(1, 32), (1, 128)]`` and ``target`` for ``tvm``.
+    kernels; ``tvm``: ``model.so`` with qcompiler's TIR kernels; ``compressed-tensors``: a
+    Hugging Face checkpoint beside the simulate model; ``simulate``: the quantize pass's
+    float Q/DQ form, for fidelity studies) or a `Backend` object; ``backend_options`` are
+    that backend's options, e.g. ``dialect="qdq"`` for ``ort`` (standard ONNX Q/DQ instead
+    of contrib ops), ``shape=(1, 128)`` or ``shape=[(1, 32), (1, 128)]`` and ``target`` for
+    ``tvm``.
     """
     chosen = make_backend(backend, **backend_options)
     output_dir = Path(output) if output is not None else None
