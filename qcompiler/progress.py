@@ -50,9 +50,21 @@ def progress(label: str, total: int, bar: bool = True) -> Iterator[Callable[[int
         logger.info("%s: done, %d in %.0f s", label, done, time.monotonic() - start)
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a message comes (a test runner or notebook may swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_console(quiet: bool) -> None:
     """The command line's handler: plain lines on stderr, nothing but errors with ``quiet``."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderr()
     handler.setFormatter(logging.Formatter("%(message)s"))
     logger.handlers = [handler]
     logger.setLevel(logging.ERROR if quiet else logging.INFO)
