@@ -63,8 +63,6 @@ def lower(model: ir.Model, int8: Int8Layout = "u8s8") -> Lowering:
             _to_matmul_integer(graph, node, activation, tokens, int8)
         elif int8 == "u8u8":
             _unsigned_weight(graph, node)
-        if kernel == "MatMulNBits" and weight.spec.element.bits == 8:
-            kernel = "MatMulNBits (8-bit)"
         result.kernels[layer] = kernel if kernel != "QDQ" else _fused_from_qdq(node)
     drop_unused(graph)
     return result
@@ -87,8 +85,7 @@ def qdq_dialect(model: ir.Model, int8: Int8Layout = "u8s8") -> Lowering:
             if int8 == "u8u8":
                 _unsigned_weight(model.graph, node)
             result.kernels[layer] = f"Q/DQ (onnxruntime fuses it into {_fused_from_qdq(node).split()[0]})"
-        elif kernel == "MatMulNBits" and weight.spec.granularity == "group" and activation is None \
-                and weight.spec.element.bits == 4:
+        elif kernel == "MatMulNBits" and weight.spec.granularity == "group" and activation is None:
             result.kernels[layer] = "blocked 4-bit DequantizeLinear (onnxruntime fuses it into MatMulNBits)"
         else:
             result.simulated[layer] = _why_simulated(node, weight, activation) if kernel is None else \
@@ -107,8 +104,6 @@ def _choose(node: ir.Node, weight: WeightAnnotation, activation: ActivationAnnot
         if spec.granularity in ("group", "channel"):
             return "MatMulNBits"
         return None
-    if spec.format == "int8" and activation is None and spec.granularity in ("group", "channel"):
-        return "MatMulNBits"  # 8-bit codes (bits=8): weight-only W8A16, e.g. the LM head head=8bit keeps
     if spec.format == "int8" and spec.granularity in ("channel", "tensor") and activation is not None:
         if activation.spec.format == "int8" and not activation.spec.dynamic:
             return "QDQ"
@@ -144,9 +139,7 @@ def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: WeightAnnotation,
     graph = model.graph
     codes, scale, zero, _ = weight_parts(node)
     k, n = codes.shape
-    bits = weight.spec.element.bits
-    middle = 2 ** (bits - 1)  # MatMulNBits' default zero point, and the shift of signed codes to unsigned
-    offset = 0 if weight.spec.format.startswith("uint") else middle
+    offset = 0 if weight.spec.format == "uint4" else 8
     unsigned = codes.astype(np.int16) + offset
     if weight.spec.granularity == "group":
         block = weight.spec.group_size
@@ -159,16 +152,13 @@ def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: WeightAnnotation,
         zeros = None
     blocks = -(-k // block)
     if zeros is None:
-        zeros = np.full((blocks, n), middle, np.int16)  # the default zero point, stored explicitly
+        zeros = np.full((blocks, n), 8, np.int16)  # MatMulNBits' default zero point, stored explicitly
     padded = np.empty((blocks * block, n), np.int16)
     padded[:k] = unsigned
     padded[k:] = np.repeat(zeros[-1:], blocks * block - k, axis=0)  # dequantizes to zero
     columns = padded.T.reshape(n, blocks, block).astype(np.uint8)
-    if bits == 8:
-        packed, zero_bytes = columns, np.ascontiguousarray(zeros.T.astype(np.uint8)).reshape(-1)
-    else:
-        packed = pack(columns.reshape(-1), 4).reshape(n, blocks, block // 2)
-        zero_bytes = np.stack([pack(zeros[:, i].astype(np.uint8), 4) for i in range(n)]).reshape(-1)
+    packed = pack(columns.reshape(-1), 4).reshape(n, blocks, block // 2)
+    zero_bytes = np.stack([pack(zeros[:, i].astype(np.uint8), 4) for i in range(n)]).reshape(-1)
     base = node.inputs[1].name
     inputs = [node.inputs[0],
               add_initializer(graph, f"{base}_nbits", packed),
@@ -176,7 +166,7 @@ def _to_matmul_nbits(model: ir.Model, node: ir.Node, weight: WeightAnnotation,
               add_initializer(graph, f"{base}_nbits_zeros", zero_bytes)]
     level = 4 if activation is not None else 0
     replacement = ir.node("MatMulNBits", inputs, domain=MS_DOMAIN, name=unique_node_name(graph, f"{node.name}_nbits"),
-                          attributes={"K": k, "N": n, "bits": bits, "block_size": block, "accuracy_level": level})
+                          attributes={"K": k, "N": n, "bits": 4, "block_size": block, "accuracy_level": level})
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     if activation is not None:
         # MatMulNBits quantizes its input itself; read the float activation, not the simulated one.
