@@ -337,24 +337,17 @@ def run_command(artifact_dir, inputs, output, debug) -> None:
         import numpy as np
 
         from qcompiler.artifact import open_artifact
-        from qcompiler.calibration import data as calib_data
-        from qcompiler.decoding import cache_layout, complete_feeds
+        from qcompiler.decoding import PAST_PATTERN
         from qcompiler.runtime import run_batches
 
         path, manifest = open_artifact(artifact_dir)
-        if not inputs.endswith(".npz"):
-            raise QCompilerError(f"qcompile run takes an .npz of named input arrays, and '{inputs}' is not one "
-                                 "(text goes to 'qcompile eval --data' or 'qcompile generate --prompt').")
         if output and os.path.exists(output):
             raise QCompilerError(f"'{output}' exists; qcompiler will not overwrite it.")
         model = _load_onnx(path)
-        data = calib_data.from_npz(inputs, batch_size=1 << 30)
-        given = ", ".join(f"{name} {list(value.shape)} {value.dtype}" for name, value in data.batches[0].items())
-        layout = cache_layout(model)
-        if layout is not None:  # a causal LM's prompt: the cache starts empty, positions follow the mask
-            data.batches = [complete_feeds(layout, batch) for batch in data.batches]
-        calib_data.validate(data, model, what=f"the inputs in '{inputs}'")
-        results = run_batches(_session(artifact_dir, manifest, model), data.batches)[0]
+        feeds = _npz_feeds(inputs, model, "qcompile run")
+        given = ", ".join(f"{name} {list(value.shape)} {value.dtype}" for name, value in feeds.items()
+                          if not PAST_PATTERN.match(name))
+        results = run_batches(_session(artifact_dir, manifest, model), [feeds])[0]
         stdout.print(f"ran the {manifest.get('backend')} artifact '{artifact_dir}' ({manifest.get('pipeline', '')}) "
                      f"on {given}", highlight=False, soft_wrap=True)
         if output:
@@ -434,19 +427,25 @@ def bench_command(artifact_dir, reference, batch, sequence, inputs, runs, decode
     _guard(debug, action)
 
 
-def _bench_inputs(path: str, model, static: tuple[int, int] | None) -> dict:
-    """The feeds ``bench --inputs`` times: every sample of the .npz in one run, checked against the model."""
+def _npz_feeds(path: str, model, command: str) -> dict:
+    """Every sample of an .npz of named arrays as one batch for ``model``, checked, with a causal LM's cache filled."""
     from qcompiler.calibration import data as calib_data
     from qcompiler.decoding import cache_layout, complete_feeds
 
     if not path.endswith(".npz"):
-        raise QCompilerError(f"--inputs takes an .npz of named input arrays, and '{path}' is not one.")
+        raise QCompilerError(f"{command} takes an .npz of named input arrays, and '{path}' is not one (text goes to "
+                             "'qcompile eval --data' or 'qcompile generate --prompt').")
     data = calib_data.from_npz(path, batch_size=1 << 30)
     layout = cache_layout(model)
-    if layout is not None:
+    if layout is not None:  # a causal LM's prompt: the cache starts empty, positions follow the mask
         data.batches = [complete_feeds(layout, batch) for batch in data.batches]
     calib_data.validate(data, model, what=f"the inputs in '{path}'")
-    feeds = data.batches[0]
+    return data.batches[0]
+
+
+def _bench_inputs(path: str, model, static: tuple[int, int] | None) -> dict:
+    """The feeds ``bench --inputs`` times: every sample of the .npz in one run, at a fixed-shape library's shape."""
+    feeds = _npz_feeds(path, model, "bench --inputs")
     if static is not None and next(iter(feeds.values())).shape[:2] != tuple(static):
         raise QCompilerError(f"The library is built for batch x sequence {static[0]}x{static[1]}, and the arrays in "
                              f"'{path}' are {'x'.join(map(str, next(iter(feeds.values())).shape[:2]))}.")
