@@ -8,8 +8,10 @@ Meanings come from each option's declaration (`qcompiler.options.option`).
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
+import types
 import typing
 from typing import Any
 
@@ -107,21 +109,23 @@ def _options(owner: str, options: type) -> list[Table]:
         table.add_column(header, no_wrap=header in ("option", "default"))
     parents = {f.name: f for base in options.__mro__[1:] if dataclasses.is_dataclass(base)
                for f in dataclasses.fields(base)}
+    hints = typing.get_type_hints(options)
     for item in fields:
         meaning = option_help(item) or option_help(parents.get(item.name, item))
         default = "auto" if item.default is None else format_option_value(item.default) or '""'
-        table.add_row(item.name, _values(item.type), default, meaning)
+        table.add_row(item.name, _values(hints[item.name]), default, meaning)
     return [table]
 
 
 def _values(hint: Any) -> str:
-    """An option's type as a user writes it: ``rtn|mse|gptq``, ``int``, ``globs``."""
-    if isinstance(hint, str):
-        hint = hint.replace("typing.", "")
-        if hint.startswith("Literal["):
-            return "|".join(part.strip(" '\"") for part in hint[len("Literal["):].split("]")[0].split(","))
-        return hint.replace(" | None", "").replace("tuple[str, ...]", "globs").replace("Sequence[tuple[int, int]]",
-                                                                                     "BxS list")
+    """An option's type as a user writes it: ``rtn|mse|gptq``, ``int``, ``globs``, ``BxS list``."""
+    args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
     if typing.get_origin(hint) is typing.Literal:
-        return "|".join(map(str, typing.get_args(hint)))
+        return "|".join(map(str, args))
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return _values(args[0])  # an optional option: None means "auto"
+    if typing.get_origin(hint) is tuple:
+        return "globs"
+    if typing.get_origin(hint) in (collections.abc.Sequence, list):
+        return "BxS list"
     return getattr(hint, "__name__", str(hint))
