@@ -141,6 +141,14 @@ def _recipe(n: int) -> tuple[Factor, ...] | None:
     return None
 
 
+def is_sylvester(matrix: np.ndarray) -> bool:
+    """Whether ``matrix`` is ``H_s / sqrt(s)`` for a power of two ``s``: then it splits as ``H_u kron H_(s/u)``."""
+    s = matrix.shape[0]
+    if matrix.shape != (s, s) or s & (s - 1):
+        return False
+    return bool(np.allclose(matrix * math.sqrt(s), hadamard_matrix(s), atol=1e-6))
+
+
 @functools.lru_cache(maxsize=32)
 def hadamard_matrix(n: int) -> np.ndarray:
     """A +-1 matrix H with H H^T = n I, as int8 to keep the cache small.

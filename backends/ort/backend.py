@@ -13,6 +13,7 @@ import onnx_ir as ir
 from qcompiler.backend import Backend, LowerContext, Lowered, register_backend
 from qcompiler.decoding import cache_layout
 from qcompiler.genai_config import genai_files
+from qcompiler.online_rotation import balance_rotations
 from qcompiler.options import option
 
 QDQ_NOTE = ("qdq dialect: onnxruntime fuses blocked 4-bit DequantizeLinear + MatMul into MatMulNBits at load and by "
@@ -52,6 +53,7 @@ class OrtBackend(Backend):
     def lower(self, model: ir.Model, ctx: LowerContext) -> Lowered:
         from qcompiler.backends.ort.lower import lower, qdq_dialect
 
+        balance_rotations(model)  # onnxruntime multiplies both factors densely: balanced sizes cost least
         int8 = saturation_free_layout() if self.options.int8 == "auto" else self.options.int8
         lowering = qdq_dialect(model, int8) if self.options.dialect == "qdq" else lower(model, int8)
         notes = [QDQ_NOTE] if self.options.dialect == "qdq" else []

@@ -28,17 +28,9 @@ import tvm
 from tvm.script import tirx as T
 
 from qcompiler.backends.tvm.int4_matmul import default_target
-from qcompiler.hadamard import hadamard_matrix
+from qcompiler.hadamard import hadamard_matrix, is_sylvester
 
 DENSE_WIDTH = 16  # inner dense width when all of A kron B is Sylvester: one AVX-512 float32 vector
-
-
-def is_sylvester(matrix: np.ndarray) -> bool:
-    """Whether ``matrix`` is ``H_s / sqrt(s)`` for a power of two ``s``: only then is the butterfly exact."""
-    s = matrix.shape[0]
-    if matrix.shape != (s, s) or s & (s - 1):
-        return False
-    return bool(np.allclose(matrix * math.sqrt(s), hadamard_matrix(s), atol=1e-6))
 
 
 def fast_kernel(rows: int, a: int, b: int) -> tvm.tirx.PrimFunc:
