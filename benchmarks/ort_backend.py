@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/ort_backend.py [--write] [--runs N]
 
-Batch 8 x 128 tokens, onnxruntime on this machine's cores, every model in one process
+Batches of 8 x 128 and 1 x 128 tokens, onnxruntime on this machine's cores, every model in one process
 with runs interleaved; the figure that matters is each median's ratio to FP32's. Linear
 weight bytes count the initializers that linear kernels read (codes, scales, zero
 points), not the embedding tables. Also the end-to-end compile time of
@@ -33,6 +33,7 @@ from qcompiler.compiler import compile as run_compile  # noqa: E402
 
 OURS = {"w8a8": "w8a8", "rotate,w8a8": "rotate,w8a8", "w8a8-dyn": "w8a8-dyn", "w4a16": "w4a16",
         "w4a8": "w4a8", "rotate,w4a8 (gptq)": "rotate,w4a8(weights=gptq,act_order=true,damp=0.1)"}
+SHAPES = ((8, 128), (1, 128))  # (batch, tokens): a serving batch and a single request
 LINEAR_OPS = {"MatMul", "MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DequantizeLinear", "Gemm"}
 
 
@@ -82,14 +83,15 @@ def main() -> None:
     run_compile("minilm", "smooth,rotate,w4a8", backend="ort", output=folder / "e2e", verify=True)
     end_to_end = time.perf_counter() - tick
 
-    feeds = synthetic_feeds(fp32, 8, 128)
-    latency = compare_latency(models, feeds, args.runs)
+    latency = {shape: compare_latency(models, synthetic_feeds(fp32, *shape), args.runs) for shape in SHAPES}
     fp32_bytes = linear_weight_bytes(fp32)
-    lines = ["| model | median ms | latency / fp32 | linear weight MB | bytes / fp32 |", "|---|---:|---:|---:|---:|"]
+    header = "".join(f" {b}x{s} ms | {b}x{s} / fp32 |" for b, s in SHAPES)
+    lines = [f"| model |{header} linear weight MB | bytes / fp32 |", "|---|" + "---:|" * (2 * len(SHAPES) + 2)]
     for name, model in models.items():
         size = linear_weight_bytes(model)
-        lines.append(f"| {name} | {latency[name]['median_ms']:.1f} | {latency[name]['ratio']:.2f} | "
-                     f"{size / 1e6:.1f} | {size / fp32_bytes:.2f} |")
+        cells = "".join(f" {latency[shape][name]['median_ms']:.1f} | {latency[shape][name]['ratio']:.2f} |"
+                        for shape in SHAPES)
+        lines.append(f"| {name} |{cells} {size / 1e6:.1f} | {size / fp32_bytes:.2f} |")
     lines += ["", f"Compile time, `qcompile minilm --passes smooth,rotate,w4a8 --backend ort` end to end (capture, "
                   f"normalize, calibration, verification, lowering, writing): {end_to_end:.1f} s. Per pipeline above "
                   "(from the normalized model, without verification): "
@@ -98,7 +100,7 @@ def main() -> None:
     print(table)
     if args.write:
         stamp = machine_stamp(".venv/bin/python benchmarks/ort_backend.py --write") + (
-            f" MiniLM, batch 8 x 128 tokens, {args.runs} interleaved runs per model in one process.")
+            f" MiniLM, batches of 8 x 128 and 1 x 128 tokens, {args.runs} interleaved runs per model in one process.")
         replace_section("ort-backend", "ORT backend: latency and size (MiniLM)", f"{stamp}\n\n{table}")
 
 

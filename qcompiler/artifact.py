@@ -203,16 +203,21 @@ def write(target: Path, lowered: Lowered, report: Report, details: dict, trace: 
         figures = write_figures(staging, trace, sqnr)
         (staging / "report.md").write_text(report_markdown(details, table.file.getvalue(), figures), encoding="utf-8")
         record_files(staging, details)
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, target)
+        replace_dir(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def replace_dir(staged: Path, target: Path) -> None:
+    """Move the complete directory ``staged`` (a sibling of ``target``) into place, retiring what was there."""
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, retired / target.name)
+        os.replace(staged, target)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staged, target)
 
 
 def open_artifact(folder: str | os.PathLike) -> tuple[Path, dict]:

@@ -124,9 +124,16 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -
 @click.option("--int8", "int8", type=click.Choice(option_choices("ort", "int8")),
               help="With --backend ort: the int8 GEMM layout (default auto: u8s8 where this CPU has VNNI, else u8u8, "
                    "which does not saturate).")
+@click.option("--search", "search_target", help="Choose the pipeline: the fastest candidate on --backend whose held-out "
+              "fidelity meets this target, e.g. 'cos>=0.998' (sentence embeddings) or 'top1>=0.95', 'kl<=0.05', "
+              "'ppl<=1.05' (causal LMs). Replaces --passes.")
+@click.option("--budget", help="With --search: time for the compiles, e.g. 900, 90s, 20m, 1h (default: no limit).")
+@click.option("--best-effort", is_flag=True, help="With --search: when no candidate meets the target, write the "
+              "closest one instead of refusing.")
 @_calibration_options
 def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, artifact_format,
-                    target, shape, dialect, int8, calib, tokenizer, batch_size, max_length, debug) -> None:
+                    target, shape, dialect, int8, search_target, budget, best_effort, calib, tokenizer, batch_size,
+                    max_length, debug) -> None:
     """Compile MODEL (ONNX file, Hugging Face folder, or 'minilm') through a pass pipeline."""
     from qcompiler.compiler import compile as run_compile
 
@@ -134,6 +141,13 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
         from qcompiler.progress import configure_console
 
         configure_console(quiet)
+        if search_target is not None:
+            _search(model, search_target, passes, output, force, no_normalize, artifact_format, backend,
+                    {"dialect": dialect, "int8": int8, "target": target, "shape": shape}, budget, best_effort, calib,
+                    tokenizer, batch_size, max_length, quiet)
+            return
+        if budget is not None or best_effort:
+            raise QCompilerError("--budget and --best-effort belong to --search, which was not given.")
         chosen_backend = backend
         if artifact_format == "compressed-tensors":
             source = click.get_current_context().get_parameter_source("backend")
@@ -164,6 +178,47 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
             stdout.print(f"wrote {result.output}/ ({files})")
 
     _guard(debug, action)
+
+
+def _search(model, target, passes, output, force, no_normalize, artifact_format, backend, given, budget, best_effort,
+            calib, tokenizer, batch_size, max_length, quiet) -> None:
+    """``--search``: run the recipe search, print its frontier, write the winner."""
+    from qcompiler.recipe_search import TargetNotMet, search
+
+    if passes:
+        raise QCompilerError("--search chooses the passes itself; give --passes or --search, not both.")
+    if no_normalize or artifact_format != "onnx":
+        raise QCompilerError("--search starts from the normalized model and writes an ONNX artifact; it takes no "
+                             f"{'--no-normalize' if no_normalize else '--format ' + artifact_format}.")
+    options = {name: value for name, value in given.items() if value is not None}
+    try:
+        result = search(model, target, calib=calib, tokenizer=tokenizer, backend=backend, budget=budget, output=output,
+                        force=force, best_effort=best_effort, batch_size=batch_size, max_length=max_length,
+                        log=(lambda _: None) if quiet else console.print, **options)
+    except TargetNotMet as refused:
+        _print_frontier(refused.result)
+        raise
+    if not quiet:
+        _print_frontier(result)
+        chosen = result.winner
+        met = "meets" if result.target.met(chosen.value) else "is the closest to (best effort)"
+        stdout.print(f"chose {chosen.pipeline}: {result.target.metric.name} {chosen.value:.5f} {met} {result.target}, "
+                     f"{chosen.latency_ratio:.2f}x FP32 latency on {result.backend}; wrote {result.output}/ "
+                     "(search.json, search.png, report.md)", highlight=False, soft_wrap=True)
+
+
+def _print_frontier(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"recipe search: {result.target} on {result.backend}, latency at "
+                        f"{result.shape[0]}x{result.shape[1]} ({len(result.trials)} trials, {result.seconds:.0f} s)")
+    for index, column in enumerate(result.columns()):
+        table.add_column(column, justify="left" if index in (0, 6) else "right")
+    for row in result.rows():
+        table.add_row(*row)
+    stdout.print(table)
+    if result.unexplored:
+        stdout.print(f"left unexplored by the budget: {', '.join(result.unexplored)}", highlight=False, soft_wrap=True)
 
 
 @main.command("passes")

@@ -66,7 +66,8 @@ class PassManager:
         checking = self.verify and self.holdout is not None
         if self.verify and self.holdout is None:
             report.notes.append("outputs were not verified: no calibration data to hold out")
-        previous = self._outputs(model) if checking else None
+        # The reference outputs also score the compiled model's fidelity, verified or not.
+        previous = self._outputs(model) if self.holdout is not None else None
         self.reference_outputs = previous
         ctx = PassContext(self.engine, self.holdout, report, log=self.log, show_progress=self.progress)
         for index, pass_ in enumerate(self.passes):
