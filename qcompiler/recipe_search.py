@@ -260,8 +260,8 @@ def refinements(pipeline: str) -> list[str]:
     return [",".join([*transforms, f"{preset}({options})"]) for options in REFINEMENTS]
 
 
-def search(model: Any, target: str | Target, *, calib: Any = None, tokenizer: str | os.PathLike | None = None,
-           backend: str = "ort", budget: str | float | None = None, output: str | os.PathLike | None = None,
+def search(model: Any, target: str | Target, *, example_inputs: Any = None, calib: Any = None,
+           tokenizer: str | os.PathLike | None = None, backend: str = "ort", budget: str | float | None = None, output: str | os.PathLike | None = None,
            force: bool = False, best_effort: bool = False, transforms: Iterable[str] = TRANSFORMS,
            presets: Iterable[str] = PRESETS, refine: bool = True, shape: tuple[int, int] = DEFAULT_SHAPE,
            runs: int = 20, batch_size: int = 8, max_length: int = 128,
@@ -269,7 +269,9 @@ def search(model: Any, target: str | Target, *, calib: Any = None, tokenizer: st
            log: Callable[[str], None] = logger.info, **backend_options: Any) -> SearchResult:
     """Search pipelines for the fastest one meeting ``target`` on ``backend``; write it to ``output`` if given.
 
-    ``budget`` (seconds, or ``"20m"``) bounds the compiles: no trial starts once it is
+    ``model``, ``example_inputs``, ``calib`` and ``tokenizer`` are what `qcompiler.compile` takes.
+    ``transforms`` and ``presets`` span the first round; ``shape`` is the (batch, sequence)
+    timed where the artifact takes any; ``runs`` the timed runs per trial. ``budget`` (seconds, or ``"20m"``) bounds the compiles: no trial starts once it is
     spent, and the ones left out are listed. ``map_trials(run_trial, specs)`` runs a round
     of trials (default: one after another, here); a distributed runner passes its own.
     Raises `TargetNotMet` when nothing meets the target, unless ``best_effort``, which
@@ -284,7 +286,9 @@ def search(model: Any, target: str | Target, *, calib: Any = None, tokenizer: st
         artifact.check_output_dir(target_dir, force)
     work = Path(tempfile.mkdtemp(prefix="qcompiler-search-"))
     try:
-        source = load(model)
+        source = load(model, example_inputs)
+        if source is model:  # an ir.Model the caller holds: normalize a copy, not their graph
+            source = ir.from_proto(ir.to_proto(model))
         causal = cache_layout(source) is not None
         if goal.metric.causal != causal:
             kind = "a causal LM" if causal else "a model without a KV cache"
