@@ -6,8 +6,9 @@ on the layer's module path (``encoder.layer.3.output.dense``), node name or weig
 ``override=*output.dense*:w8a8`` gives them another preset (several with ``;``).
 ``fallback=0.25`` keeps up to that share of the linears' weight parameters at
 ``fallback_preset`` (default ``w8a16`` for weight-only presets, else ``w8a8-dyn``),
-filled with the linears whose round-to-nearest weights move the model's outputs most per
-parameter on calibration data (`qcompiler.quant.sensitivity`). The ``Q^T``
+filled with the linears whose round-to-nearest weights (under 8-bit weights with static
+activations: whose static input ranges) move the model's outputs most per parameter on
+calibration data (`qcompiler.quant.sensitivity`). The ``Q^T``
 MatMuls that ``rotate`` inserts in front of graph outputs stay float.
 
 The weight quantizer is ``rtn``, ``mse`` (clipping search), ``gptq`` (``X^T X`` of each
@@ -53,7 +54,7 @@ from qcompiler.quant import awq, kv_cache, weights
 from qcompiler.quant.annotation import ActivationAnnotation, LayerAnnotation, WeightAnnotation
 from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
-from qcompiler.quant.sensitivity import SensitivityRow, output_sensitivity
+from qcompiler.quant.sensitivity import SensitivityRow, activation_sensitivity, output_sensitivity
 from qcompiler.quant.simulate import dequantized_weight, per_consumer, quantized_activation, stores_codes
 from qcompiler.quant.spec import sqnr_db
 from qcompiler.registry import register
@@ -131,9 +132,11 @@ class QuantizeOptions:
         if not 0 <= self.fallback <= 1:
             raise ValueError(f"fallback is the share of weight parameters kept at higher precision, in [0, 1], "
                              f"not {self.fallback}")
-        if self.fallback and preset_scheme(self.preset).weight.element.bits >= 8:
-            raise ValueError(f"fallback ranks linears by the damage of rounding their weights below 8 bits; "
-                             f"{self.preset} already stores 8-bit weights")
+        scheme = preset_scheme(self.preset)
+        if self.fallback and scheme.weight.element.bits >= 8 and (scheme.activation is None
+                                                                  or scheme.activation.dynamic):
+            raise ValueError(f"fallback ranks linears by the damage of rounding their weights below 8 bits or of "
+                             f"their static activation ranges; {self.preset} has neither")
         if self.fallback_preset:
             preset_scheme(self.fallback_preset)
         if not 0 < self.percentile <= 100:
@@ -287,27 +290,26 @@ class Quantize(Pass):
                    plans: list[LayerPlan]) -> tuple[list[LayerPlan], list[SensitivityRow]]:
         """Move the linears that buy the most fidelity per byte to the fallback preset, up to the ``fallback`` share.
 
-        Each linear is scored alone with round-to-nearest weights under its own scheme: the
-        ranking needs the relative damage of each layer, not the final quantizer's figure,
-        and RTN keeps the search to one model run per batch per linear. Linears are taken in
-        order of damage per parameter while they fit the budget: on MiniLM that beats
-        taking the most damaging linears first at equal bytes (0.9967 against 0.9950), as
-        small value projections come before large FFN matrices. Linears an ``override``
-        placed keep the user's preset and are not ranked.
+        Each linear is scored alone: with round-to-nearest weights under its own scheme where
+        weights go below 8 bits, else (8-bit weights, static activations: ``w8a8``) with only
+        its input rounded to the static range its observer gives. The ranking needs the
+        relative damage of each layer, not the final quantizer's figure, and this keeps the
+        search to one model run per batch per linear. Linears are taken in order of damage
+        per parameter while they fit the budget: on MiniLM at 4 bits that beats taking the
+        most damaging linears first at equal bytes (0.9967 against 0.9950), as small value
+        projections come before large FFN matrices. Linears an ``override`` placed keep the
+        user's preset and are not ranked.
         """
         candidates = [p for p in plans if p.preset == self.options.preset]
-        trials = {}
-        for plan in candidates:
-            weight = plan.linear.as_matrix(constant_array(plan.linear.weight).astype(np.float32))
-            rounded = weights.rtn(weight, plan.scheme.weight).dequantize()
-            trials[plan.linear.weight.name] = plan.linear.from_matrix(rounded)
+        size = {id(p.linear.node): int(np.prod(constant_array(p.linear.weight).shape)) for p in candidates}
         batches = ctx.batches()
         spread = batches[::max(1, len(batches) // SENSITIVITY_BATCHES)][:SENSITIVITY_BATCHES]
-        with ctx.progress("fallback ranking", len(trials)) as advance:
-            scores = output_sensitivity(model, trials, spread, advance)
-        size = {id(p.linear.node): trials[p.linear.weight.name].size for p in candidates}
-        ranked = sorted(candidates, key=lambda p: scores[p.linear.weight.name] / size[id(p.linear.node)],
-                        reverse=True)
+        with ctx.progress("fallback ranking", len(candidates)) as advance:
+            if self.scheme().weight.element.bits < 8:
+                scores = self._weight_damage(model, candidates, spread, advance)
+            else:
+                scores = self._activation_damage(model, ctx, candidates, spread, advance)
+        ranked = sorted(candidates, key=lambda p: scores[id(p.linear.node)] / size[id(p.linear.node)], reverse=True)
         budget = self.options.fallback * sum(size.values())
         chosen, spent = set(), 0
         for plan in ranked:
@@ -317,9 +319,37 @@ class Quantize(Pass):
         preset = self.fallback_preset()
         moved = [LayerPlan(p.linear, self.scheme(preset), preset) if id(p.linear.node) in chosen else p
                  for p in plans]
-        table = [SensitivityRow(p.linear.layer, scores[p.linear.weight.name], size[id(p.linear.node)],
+        table = [SensitivityRow(p.linear.layer, scores[id(p.linear.node)], size[id(p.linear.node)],
                                 preset if id(p.linear.node) in chosen else p.preset) for p in ranked]
         return moved, table
+
+    def _weight_damage(self, model: ir.Model, candidates: list[LayerPlan], batches: list,
+                       advance) -> dict[int, float]:
+        """Per linear (by node id): the output error with only its weight rounded to nearest."""
+        trials, node_of = {}, {}
+        for plan in candidates:
+            weight = plan.linear.as_matrix(constant_array(plan.linear.weight).astype(np.float32))
+            rounded = weights.rtn(weight, plan.scheme.weight).dequantize()
+            trials[plan.linear.weight.name] = plan.linear.from_matrix(rounded)
+            node_of[plan.linear.weight.name] = id(plan.linear.node)
+        scores = output_sensitivity(model, trials, batches, advance)
+        return {node_of[name]: score for name, score in scores.items()}
+
+    def _activation_damage(self, model: ir.Model, ctx: PassContext, candidates: list[LayerPlan], batches: list,
+                           advance) -> dict[int, float]:
+        """Per linear (by node id): the output error with only its input rounded to its static range."""
+        stats = ctx.statistics(model, list(dict.fromkeys(p.linear.input.name for p in candidates)))
+        index = {id(node): i for i, node in enumerate(model.graph)}
+        quantizers = {}
+        for plan in candidates:
+            spec = plan.scheme.activation
+            bounds = observe_range(stats[plan.linear.input.name], spec, self.options.percentile)
+            quantizers[index[id(plan.linear.node)]] = (
+                lambda graph, x, spec=spec, bounds=bounds, layer=plan.linear:
+                quantized_activation(graph, x, spec, bounds, layer.in_channels, layer.channel_axis))
+        scores = activation_sensitivity(model, quantizers, batches, advance)
+        node_at = {i: node_id for node_id, i in index.items()}
+        return {node_at[i]: score for i, score in scores.items()}
 
     def _refresh(self, graph: ir.Graph, plans: list[LayerPlan]) -> list[LayerPlan]:
         """Linears again after AWQ rewrote weights (a copied weight is a new value)."""

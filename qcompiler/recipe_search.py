@@ -7,8 +7,10 @@ The user states what they need (``cos>=0.998``: held-out mean sentence-embedding
 the transforms and the precision. Candidates are pipelines: each transform recipe
 (none, ``smooth``, ``rotate``, ``smooth,rotate``) under each preset (int8 static, int8
 dynamic, W4A8, W4A16); then, for the fastest candidates that missed the target,
-refinements of their 4-bit layers (GPTQ rounding; the most output-sensitive linears moved
-to 8 bits by ``fallback``, the quantize pass's measured per-layer ranking).
+refinements of their quantize step, per layer where it counts: 4-bit presets get GPTQ
+rounding and their most output-sensitive linears at 8 bits, static int8 gets a clipping
+observer and its most sensitive linears on dynamic activations (``fallback``, the quantize
+pass's measured per-layer ranking).
 
 Every trial is one call of `run_trial` (a picklable spec in, a picklable result out, an
 artifact folder on disk) so a distributed runner can map it unchanged; fidelity is the
@@ -51,10 +53,15 @@ from qcompiler.progress import logger
 
 TRANSFORMS = ("", "smooth", "rotate", "smooth,rotate")
 PRESETS = ("w8a8", "w8a8-dyn", "w4a8", "w4a16")
-SUB_8BIT = ("w4a8", "w4a16")
-# Per 4-bit candidate that missed the target: better rounding, then a growing share of
-# its most sensitive weights at 8 bits.
-REFINEMENTS = ("weights=gptq", "fallback=0.1", "weights=gptq,fallback=0.1", "fallback=0.3")
+# Per candidate that missed the target, by its preset: for 4-bit weights better rounding,
+# then a growing share of the most sensitive weights at 8 bits; for static int8 activations
+# a range observer that clips, then a growing share of the most sensitive linears on
+# dynamic per-token activations (the quantize pass's measured ``fallback`` ranking).
+REFINEMENTS = {
+    "w4a8": ("weights=gptq", "fallback=0.1", "weights=gptq,fallback=0.1", "fallback=0.3"),
+    "w4a16": ("weights=gptq", "fallback=0.1", "weights=gptq,fallback=0.1", "fallback=0.3"),
+    "w8a8": ("observer=mse", "fallback=0.1", "fallback=0.25", "fallback=0.5"),
+}
 REFINED_BASES = 3  # the fastest misses refined
 DEFAULT_SHAPE = (8, 128)
 OUT_OF_BUDGET = "not started: the search budget was spent"
@@ -253,11 +260,9 @@ def candidates(transforms: Iterable[str] = TRANSFORMS, presets: Iterable[str] = 
 
 
 def refinements(pipeline: str) -> list[str]:
-    """Variants of a 4-bit pipeline's quantize step: GPTQ rounding, sensitive layers at 8 bits."""
+    """Variants of a first-round pipeline's quantize step (`REFINEMENTS`); none for a dynamic int8 preset."""
     *transforms, preset = pipeline.split(",")
-    if preset not in SUB_8BIT:
-        return []
-    return [",".join([*transforms, f"{preset}({options})"]) for options in REFINEMENTS]
+    return [",".join([*transforms, f"{preset}({options})"]) for options in REFINEMENTS.get(preset, ())]
 
 
 def search(model: Any, target: str | Target, *, example_inputs: Any = None, calib: Any = None,

@@ -52,7 +52,8 @@ def test_every_candidate_is_a_valid_pipeline():
     pipelines = candidates()
     assert len(pipelines) == 16 and "smooth,rotate,w4a8" in pipelines and "w8a8" in pipelines
     refined = [r for p in pipelines for r in refinements(p)]
-    assert len(refined) == 8 * 4 and not refinements("rotate,w8a8")  # only 4-bit weights are refined
+    assert len(refined) == 12 * 4 and not refinements("rotate,w8a8-dyn")  # dynamic int8 has no finer step
+    assert "smooth,w8a8(fallback=0.25)" in refined and "rotate,w4a8(weights=gptq)" in refined
     for pipeline in pipelines + refined:
         parse_pipeline(pipeline)
 

@@ -131,6 +131,23 @@ def test_fallback_ranking_picks_the_linears_worth_the_bytes(normalized_files, mi
     assert cosine(chosen) - cosine(plain) > 4 * (cosine(spent_on_the_least) - cosine(plain))
 
 
+def test_static_int8_fallback_moves_the_linears_whose_ranges_hurt_most_to_dynamic(normalized_files,
+                                                                                  minilm_calibration):
+    """w8a8(fallback=...) ranks by the damage of each linear's static input range alone, measured."""
+    chosen = quantize(ir.load(normalized_files("minilm")), "w8a8(fallback=0.25)", minilm_calibration)
+    ranking = chosen.findings
+    density = [row.rtn_output_error / row.parameters for row in ranking]
+    assert density == sorted(density, reverse=True) and density[-1] > 0
+    moved = [row for row in ranking if row.preset == "w8a8-dyn"]
+    assert moved and sum(r.parameters for r in moved) <= 0.25 * sum(r.parameters for r in ranking)
+    layers = {layer["linear"]: layer["preset"] for layer in chosen.details["layers"]}
+    assert all(layers[row.linear] == row.preset for row in ranking)
+    least = ";".join(f"{row.linear}:w8a8-dyn" for row in ranking[-len(moved):])
+    spent_on_the_least = quantize(ir.load(normalized_files("minilm")), f"w8a8(override={least})", minilm_calibration)
+    plain = quantize(ir.load(normalized_files("minilm")), "w8a8", minilm_calibration)
+    assert cosine(chosen) > cosine(plain) + 0.001 and cosine(chosen) > cosine(spent_on_the_least) + 0.001
+
+
 def test_minilm_fidelity_and_what_helps(normalized_files, minilm_calibration):
     def run(pipeline):
         return cosine(quantize(ir.load(normalized_files("minilm")), pipeline, minilm_calibration))
@@ -155,7 +172,8 @@ def test_minilm_fidelity_and_what_helps(normalized_files, minilm_calibration):
     ("w4a16(fallback=-0.1)", "share of weight parameters"),
     ("w4a16(fallback=2)", "share of weight parameters"),
     ("w4a16(fallback=0.2,fallback_preset=w9)", "unknown quantization preset"),
-    ("w8a8(fallback=0.2)", "already stores 8-bit weights"),
+    ("w8a8-dyn(fallback=0.2)", "has neither"),
+    ("w8a16(fallback=0.2)", "has neither"),
 ])
 def test_bad_options_are_one_sentence(pipeline, message):
     with pytest.raises(PipelineError, match=message):
