@@ -40,6 +40,9 @@ from qcompiler.registry import register
 from qcompiler.stream_rewrite import UNROTATE, center_stream, rotate_stream
 
 
+NORM_KINDS = ("layernorm", "rmsnorm")  # regions whose producer is a norm the stream rotation did not take
+
+
 @dataclass
 class RotateOptions:
     kind: Literal["hadamard", "random"] = option("hadamard", "the rotation: hadamard (QuaRot) or random orthogonal")
@@ -47,6 +50,9 @@ class RotateOptions:
     mode: Literal["auto", "offline", "online"] = option(
         "auto", "auto: absorb rotations into weights where the region allows, online Hadamard elsewhere; offline: "
                 "absorbed only; online: online everywhere")
+    online: Literal["all", "norms", "activations"] = option(
+        "all", "which regions may take an online Hadamard: all, norms (norm outputs the residual rotation could not "
+               "take) or activations (GELU outputs and gated products, before down_proj/fc2)")
 
 
 def rotate_rows(weight: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -93,6 +99,8 @@ class Rotate(Pass):
             elif region.can(ROTATE) and self.options.mode != "online":
                 self._absorb(graph, region, notes)
                 absorbed.append(f"{name} ({region.kind}{', per head' if region.kind == 'attention' else ''})")
+            elif self.options.mode != "offline" and not self._may_go_online(region):
+                skipped[name] = f"online={self.options.online} leaves {region.kind} regions unrotated"
             elif self.options.mode != "offline":
                 for value in dict.fromkeys(s.linear.input for s in region.sinks):
                     # The sinks' weights say how many channels they read, whatever the exporter's shapes say.
@@ -107,6 +115,12 @@ class Rotate(Pass):
         return PassOutcome(bool(absorbed or online or rotated),
                            {"residual": residual, "absorbed": absorbed, "online": online, "skipped": skipped,
                             "notes": notes})
+
+    def _may_go_online(self, region: Region) -> bool:
+        """``online=``: each online Hadamard costs a pair of small matmuls per token, so a user may pick where."""
+        if self.options.online == "all":
+            return True
+        return (region.kind in NORM_KINDS) == (self.options.online == "norms")
 
     def _matrix(self, n: int) -> np.ndarray:
         return orthogonal_matrix(n, self.options.kind, self.options.seed)

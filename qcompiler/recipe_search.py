@@ -4,13 +4,14 @@
 
 The user states what they need (``cos>=0.998``: held-out mean sentence-embedding cosine;
 ``top1>=0.95``, ``kl<=0.05`` or ``ppl<=1.05`` for causal LMs) and the compiler chooses
-the transforms and the precision. Candidates are pipelines: each transform recipe
-(none, ``smooth``, ``rotate``, ``smooth,rotate``) under each preset (int8 static, int8
-dynamic, W4A8, W4A16); then, for the fastest candidates that missed the target,
-refinements of their quantize step, per layer where it counts: 4-bit presets get GPTQ
-rounding and their most output-sensitive linears at 8 bits, static int8 gets a clipping
-observer and its most sensitive linears on dynamic activations (``fallback``, the quantize
-pass's measured per-layer ranking).
+the transforms and the precision. Candidates are pipelines: each transform recipe (none,
+``smooth``, ``rotate``, ``smooth,rotate``, and the last two with ``rotate(online=activations)``,
+online Hadamards only where activations are hardest: a coarse per-region choice) under
+each preset (int8 static, int8 dynamic, W4A8, W4A16); then, for the fastest candidates
+that missed the target, refinements of their quantize step, per layer where it counts:
+4-bit presets get GPTQ rounding and their most output-sensitive linears at 8 bits, static
+int8 gets a clipping observer and its most sensitive linears on dynamic activations
+(``fallback``, the quantize pass's measured per-layer ranking).
 
 Every trial is one call of `run_trial` (a picklable spec in, a picklable result out, an
 artifact folder on disk) so a distributed runner can map it unchanged; fidelity is the
@@ -51,7 +52,10 @@ from qcompiler.pipeline import format_pipeline, parse_pipeline
 from qcompiler.progress import logger
 from qcompiler.search_target import METRICS, Target, parse_budget, parse_target
 
-TRANSFORMS = ("", "smooth", "rotate", "smooth,rotate")
+# The transform recipes of the first round. rotate(online=activations) keeps only the online
+# Hadamards in front of the FFN's second linear, the costliest activations to quantize.
+TRANSFORMS = ("", "smooth", "rotate", "smooth,rotate", "rotate(online=activations)",
+              "smooth,rotate(online=activations)")
 PRESETS = ("w8a8", "w8a8-dyn", "w4a8", "w4a16")
 # Per candidate that missed the target, by its preset: for 4-bit weights better rounding,
 # then a growing share of the most sensitive weights at 8 bits; for static int8 activations
@@ -175,19 +179,20 @@ def refinements(pipeline: str) -> list[str]:
 
 
 def search(model: Any, target: str | Target, *, example_inputs: Any = None, calib: Any = None,
-           tokenizer: str | os.PathLike | None = None, backend: str = "ort", budget: str | float | None = None, output: str | os.PathLike | None = None,
-           force: bool = False, best_effort: bool = False, transforms: Iterable[str] = TRANSFORMS,
-           presets: Iterable[str] = PRESETS, refine: bool = True, shape: tuple[int, int] = DEFAULT_SHAPE,
-           runs: int = 20, batch_size: int = 8, max_length: int = 128,
+           tokenizer: str | os.PathLike | None = None, backend: str = "ort", budget: str | float | None = None,
+           output: str | os.PathLike | None = None, force: bool = False, best_effort: bool = False,
+           transforms: Iterable[str] = TRANSFORMS, presets: Iterable[str] = PRESETS, refine: bool = True,
+           shape: tuple[int, int] = DEFAULT_SHAPE, runs: int = 20, batch_size: int = 8, max_length: int = 128,
            map_trials: Callable[[Callable[[TrialSpec], TrialResult], list[TrialSpec]], list[TrialResult]] | None = None,
            log: Callable[[str], None] = logger.info, **backend_options: Any) -> SearchResult:
     """Search pipelines for the fastest one meeting ``target`` on ``backend``; write it to ``output`` if given.
 
     ``model``, ``example_inputs``, ``calib`` and ``tokenizer`` are what `qcompiler.compile` takes.
     ``transforms`` and ``presets`` span the first round; ``shape`` is the (batch, sequence)
-    timed where the artifact takes any; ``runs`` the timed runs per trial. ``budget`` (seconds, or ``"20m"``) bounds the compiles: no trial starts once it is
-    spent, and the ones left out are listed. ``map_trials(run_trial, specs)`` runs a round
-    of trials (default: one after another, here); a distributed runner passes its own.
+    timed where the artifact takes any; ``runs`` the timed runs per trial. ``budget``
+    (seconds, or ``"20m"``) bounds the compiles: no trial starts once it is spent, and the
+    ones left out are listed. ``map_trials(run_trial, specs)`` runs a round of trials
+    (default: one after another, here); a distributed runner passes its own.
     Raises `TargetNotMet` when nothing meets the target, unless ``best_effort``, which
     writes the closest candidate instead.
     """
@@ -350,7 +355,7 @@ def _commit(winner: Path, target: Path, result: SearchResult, source: Any, force
 
 
 def _plot(result: SearchResult, path: Path) -> bool:
-    """Fidelity against latency, one point per timed trial coloured by weight bytes, the best-so-far line, the target."""
+    """Fidelity against latency: a point per timed trial coloured by weight bytes, the best-so-far line, the target."""
     timed = sorted((t for t in result.trials if t.latency_ratio is not None and t.value is not None), key=_latency_key)
     if not timed:
         return False

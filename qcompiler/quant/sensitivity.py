@@ -81,7 +81,8 @@ def activation_sensitivity(model: ir.Model, quantizers: Mapping[int, Callable[[i
     dtype = {i.name: i.type for i in session.get_inputs()}
     closed = {name: np.zeros((), np.float16 if "float16" in dtype[name] else np.float32) for name in gates.values()}
     trials = {index: {name: np.ones((), closed[name].dtype)} for index, name in gates.items()}
-    return _score(session, [{**feeds, **closed} for feeds in batches], trials, advance)
+    feeds_list = [{**{k: v for k, v in feeds.items() if k in dtype}, **closed} for feeds in batches]
+    return _score(session, feeds_list, trials, advance)
 
 
 def _score(session, feeds_list: list[Feeds], trials: Mapping, advance: Callable[[], None]) -> dict:

@@ -130,3 +130,15 @@ def test_minilm_smooth_after_rotate_searches_the_online_regions(normalized_files
     smoothed = sum("online-rotation" in entry for entry in smooth.details["smoothed"])
     assert smoothed == sum(smooth.details["alpha"][name] is not None for name in online)
     assert online_affine_ops(model).count(["Mul"]) == smoothed
+
+
+@pytest.mark.parametrize("online, count, width", [("activations", 6, "1536"), ("norms", 13, "384")])
+def test_rotate_online_option_picks_the_regions_that_pay_for_a_hadamard(normalized_files, minilm_calibration_48,
+                                                                         online, count, width):
+    """MiniLM: GELU outputs (before the FFN's second linear) or LayerNorm outputs only; still exact."""
+    model = ir.load(normalized_files("minilm"))
+    (rotate,) = run(model, f"rotate(online={online})", minilm_calibration_48)
+    assert len(rotate.details["online"]) == count and len(rotate.details["absorbed"]) == 6
+    assert all(entry.endswith(f"(H_{'128' if width == '1536' else '32'} (Sylvester) x H_12 (Paley I, q=11))")
+               for entry in rotate.details["online"])
+    assert sum(f"online={online}" in reason for reason in rotate.details["skipped"].values()) == 19 - count
