@@ -80,14 +80,23 @@ def test_the_written_artifact_is_the_winner_with_its_frontier(searched):
 
 
 def test_an_unmet_target_writes_nothing_unless_best_effort(tmp_path):
-    out = tmp_path / "out"
+    out, space = tmp_path / "out", {**SPACE, "transforms": ("", "rotate"), "presets": ("w8a8",)}
     with pytest.raises(TargetNotMet, match="No candidate met cos>=0.99999 on ort among 2 tried") as refused:
-        search("minilm", "cos>=0.99999", output=out, **{**SPACE, "presets": ("w8a8",)})
+        search("minilm", "cos>=0.99999", output=out, **space)
     assert not out.exists() and len(refused.value.result.trials) == 2 and refused.value.result.frontier
-    result = search("minilm", "cos>=0.99999", output=out, best_effort=True, **{**SPACE, "presets": ("w8a8",)})
+    result = search("minilm", "cos>=0.99999", output=out, best_effort=True, **space)
     closest = max(result.trials, key=lambda t: t.value)
     assert result.winner is closest and not result.target.met(closest.value)
     assert json.loads((out / "manifest.json").read_text())["search"]["met"] is False
+
+
+def test_a_miss_faster_than_every_hit_is_refined_layer_by_layer():
+    """w8a8 alone misses cos>=0.995 on MiniLM; its refinements move measured linears to dynamic int8."""
+    result = search("minilm", "cos>=0.995", transforms=("",), presets=("w8a8",), runs=3)
+    assert [t.pipeline for t in result.trials] == ["w8a8", *refinements("w8a8")]
+    assert not result.target.met(result.trials[0].value)
+    assert result.winner is not None and "fallback=" in result.winner.pipeline
+    assert result.winner.value > result.trials[0].value + 0.001
 
 
 def test_a_spent_budget_leaves_candidates_unexplored():
@@ -114,7 +123,8 @@ def test_cli_refuses_bad_search_options(tmp_path, args, sentence):
 
 
 def test_cli_prints_the_frontier_when_the_target_is_not_met(tmp_path):
-    result = CliRunner().invoke(main, ["minilm", "--search", "cos>=0.99", "--budget", "0.001", "-o", str(tmp_path / "o")])
+    result = CliRunner().invoke(main, ["minilm", "--search", "cos>=0.99", "--budget", "0.001", "-o",
+                                       str(tmp_path / "o")])
     assert result.exit_code == 2 and "recipe search: cos>=0.99 on ort" in result.output
     assert "left unexplored by the budget" in result.output and "No candidate met" in result.output
     assert not (tmp_path / "o").exists()
