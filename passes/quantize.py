@@ -326,14 +326,14 @@ class Quantize(Pass):
     def _weight_damage(self, model: ir.Model, candidates: list[LayerPlan], batches: list,
                        advance) -> dict[int, float]:
         """Per linear (by node id): the output error with only its weight rounded to nearest."""
-        trials, node_of = {}, {}
+        trials, readers = {}, {}
         for plan in candidates:
             weight = plan.linear.as_matrix(constant_array(plan.linear.weight).astype(np.float32))
             rounded = weights.rtn(weight, plan.scheme.weight).dequantize()
             trials[plan.linear.weight.name] = plan.linear.from_matrix(rounded)
-            node_of[plan.linear.weight.name] = id(plan.linear.node)
+            readers.setdefault(plan.linear.weight.name, []).append(id(plan.linear.node))  # a shared weight: several
         scores = output_sensitivity(model, trials, batches, advance)
-        return {node_of[name]: score for name, score in scores.items()}
+        return {node: score for name, score in scores.items() for node in readers[name]}
 
     def _activation_damage(self, model: ir.Model, ctx: PassContext, candidates: list[LayerPlan], batches: list,
                            advance) -> dict[int, float]:

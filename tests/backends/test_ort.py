@@ -185,7 +185,8 @@ g (float[2, 8, 128] x, float[2, 8, 128] z) => (float[2, 8, 128] y) {
 """
 
 
-@pytest.mark.parametrize("preset", ["w8a8", "w8a8-dyn", "w4a16", "w4a8"])
+@pytest.mark.parametrize("preset", ["w8a8", "w8a8-dyn", "w4a16", "w4a8", "w4a16(fallback=0.5)",
+                                    "w8a8(fallback=0.5)"])
 @pytest.mark.parametrize("dialect", ["ort", "qdq"])
 def test_a_weight_read_by_two_linears_lowers_to_a_valid_model(preset, dialect):
     """Regression: both quantized copies of a shared weight were named '<w>_dq', an invalid model."""
