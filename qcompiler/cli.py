@@ -117,7 +117,7 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -
 @click.option("--target", help="With --backend tvm: the TVM target (default llvm: this CPU).")
 @click.option("--shape", callback=_parse_shape, help="With --backend tvm: BATCHxSEQUENCE, the static shape the library "
               "is built for (default 1x128); several, comma-separated (1x32,1x128), give one library with an entry per "
-              "shape.")
+              "shape. With --search on another backend: the shape candidates are timed at (default 8x128).")
 @click.option("--dialect", type=click.Choice(option_choices("ort", "dialect")),
               help="With --backend ort: ort (contrib kernels such as MatMulNBits, the default) or qdq (standard ONNX "
                    "Q/DQ, opset 21).")
@@ -191,10 +191,16 @@ def _search(model, target, passes, output, force, no_normalize, artifact_format,
         raise QCompilerError("--search starts from the normalized model and writes an ONNX artifact; it takes no "
                              f"{'--no-normalize' if no_normalize else '--format ' + artifact_format}.")
     options = {name: value for name, value in given.items() if value is not None}
+    timed = {}
+    if backend != "tvm" and "shape" in options:  # a library's shape for TVM; elsewhere the shape to time at
+        shapes = options.pop("shape")
+        if len(shapes) != 1:
+            raise QCompilerError(f"--search with --backend {backend} times one shape; give --shape BATCHxSEQUENCE once.")
+        timed["shape"] = shapes[0]
     try:
         result = search(model, target, calib=calib, tokenizer=tokenizer, backend=backend, budget=budget, output=output,
                         force=force, best_effort=best_effort, batch_size=batch_size, max_length=max_length,
-                        log=(lambda _: None) if quiet else console.print, **options)
+                        log=(lambda _: None) if quiet else console.print, **timed, **options)
     except TargetNotMet as refused:
         _print_frontier(refused.result)
         raise

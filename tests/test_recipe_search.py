@@ -115,6 +115,7 @@ def test_a_next_token_target_on_an_encoder_is_refused():
     (["--search", "cos>=0.99", "--passes", "w8a8"], "give --passes or --search, not both"),
     (["--budget", "20m"], "belong to --search"),
     (["--search", "cos>=0.99", "--budget", "soon"], "not a positive duration"),
+    (["--search", "cos>=0.99", "--shape", "1x32,1x128"], "times one shape"),
 ])
 def test_cli_refuses_bad_search_options(tmp_path, args, sentence):
     result = CliRunner().invoke(main, ["minilm", *args, "-o", str(tmp_path / "out")])
@@ -123,8 +124,8 @@ def test_cli_refuses_bad_search_options(tmp_path, args, sentence):
 
 
 def test_cli_prints_the_frontier_when_the_target_is_not_met(tmp_path):
-    result = CliRunner().invoke(main, ["minilm", "--search", "cos>=0.99", "--budget", "0.001", "-o",
-                                       str(tmp_path / "o")])
-    assert result.exit_code == 2 and "recipe search: cos>=0.99 on ort" in result.output
+    result = CliRunner().invoke(main, ["minilm", "--search", "cos>=0.99", "--budget", "0.001", "--shape", "1x128",
+                                       "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "recipe search: cos>=0.99 on ort, latency at 1x128" in result.output
     assert "left unexplored by the budget" in result.output and "No candidate met" in result.output
     assert not (tmp_path / "o").exists()
