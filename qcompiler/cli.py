@@ -211,6 +211,8 @@ def _search(model, target, passes, output, force, no_normalize, artifact_format,
         stdout.print(f"chose {chosen.pipeline}: {result.target.metric.name} {chosen.value:.5f} {met} {result.target}, "
                      f"{chosen.latency_ratio:.2f}x FP32 latency on {result.backend}; wrote {result.output}/ "
                      "(search.json, search.png, report.md)", highlight=False, soft_wrap=True)
+        if result.warning():
+            stdout.print(f"warning: {result.warning()}", highlight=False, soft_wrap=True)
 
 
 def _print_frontier(result) -> None:

@@ -3,8 +3,8 @@
     result = qcompiler.search("minilm", "cos>=0.998", backend="ort", budget=1200, output="out/")
 
 The user states what they need (``cos>=0.998``: held-out mean sentence-embedding cosine;
-``top1>=0.95``, ``kl<=0.05`` or ``ppl<=1.05`` for causal LMs) and the compiler chooses
-the transforms and the precision. Candidates are pipelines: each transform recipe (none,
+``top1>=0.95``, ``kl<=0.05`` or ``ppl<=1.05`` for causal LMs; ``out-cos>=0.99`` for any
+model) and the compiler chooses the transforms and the precision. Candidates are pipelines: each transform recipe (none,
 ``smooth``, ``rotate``, ``smooth,rotate``, and the last two with ``rotate(online=activations)``,
 online Hadamards only where activations are hardest: a coarse per-region choice) under
 each preset (int8 static, int8 dynamic, W4A8, W4A16); then, for the fastest candidates
@@ -128,6 +128,13 @@ class SearchResult:
     shape: tuple[int, int] = DEFAULT_SHAPE
     seconds: float = 0.0
 
+    def warning(self) -> str | None:
+        """A sentence when the chosen artifact is slower than the FP32 source (a CNN on onnxruntime, say)."""
+        if self.winner is None or self.winner.latency_ratio is None or self.winner.latency_ratio < 1:
+            return None
+        return (f"the chosen artifact runs at {self.winner.latency_ratio:.2f}x the FP32 latency on {self.backend}: "
+                "no candidate was faster than the source here, so it buys size, not speed")
+
     def columns(self) -> list[str]:
         return ["pipeline", self.target.metric.name, "latency / fp32", "ms", "weight MB", "compile s", ""]
 
@@ -209,9 +216,9 @@ def search(model: Any, target: str | Target, *, example_inputs: Any = None, cali
         if source is model:  # an ir.Model the caller holds: normalize a copy, not their graph
             source = ir.from_proto(ir.to_proto(model))
         causal = cache_layout(source) is not None
-        if goal.metric.causal != causal:
+        if goal.metric.causal not in (None, causal):
             kind = "a causal LM" if causal else "a model without a KV cache"
-            fits = [m.name for m in METRICS.values() if m.causal == causal]
+            fits = [m.name for m in METRICS.values() if m.causal in (None, causal)]
             raise QCompilerError(f"The target metric '{goal.metric.name}' does not apply to {kind}; use one of "
                                  f"{', '.join(fits)}.")
         normalized = _normalize(source, work / "normalized.onnx")
@@ -237,6 +244,10 @@ def search(model: Any, target: str | Target, *, example_inputs: Any = None, cali
                 log(f"search: {done.pipeline}: {shown} ({done.compile_seconds:.0f} s)")
 
         run_round(candidates(transforms, presets))
+        if any(t.error is None for t in trials) and all(t.value is None for t in trials):
+            raise QCompilerError(f"The target metric '{goal.metric.name}' ({goal.metric.meaning}) does not apply to "
+                                 "this model: it has no sentence-embedding output (a [batch, tokens, hidden] output "
+                                 "beside an attention mask input); use out-cos, the worst output cosine.")
         bench = _time_trials(trials, normalized, chosen, shape, runs)
         if refine:
             best = _winner(trials, goal)
@@ -344,7 +355,10 @@ def _commit(winner: Path, target: Path, result: SearchResult, source: Any, force
         section = [f"## Recipe search: {result.target} on {result.backend}", "",
                    f"{result.target.metric.meaning.capitalize()}, on the held-out calibration split; latency at batch "
                    f"{result.shape[0]} x {result.shape[1]} tokens, every trial interleaved with FP32 in one process.",
-                   "", *result.table(), ""] + [f"![{f}]({f})\n" for f in figures]
+                   "", *result.table(), ""]
+        if result.warning():
+            section += [f"Note: {result.warning()}.", ""]
+        section += [f"![{f}]({f})\n" for f in figures]
         with open(folder / "report.md", "a", encoding="utf-8") as handle:
             handle.write("\n".join(section) + "\n")
         manifest["search"] = {k: record[k] for k in ("target", "backend", "winner", "met", "frontier", "shape")}

@@ -2,7 +2,7 @@
 
 A target names a held-out fidelity metric that the compile already records in its
 manifest (sentence-embedding cosines for encoders, next-token agreement, KL divergence and
-perplexity for causal LMs) and the bound it must meet, in the direction that metric gets
+perplexity for causal LMs, the worst output cosine for any model) and the bound it must meet, in the direction that metric gets
 better; a wrong direction or an unknown metric is one sentence.
 """
 
@@ -20,13 +20,15 @@ class Metric:
     name: str
     meaning: str
     higher_is_better: bool
-    causal: bool  # a next-token metric (causal LMs) rather than a sentence-embedding one
+    causal: bool | None  # a next-token metric (causal LMs: True), a sentence-embedding one (False), or any model
 
     def read(self, fidelity: dict | None) -> float | None:
         """This metric of a compile's held-out fidelity record, if it has one."""
         if not fidelity:
             return None
         embedding, tokens = fidelity.get("embedding"), fidelity.get("next_token")
+        if self.name == "out-cos":
+            return min((o["cosine"] for o in fidelity["outputs"].values()), default=None)
         if self.name == "cos":
             return embedding["mean_cosine"] if embedding else None
         if self.name == "min-cos":
@@ -46,6 +48,7 @@ METRICS = {m.name: m for m in (
     Metric("top1", "held-out top-1 next-token agreement", True, True),
     Metric("kl", "mean KL divergence of held-out next-token distributions (nats)", False, True),
     Metric("ppl", "held-out perplexity relative to the source's", False, True),
+    Metric("out-cos", "worst held-out cosine of any model output (any model: CNNs, classifiers)", True, None),
 )}
 
 

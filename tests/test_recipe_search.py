@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import pickle
+from importlib.resources import files
+
+import numpy as np
 
 import pytest
 from click.testing import CliRunner
@@ -14,6 +17,7 @@ from qcompiler.compiler import compile as run_compile
 from qcompiler.errors import QCompilerError
 from qcompiler.pipeline import parse_pipeline
 from qcompiler.recipe_search import TargetNotMet, candidates, refinements, search
+from qcompiler.testing import ocr_classifier_path, text_line_images
 
 SPACE = {"transforms": ("", "rotate"), "presets": ("w8a8", "w8a8-dyn"), "refine": False, "runs": 3}
 
@@ -48,7 +52,7 @@ def test_search_chooses_the_fastest_candidate_meeting_the_target(searched):
     assert all(t.error is None and t.latency_ratio > 0 and 0.9 < t.value <= 1 for t in result.trials)
     meeting = [t for t in result.trials if t.value >= 0.995]
     assert meeting and result.winner is min(meeting, key=lambda t: t.latency_ratio)
-    assert result.target.met(result.winner.value)
+    assert result.target.met(result.winner.value) and result.warning() is None  # int8 MiniLM beats FP32
     for trial in result.trials:  # the frontier: exactly the trials no other beats on all three at once
         beaten = any(o.value >= trial.value and o.latency_ratio <= trial.latency_ratio
                      and o.weight_bytes <= trial.weight_bytes and o is not trial
@@ -105,8 +109,23 @@ def test_a_spent_budget_leaves_candidates_unexplored():
     assert len(refused.value.result.unexplored) == 24
 
 
+def test_a_cnn_is_searched_by_its_output_cosine_not_by_sentence_embeddings(tmp_path):
+    """The real pre-trained OCR classifier: no sentence embedding to score, so cos is refused; out-cos works."""
+    images, _ = text_line_images(files("qcompiler").joinpath("data/calibration.txt").read_text().splitlines()[:16])
+    calibration = tmp_path / "images.npz"
+    np.savez(calibration, x=images)
+    space = {**SPACE, "transforms": ("",)}
+    with pytest.raises(QCompilerError, match="'cos' .* does not apply to this model: it has no sentence-embedding"):
+        search(str(ocr_classifier_path()), "cos>=0.99", calib=str(calibration), **space)
+    result = search(str(ocr_classifier_path()), "out-cos>=0.99", calib=str(calibration), **space)
+    assert len(result.trials) == 2 and all(0.99 < t.value <= 1 + 1e-6 for t in result.trials)
+    assert result.winner in result.trials
+    assert (result.warning() is not None) == (result.winner.latency_ratio >= 1)
+
+
 def test_a_next_token_target_on_an_encoder_is_refused():
-    with pytest.raises(QCompilerError, match="'top1' does not apply to a model without a KV cache; use one of cos"):
+    with pytest.raises(QCompilerError,
+                       match="'top1' does not apply to a model without a KV cache; use one of cos, min-cos, out-cos"):
         search("minilm", "top1>=0.9")
 
 
