@@ -28,6 +28,7 @@ from the CLI) and writes nothing, unless ``best_effort`` asks for the closest on
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -230,11 +231,12 @@ def search(model: Any, target: str | Target, *, example_inputs: Any = None, cali
         deadline = None if seconds is None else time.time() + seconds - (time.perf_counter() - started)
         trials: list[TrialResult] = []
         unexplored: list[str] = []
+        serial = itertools.count()  # one scratch folder per spec, across rounds
 
         def run_round(pipelines: list[str]) -> None:
             specs = [TrialSpec(str(work / "normalized.onnx"), pipeline, data, chosen.name, dict(backend_options),
-                               str(work / f"trial-{len(trials) + i:02d}"), goal.metric.name, deadline)
-                     for i, pipeline in enumerate(pipelines)]
+                               str(work / f"trial-{next(serial):02d}"), goal.metric.name, deadline)
+                     for pipeline in pipelines]
             for done in runner(run_trial, specs):
                 if done.error == OUT_OF_BUDGET:
                     unexplored.append(done.pipeline)
