@@ -24,14 +24,14 @@ from typing import Any, Callable
 import click
 from rich.console import Console
 
-from qcompiler.backend import backend_names, make_backend, option_choices
+from qcompiler.backend import backend_names, make_backend, option_choices, parse_shapes
 from qcompiler.errors import QCompilerBug, QCompilerError
 from qcompiler.pass_manager import DEFAULT_TOLERANCE
 
 console = Console(stderr=True)
 # Reports are tables; when piped (CI logs, files) do not squeeze them to 80 columns.
 stdout = Console() if sys.stdout.isatty() else Console(width=140)
-COMMANDS = ("compile", "passes", "inspect", "eval", "run", "bench", "generate")
+COMMANDS = ("compile", "passes", "inspect", "eval", "run", "bench", "generate", "sweep")
 
 
 class DefaultToCompile(click.Group):
@@ -89,14 +89,29 @@ def _calibration_options(func):
 def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -> list[tuple[int, int]] | None:
     if text is None:
         return None
-    shapes = []
-    for item in text.split(","):
-        parts = item.strip().lower().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise click.BadParameter(f"'{item}' is not BATCHxSEQUENCE with positive integers (e.g. 1x128).",
-                                     param_hint="--shape")
-        shapes.append((int(parts[0]), int(parts[1])))
-    return shapes
+    try:
+        return parse_shapes(text)
+    except QCompilerError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shape") from None
+
+
+def _ray_options(func):
+    func = click.option("--no-ray", is_flag=True, help="Run the trials one after another in this process instead of "
+                        "as Ray tasks.")(func)
+    func = click.option("--ray-address", help="Run the trials on this Ray cluster (host:port of its head, "
+                        "ray://host:port, or auto; default: a local Ray instance on this machine).")(func)
+    return func
+
+
+def _trial_runner(ray_address: str | None, no_ray: bool):
+    """The ``map_trials`` context the search and the sweep run their trials under."""
+    import contextlib
+
+    from qcompiler.distributed import ray_trials, serial_trials
+
+    if no_ray and ray_address:
+        raise QCompilerError("--no-ray runs the trials here; it takes no --ray-address.")
+    return contextlib.nullcontext(serial_trials) if no_ray else ray_trials(ray_address)
 
 
 @main.command("compile")
@@ -130,10 +145,11 @@ def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -
 @click.option("--budget", help="With --search: time for the compiles, e.g. 900, 90s, 20m, 1h (default: no limit).")
 @click.option("--best-effort", is_flag=True, help="With --search: when no candidate meets the target, write the "
               "closest one instead of refusing.")
+@_ray_options
 @_calibration_options
 def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, artifact_format,
-                    target, shape, dialect, int8, search_target, budget, best_effort, calib, tokenizer, batch_size,
-                    max_length, debug) -> None:
+                    target, shape, dialect, int8, search_target, budget, best_effort, ray_address, no_ray, calib,
+                    tokenizer, batch_size, max_length, debug) -> None:
     """Compile MODEL (ONNX file, Hugging Face folder, or 'minilm') through a pass pipeline."""
     from qcompiler.compiler import compile as run_compile
 
@@ -144,10 +160,11 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
         if search_target is not None:
             _search(model, search_target, passes, output, force, no_normalize, artifact_format, backend,
                     {"dialect": dialect, "int8": int8, "target": target, "shape": shape}, budget, best_effort, calib,
-                    tokenizer, batch_size, max_length, quiet)
+                    tokenizer, batch_size, max_length, quiet, _trial_runner(ray_address, no_ray))
             return
-        if budget is not None or best_effort:
-            raise QCompilerError("--budget and --best-effort belong to --search, which was not given.")
+        if budget is not None or best_effort or ray_address or no_ray:
+            raise QCompilerError("--budget, --best-effort, --ray-address and --no-ray belong to --search, which was "
+                                 "not given.")
         chosen_backend = backend
         if artifact_format == "compressed-tensors":
             source = click.get_current_context().get_parameter_source("backend")
@@ -181,7 +198,7 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
 
 
 def _search(model, target, passes, output, force, no_normalize, artifact_format, backend, given, budget, best_effort,
-            calib, tokenizer, batch_size, max_length, quiet) -> None:
+            calib, tokenizer, batch_size, max_length, quiet, runner) -> None:
     """``--search``: run the recipe search, print its frontier, write the winner."""
     from qcompiler.recipe_search import TargetNotMet, search
 
@@ -198,9 +215,11 @@ def _search(model, target, passes, output, force, no_normalize, artifact_format,
             raise QCompilerError(f"--search with --backend {backend} times one shape; give --shape BATCHxSEQUENCE once.")
         timed["shape"] = shapes[0]
     try:
-        result = search(model, target, calib=calib, tokenizer=tokenizer, backend=backend, budget=budget, output=output,
-                        force=force, best_effort=best_effort, batch_size=batch_size, max_length=max_length,
-                        log=(lambda _: None) if quiet else console.print, **timed, **options)
+        with runner as map_trials:
+            result = search(model, target, calib=calib, tokenizer=tokenizer, backend=backend, budget=budget,
+                            output=output, force=force, best_effort=best_effort, batch_size=batch_size,
+                            max_length=max_length, map_trials=map_trials,
+                            log=(lambda _: None) if quiet else console.print, **timed, **options)
     except TargetNotMet as refused:
         _print_frontier(refused.result)
         raise
@@ -227,6 +246,48 @@ def _print_frontier(result) -> None:
     stdout.print(table)
     if result.unexplored:
         stdout.print(f"left unexplored by the budget: {', '.join(result.unexplored)}", highlight=False, soft_wrap=True)
+
+
+@main.command("sweep")
+@click.argument("spec", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(file_okay=False),
+              help="Folder of the sweep: a folder per cell, sweep.md, sweep.json, sweep.png. A rerun into the same "
+                   "folder reuses the cells already compiled from the same inputs.")
+@click.option("--force", is_flag=True, help="Recompile every cell, and allow a non-empty folder that holds no sweep.")
+@click.option("--quiet", is_flag=True, help="Print nothing but errors.")
+@_ray_options
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+def sweep_command(spec, output, force, quiet, ray_address, no_ray, debug) -> None:
+    """Compile every model x pipeline x backend cell of SPEC (YAML) as Ray tasks; one table for all.
+
+    A cell the compiler refuses records its sentence in its row and the others go on; the
+    exit status is 1 when a cell hit a qcompiler bug, else 0.
+    """
+
+    def action():
+        from rich.table import Table
+
+        from qcompiler.sweep import load_spec, plan, sweep
+
+        plan(load_spec(spec), output, Path(spec).parent)  # the whole spec checked before Ray starts
+        with _trial_runner(ray_address, no_ray) as map_trials:
+            result = sweep(spec, output, map_trials=map_trials, force=force,
+                           log=(lambda _: None) if quiet else console.print)
+        if not quiet:
+            table = Table(title=f"sweep: {len(result.rows)} cells ({result.seconds:.0f} s)")
+            for index, column in enumerate(result.columns()):
+                table.add_column(column, justify="left" if index in (0, 1, 2, 3, 10) else "right")
+            for row in result.cells():
+                table.add_row(*row)
+            stdout.print(table)
+            refused = sum(row.status == "refused" for row in result.rows)
+            stdout.print(f"wrote {output}/ (sweep.md, sweep.json{', sweep.png' if result.figures else ''}, a folder "
+                         f"per cell); {refused} refused, {len(result.bugs)} qcompiler bugs", highlight=False)
+        if result.bugs:
+            raise QCompilerBug(f"{len(result.bugs)} cell(s) hit a qcompiler bug (first: {result.bugs[0].error}); "
+                               "their rows say which; please report it")
+
+    _guard(debug, action)
 
 
 @main.command("passes")

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from qcompiler.artifact import open_artifact
 from qcompiler.cli import main
 from qcompiler.compiler import compile as run_compile
+from qcompiler.distributed import ray_trials
 from qcompiler.errors import QCompilerError
 from qcompiler.pipeline import parse_pipeline
 from qcompiler.recipe_search import TargetNotMet, candidates, refinements, search
@@ -35,15 +36,15 @@ def test_every_candidate_is_a_valid_pipeline():
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory):
-    """One small search on the real MiniLM (4 candidates), its trials recorded as a distributed runner sees them."""
+    """One small search on the real MiniLM (4 candidates) whose trials run as Ray tasks, their specs recorded."""
     seen = []
-
-    def mapper(function, specs):
-        seen.extend(pickle.loads(pickle.dumps(spec)) for spec in specs)  # what a Ray task would receive
-        return [function(spec) for spec in seen[-len(specs):]]
-
     out = tmp_path_factory.mktemp("search") / "out"
-    return search("minilm", "cos>=0.995", output=out, map_trials=mapper, **SPACE), seen
+    with ray_trials() as on_ray:
+        def mapper(function, specs):
+            seen.extend(pickle.loads(pickle.dumps(spec)) for spec in specs)  # what a Ray task receives
+            return on_ray(function, specs)
+
+        return search("minilm", "cos>=0.995", output=out, map_trials=mapper, **SPACE), seen
 
 
 def test_search_chooses_the_fastest_candidate_meeting_the_target(searched):
