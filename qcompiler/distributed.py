@@ -81,12 +81,20 @@ def check_answers(address: str) -> None:
                              "(ray start --head) or drop --ray-address to run on this machine.") from None
 
 
+def _in_worker(function: Callable[[Any], Any], spec: Any) -> Any:
+    """One trial in a Ray worker, which shares the machine: one thread per session, like Ray's own OMP_NUM_THREADS."""
+    from qcompiler.runtime import share_cores
+
+    share_cores(1)
+    return function(spec)
+
+
 def _map(ray: Any, function: Callable[[Any], Any], specs: Sequence[Any]) -> list:
     if not specs:
         return []
-    task = ray.remote(num_cpus=1, max_retries=0)(function)
+    task = ray.remote(num_cpus=1, max_retries=0)(_in_worker)
     try:
-        return ray.get([task.remote(spec) for spec in specs])
+        return ray.get([task.remote(function, spec) for spec in specs])
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
         if cause is not None:

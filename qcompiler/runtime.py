@@ -24,6 +24,9 @@ EXACT_MATMULNBITS_KEY = "session.qdq_matmulnbits_accuracy_level"
 DISABLE_QDQ_FUSION_KEY = "session.disable_quant_qdq"
 # Stay well below protobuf's 2 GB ceiling: above this, weights go to external data.
 INLINE_LIMIT_BYTES = 1_500_000_000
+# Sessions' intra-op threads where the caller gives none (0: onnxruntime's default, every core).
+# A trial worker sharing the machine with other workers sets 1 (`share_cores`).
+_process_threads = 0
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -64,6 +67,16 @@ def exposed_outputs(model: ir.Model, names: Sequence[str]) -> Iterator[list[str]
             graph.outputs.remove(value)
 
 
+def share_cores(threads: int) -> None:
+    """This process is one of several compiling at once: its sessions use ``threads`` and never spin.
+
+    onnxruntime's pool defaults to every core and busy-waits between runs; two workers doing
+    that on two cores take turns on each other's cores instead of running side by side.
+    """
+    global _process_threads
+    _process_threads = threads
+
+
 def make_session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads: int = 0,
                  spinning: bool = True, fuse_qdq: bool = False) -> ort.InferenceSession:
     """An onnxruntime CPU session for ``model`` that also returns ``extra_outputs``.
@@ -82,6 +95,8 @@ def make_session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads:
     sessions are timed in turn, a spinning pool takes the cores the next contender needs.
     """
     options = ort.SessionOptions()
+    threads = threads or _process_threads
+    spinning = spinning and not _process_threads
     if not fuse_qdq:
         options.add_session_config_entry(DISABLE_QDQ_FUSION_KEY, "1")
     if not spinning:
