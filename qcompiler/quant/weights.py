@@ -182,9 +182,10 @@ def refine(weight: np.ndarray, quantized: QuantizedTensor, hessian: np.ndarray, 
                             np.where((quadratic < -linear) & (values[k] - 1 >= fmt.qmin), -1.0, 0.0))
             if not move.any():
                 continue
-            moved += int(np.count_nonzero(move))
+            columns = np.flatnonzero(move)  # few move: update their gradient columns only (same sums, exactly)
+            moved += len(columns)
             values[k] += move
-            gradient -= np.outer(h[:, k], move * step)
+            gradient[:, columns] -= np.outer(h[:, k], move[columns] * step[columns])
         if not moved:
             break
     return QuantizedTensor(values.astype(np.float32), quantized.scale, quantized.zero_point, quantized.axis,
