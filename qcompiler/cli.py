@@ -267,8 +267,10 @@ def sweep_command(spec, output, force, quiet, ray_address, no_ray, debug) -> Non
     def action():
         from rich.table import Table
 
+        from qcompiler.progress import configure_console
         from qcompiler.sweep import load_spec, plan, sweep
 
+        configure_console(quiet)
         plan(load_spec(spec), output, Path(spec).parent)  # the whole spec checked before Ray starts
         with _trial_runner(ray_address, no_ray) as map_trials:
             result = sweep(spec, output, map_trials=map_trials, force=force,

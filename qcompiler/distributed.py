@@ -18,9 +18,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import time
 from typing import Any, Callable, Iterator, Sequence
 
 from qcompiler.errors import QCompilerError
+from qcompiler.progress import logger
 
 MapTrials = Callable[[Callable[[Any], Any], Sequence[Any]], list]
 CONNECT_TIMEOUT_S = 5.0
@@ -93,8 +95,16 @@ def _map(ray: Any, function: Callable[[Any], Any], specs: Sequence[Any]) -> list
     if not specs:
         return []
     task = ray.remote(num_cpus=1, max_retries=0)(_in_worker)
+    started = time.perf_counter()
+    refs = [task.remote(function, spec) for spec in specs]
     try:
-        return ray.get([task.remote(function, spec) for spec in specs])
+        waiting = list(refs)
+        while waiting:  # a line per finished trial: a round of compiles can take many minutes
+            finished, waiting = ray.wait(waiting, num_returns=1)
+            ray.get(finished)  # a failed trial raises now, not after the others
+            logger.info(f"ray: {len(refs) - len(waiting)} of {len(refs)} trials done "
+                        f"({time.perf_counter() - started:.0f} s)")
+        return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
         cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else None
         if cause is not None:
