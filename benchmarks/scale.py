@@ -111,6 +111,26 @@ def run_depths(layers: list[int], hidden: int, workdir: Path) -> list[dict]:
     return rows
 
 
+def sweep_table(result: dict) -> list[str]:
+    return ["| cells | cores | serial s | local Ray s | Ray / serial | identical model.onnx |",
+            "|---:|---:|---:|---:|---:|---:|",
+            f"| {result['cells']} | {result['cpus']} | {result['serial_s']:.0f} | {result['ray_s']:.0f} | "
+            f"{result['ratio']:.2f} | {result['identical_artifacts']} of {result['cells']} |"]
+
+
+def depth_table(rows: list[dict]) -> list[str]:
+    lines = [f"`{DEPTH_PIPELINE}`, today's whole-model compile (not layer-streamed), each in a fresh process:", "",
+             "| layers | hidden | fp32 weights GiB | peak RSS GiB | peak / weights | compile s |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"| {row['layers']} | {row['hidden']} | | | | failed: {row['error']} |")
+            continue
+        lines.append(f"| {row['layers']} | {row['hidden']} | {row['fp32_weight_gib']:.2f} | {row['peak_rss_gib']:.2f} | "
+                     f"{row['peak_rss_gib'] / row['fp32_weight_gib']:.1f} | {row['compile_s']:.0f} |")
+    return lines
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "depth-build":
         build_depth(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
@@ -124,32 +144,24 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--write", action="store_true", help="also put the table into docs/benchmarks.md")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="qcompiler-scale-"))
     if args.what == "sweep":
         result = run_sweeps(workdir)
-        if args.json:
-            print(json.dumps(result))
-            return
-        print("| cells | cores | serial s | local Ray s | Ray / serial | identical model.onnx |")
-        print("|---:|---:|---:|---:|---:|---:|")
-        print(f"| {result['cells']} | {result['cpus']} | {result['serial_s']:.0f} | {result['ray_s']:.0f} | "
-              f"{result['ratio']:.2f} | {result['identical_artifacts']} of {result['cells']} |")
-        return
-    rows = run_depths([int(n) for n in args.layers.split(",")], args.hidden, workdir)
+        lines, heading = sweep_table(result), "Sweeps on local Ray (benchmarks/scale.py sweep)"
+    else:
+        result = run_depths([int(n) for n in args.layers.split(",")], args.hidden, workdir)
+        lines, heading = depth_table(result), "Compile memory per depth (benchmarks/scale.py depth)"
     if args.json:
-        print(json.dumps(rows))
-        return
-    print(f"`{DEPTH_PIPELINE}`, today's whole-model compile (not layer-streamed):")
-    print()
-    print("| layers | hidden | fp32 weights GiB | peak RSS GiB | peak / weights | compile s |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for row in rows:
-        if "error" in row:
-            print(f"| {row['layers']} | {row['hidden']} | | | | failed: {row['error']} |")
-            continue
-        print(f"| {row['layers']} | {row['hidden']} | {row['fp32_weight_gib']:.2f} | {row['peak_rss_gib']:.2f} | "
-              f"{row['peak_rss_gib'] / row['fp32_weight_gib']:.1f} | {row['compile_s']:.0f} |")
+        print(json.dumps(result))
+    else:
+        print("\n".join(lines))
+    if args.write:
+        from docs_section import machine_stamp, replace_section
+
+        command = f"benchmarks/scale.py {' '.join(sys.argv[1:]).replace(' --write', '')}"
+        replace_section(f"scale-{args.what}", heading, machine_stamp(command) + "\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

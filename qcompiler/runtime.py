@@ -24,6 +24,9 @@ EXACT_MATMULNBITS_KEY = "session.qdq_matmulnbits_accuracy_level"
 DISABLE_QDQ_FUSION_KEY = "session.disable_quant_qdq"
 # Stay well below protobuf's 2 GB ceiling: above this, weights go to external data.
 INLINE_LIMIT_BYTES = 1_500_000_000
+# Above this, a session loads its model from a scratch file with external data instead of from
+# serialized bytes: the proto and its bytes are two more copies of every weight at once.
+SESSION_INLINE_LIMIT_BYTES = 256 * 2**20
 # Sessions' intra-op threads where the caller gives none (0: onnxruntime's default, every core).
 # A trial worker sharing the machine with other workers sets 1 (`share_cores`).
 _process_threads = 0
@@ -110,7 +113,7 @@ def make_session(model: ir.Model, extra_outputs: Sequence[str] = (), *, threads:
         options.intra_op_num_threads = threads
     with exposed_outputs(model, extra_outputs):
         try:
-            if initializer_bytes(model) < INLINE_LIMIT_BYTES and not has_external_data(model):
+            if initializer_bytes(model) < SESSION_INLINE_LIMIT_BYTES and not has_external_data(model):
                 data = ir.to_proto(model).SerializeToString()
                 return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
             with tempfile.TemporaryDirectory(prefix="qcompiler-session-") as folder:
