@@ -132,7 +132,7 @@ def plan(spec: dict, output: str | Path, base: str | Path = ".") -> Sweep:
     pipelines = [_pipeline(p) for p in spec["pipelines"]]
     backends = _backends(spec.get("backends", ["ort"]))
     models = _models(spec["models"], base, spec.get("calib"), spec.get("tokenizer"))
-    version = artifact.versions().get("qcompiler", "")
+    version = code_digest()
     cells = []
     for model in models:
         for pipeline, resolved, slug in pipelines:
@@ -145,6 +145,24 @@ def plan(spec: dict, output: str | Path, base: str | Path = ".") -> Sweep:
                                   model["tokenizer"], batch_size, max_length,
                                   str(output / model["label"] / label / slug), fingerprint))
     return Sweep(cells, _latency(spec.get("latency", True)), spec)
+
+
+def code_digest() -> str:
+    """SHA-256 of qcompiler's own source (core, passes, backends) and the versions of what it runs on.
+
+    The version string alone would let a rerun after a code change reuse artifacts the new
+    code would compile differently.
+    """
+    import qcompiler
+    from qcompiler import backends, passes
+
+    digest = hashlib.sha256(json.dumps(artifact.versions(), sort_keys=True).encode())
+    for package in (qcompiler, passes, backends):
+        root = Path(package.__file__).parent
+        for file in sorted(root.rglob("*.py")):
+            digest.update(str(file.relative_to(root)).encode())
+            digest.update(file.read_bytes())
+    return digest.hexdigest()
 
 
 def _known_keys(mapping: dict, known: set[str], where: str) -> None:

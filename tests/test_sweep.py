@@ -141,3 +141,12 @@ def test_cli_refuses_a_non_yaml_spec_a_strangers_folder_and_a_silent_ray_address
     result = CliRunner().invoke(main, ["sweep", str(tmp_path / "s.yaml"), "-o", str(tmp_path / "out"),
                                        "--ray-address", "127.0.0.1:1"])
     assert result.exit_code == 2 and "No Ray cluster answers at '127.0.0.1:1'" in result.output
+
+
+def test_a_code_change_changes_every_fingerprint(tmp_path, monkeypatch):
+    """A rerun after qcompiler's source changed must recompile, even under the same version string."""
+    spec = {"models": ["minilm"], "pipelines": ["w8a8", "w8a8-dyn"], "latency": False}
+    before = [c.fingerprint for c in plan(spec, tmp_path / "out").cells]
+    monkeypatch.setattr("qcompiler.sweep.code_digest", lambda: "edited")
+    after = [c.fingerprint for c in plan(spec, tmp_path / "out").cells]
+    assert len(set(before)) == 2 and not set(before) & set(after)
