@@ -188,10 +188,10 @@ def quantize(x: np.ndarray, spec: QuantSpec, role: Role, clip: float | np.ndarra
         scale = round_e8m0(np.where(amax > 0, amax, 1.0) / 2.0**fmt.exponent_max)
     elif spec.symmetric:
         amax = np.maximum(np.abs(lo), np.abs(hi))
-        scale = amax / fmt.max_value
+        scale = _normal(amax / fmt.max_value)
     else:
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-        scale = (hi - lo) / (fmt.qmax - fmt.qmin)
+        scale = _normal((hi - lo) / (fmt.qmax - fmt.qmin))
         safe = np.where(scale > 0, scale, 1.0)
         zero_point = np.clip(np.round(fmt.qmin - lo / safe), fmt.qmin, fmt.qmax).astype(np.float32)
     scale = np.where((scale > 0) & np.isfinite(scale), scale, 1.0).astype(np.float32)
@@ -201,6 +201,15 @@ def quantize(x: np.ndarray, spec: QuantSpec, role: Role, clip: float | np.ndarra
     else:
         values = fmt.round(x / full_scale + broadcast(zero_point, x.shape, axis, block))
     return QuantizedTensor(values, scale, zero_point, axis, block, spec, tensor_scale)
+
+
+def _normal(scale: np.ndarray) -> np.ndarray:
+    """Positive scales raised to float32's smallest normal: a subnormal scale has too few bits to divide by.
+
+    A tensor whose range is below ``max_value * 1.2e-38`` would otherwise get a scale that
+    rounds, and its largest value would land outside the format's range.
+    """
+    return np.where(scale > 0, np.maximum(scale, np.finfo(np.float32).tiny), scale)
 
 
 def fake_quant(x: np.ndarray, spec: QuantSpec, role: Role, clip: float | np.ndarray = 1.0) -> np.ndarray:
