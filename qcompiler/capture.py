@@ -26,7 +26,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qcompiler.errors import QCompilerError
+from qcompiler.errors import QCompilerError, first_line
 
 TOKENIZER_KEY = "qcompiler.tokenizer"
 # A causal LM's generation settings (JSON): end-of-sequence ids, positions, vocabulary, family.
@@ -101,7 +101,7 @@ def load_onnx_file(path: Path) -> ir.Model:
     try:
         model = ir.load(path)
     except Exception as exc:  # onnx raises DecodeError, ValueError, ... for corrupt files
-        raise QCompilerError(f"'{path}' is not a readable ONNX model ({_first_line(exc)}).") from exc
+        raise QCompilerError(f"'{path}' is not a readable ONNX model ({first_line(exc)}).") from exc
     if len(model.graph) == 0:
         raise QCompilerError(f"'{path}' is not a usable ONNX model: its graph has no nodes.")
     _check_external_data(model, path)
@@ -153,11 +153,6 @@ def _check_known_ops(model: ir.Model, path: Path) -> None:
             )
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
-
 # --------------------------------------------------------------------------- PyTorch
 
 
@@ -199,7 +194,7 @@ def export_torch(
                 verbose=False,
             )
     except Exception as exc:
-        raise QCompilerError(f"PyTorch export of {type(module).__name__} failed: {_first_line(exc)}") from exc
+        raise QCompilerError(f"PyTorch export of {type(module).__name__} failed: {first_line(exc)}") from exc
     model = program.model
     model.metadata_props.setdefault(SOURCE_KEY, f"torch:{type(module).__name__}")
     return model
@@ -278,14 +273,14 @@ def load_hf_module(folder: Path, **options: Any) -> tuple[Any, Any]:
     try:
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as exc:
-        raise QCompilerError(f"'{folder}' has no readable Hugging Face config ({_first_line(exc)}).") from exc
+        raise QCompilerError(f"'{folder}' has no readable Hugging Face config ({first_line(exc)}).") from exc
     auto_class = _auto_class_for(config, transformers)
     try:
         with _quiet():
             module = auto_class.from_pretrained(folder, config=config, local_files_only=True, dtype=torch.float32,
                                                 **options)
     except Exception as exc:
-        raise QCompilerError(f"Could not load the weights in '{folder}' ({_first_line(exc)}).") from exc
+        raise QCompilerError(f"Could not load the weights in '{folder}' ({first_line(exc)}).") from exc
     return config, module.eval()
 
 
@@ -355,7 +350,7 @@ def export_causal_lm(module: Any, *, opset: int = 18) -> ir.Model:
                 output_names=["logits", *present_names], optimize=True, verbose=False)
     except Exception as exc:
         raise QCompilerError(f"PyTorch export of {type(module).__name__} with its KV cache failed: "
-                             f"{_first_line(exc)}") from exc
+                             f"{first_line(exc)}") from exc
     model = program.model
     _unwrap_names(model, "inner")
     _name_total_length(model)
@@ -485,5 +480,5 @@ def load_tokenizer(folder: str | os.PathLike, *, required: bool = True) -> Any:
             return transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as exc:
         if required:
-            raise QCompilerError(f"Could not load the tokenizer in '{text}' ({_first_line(exc)}).") from exc
+            raise QCompilerError(f"Could not load the tokenizer in '{text}' ({first_line(exc)}).") from exc
         return None

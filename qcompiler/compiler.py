@@ -34,7 +34,7 @@ from qcompiler.progress import logger
 from qcompiler.quant.annotation import annotated_layers
 from qcompiler.quant.sensitivity import SensitivityRow
 from qcompiler.report import Report
-from qcompiler.runtime import initializer_bytes
+from qcompiler.runtime import weight_bytes
 from qcompiler.summary import embedding_bytes, summary_lines
 from qcompiler.verify import compare_outputs
 
@@ -92,7 +92,7 @@ def compile(
     source = model if isinstance(model, (str, os.PathLike)) else type(model).__name__
     ir_model = load(model, example_inputs)
     chosen.accepts(ir_model)
-    source_bytes = initializer_bytes(ir_model)
+    source_bytes = weight_bytes(ir_model)
     data = resolve_calibration(calib, ir_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     trace = ChannelTrace(list(pipeline)) if output_dir is not None and data is not None else None
     manager = PassManager(pipeline, calibration=data, tolerance=tolerance, verify=verify, progress=progress, log=log,
@@ -109,7 +109,7 @@ def compile(
                                 layers=_layers(lowered.model, lowered.lowering), fidelity=fidelity, notes=report.notes)
     details.update(lowered.manifest)
     details.update(artifact.io_signature(lowered.model))
-    details["weight_bytes"] = {"source": source_bytes, "artifact": initializer_bytes(lowered.model),
+    details["weight_bytes"] = {"source": source_bytes, "artifact": weight_bytes(lowered.model),
                                "embeddings": embedding_bytes(lowered.model)}
     details["summary"] = summary_lines(report, details["weight_bytes"])
     ranking = report.findings(SensitivityRow)

@@ -21,7 +21,7 @@ import socket
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from qcompiler.errors import QCompilerError
+from qcompiler.errors import QCompilerError, first_line
 from qcompiler.progress import logger
 
 MapTrials = Callable[[Callable[[Any], Any], Sequence[Any]], list]
@@ -63,8 +63,7 @@ def _connect(ray: Any, address: str | None) -> None:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     except ConnectionError as exc:
-        first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
-        raise QCompilerError(f"No Ray cluster answers at '{address}' ({first}); start one (ray start --head) or drop "
+        raise QCompilerError(f"No Ray cluster answers at '{address}' ({first_line(exc)}); start one (ray start --head) or drop "
                              "--ray-address to run on this machine.") from None
 
 

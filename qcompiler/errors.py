@@ -12,6 +12,12 @@ import contextlib
 from typing import Iterator
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): for one-sentence errors."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
 class QCompilerError(Exception):
     """A problem with the user's input, explained in one sentence."""
 

@@ -42,6 +42,21 @@ def initializer_bytes(model: ir.Model) -> int:
     return total
 
 
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the model's constant tensors however stored: initializers and Constant nodes' values.
+
+    Some exporters (the OCR classifier's, for one) keep every weight in a Constant node; counted
+    as initializers alone, such a source would weigh nothing.
+    """
+    total = initializer_bytes(model)
+    for node in model.graph:
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            value = node.attributes.get("value")
+            if value is not None and value.type == ir.AttributeType.TENSOR:
+                total += value.as_tensor().nbytes
+    return total
+
+
 def has_external_data(model: ir.Model) -> bool:
     """Whether any initializer still lives in an external file (a session from bytes cannot find it)."""
     return any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values())

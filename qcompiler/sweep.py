@@ -47,7 +47,7 @@ from qcompiler import artifact, compiler
 from qcompiler.backend import make_backend, parse_shapes
 from qcompiler.capture import BUILTIN_MODELS, load
 from qcompiler.distributed import MapTrials, serial_trials
-from qcompiler.errors import QCompilerError
+from qcompiler.errors import QCompilerError, first_line
 from qcompiler.pipeline import format_pipeline, parse_pipeline
 from qcompiler.progress import logger
 from qcompiler.search_target import METRICS
@@ -96,6 +96,11 @@ class CellResult:
     median_ms: float | None = None
     latency_ratio: float | None = None
 
+    @property
+    def size_ratio(self) -> float | None:
+        """Artifact weight bytes over the source's (None for a source without constant tensors)."""
+        return self.weight_bytes / self.source_bytes if self.source_bytes else None
+
 
 @dataclass
 class Sweep:
@@ -114,7 +119,7 @@ def load_spec(path: str | Path) -> dict:
     try:
         spec = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise QCompilerError(f"Sweep spec '{path}' is not valid YAML ({_first_line(exc)}).") from None
+        raise QCompilerError(f"Sweep spec '{path}' is not valid YAML ({first_line(exc)}).") from None
     if not isinstance(spec, dict):
         raise QCompilerError(f"Sweep spec '{path}' must be a mapping with 'models' and 'pipelines'.")
     return spec
@@ -297,7 +302,7 @@ def run_cell(cell: Cell) -> CellResult:
         return CellResult(cell, "refused", str(exc), compile_seconds=time.perf_counter() - tick)
     except Exception as exc:  # a qcompiler bug in one cell: recorded, and the sweep goes on
         shutil.rmtree(folder, ignore_errors=True)
-        return CellResult(cell, "failed", f"qcompiler bug: {type(exc).__name__}: {_first_line(exc)}",
+        return CellResult(cell, "failed", f"qcompiler bug: {type(exc).__name__}: {first_line(exc)}",
                           compile_seconds=time.perf_counter() - tick)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -351,7 +356,7 @@ class SweepResult:
                 continue
             table.append([row.cell.label, row.cell.backend_label, row.cell.pipeline or "normalize", row.metric,
                           _fmt(row.value, ".5f"), _fmt(row.out_cos, ".5f"),
-                          f"{row.weight_bytes / row.source_bytes:.3f}", _fmt(row.latency_ratio, ".2f"),
+                          _fmt(row.size_ratio, ".3f"), _fmt(row.latency_ratio, ".2f"),
                           _fmt(row.median_ms, ".1f"), f"{row.compile_seconds:.0f}", row.status])
         return table
 
@@ -456,6 +461,7 @@ def _plot(result: SweepResult, path: Path) -> bool:
     for axis, model in zip(axes[0], models):
         mine = [r for r in rows if r.cell.label == model]
         timed = all(r.latency_ratio is not None for r in mine)
+        mine = [r for r in mine if _x(r, timed) is not None]
         for backend, marker in markers.items():
             points = [r for r in mine if r.cell.backend_label == backend]
             if points:
@@ -473,7 +479,7 @@ def _plot(result: SweepResult, path: Path) -> bool:
 
 
 def _x(row: CellResult, timed: bool) -> float:
-    return row.latency_ratio if timed else row.weight_bytes / row.source_bytes
+    return row.latency_ratio if timed else row.size_ratio
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -484,10 +490,6 @@ def _write_json(path: Path, data: dict) -> None:
 
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, (tuple, set)) else float(value)
-
-
-def _first_line(exc: BaseException) -> str:
-    return next(iter(str(exc).strip().splitlines()), "") or type(exc).__name__
 
 
 def _fmt(value: float | None, spec: str) -> str:

@@ -190,6 +190,8 @@ def test_real_cnn_keeps_its_accuracy_under_w8a8_on_onnxruntime(tmp_path):
     result = qcompiler.compile(str(source), "w8a8", calib=str(tmp_path / "calibration.npz"), output=str(tmp_path / "q"),
                                backend="ort")
     assert result.report.passes[-1].details["coverage"]["Conv"] == {"quantized": 53, "float": 0, "float_reasons": {}}
+    sizes = result.manifest["weight_bytes"]  # its weights live in Constant nodes, and still count
+    assert sizes["source"] > 3 * sizes["artifact"] > 0
     reference = ort.InferenceSession(str(source)).run(None, {"x": heldout})[0]
     quantized = ort.InferenceSession(str(tmp_path / "q" / "model.onnx")).run(None, {"x": heldout})[0]
     assert np.mean(reference.argmax(1) == labels) > 0.9  # the model and the rendering work: a real task
