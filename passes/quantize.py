@@ -19,6 +19,10 @@ or ``awq`` (activation-aware scales absorbed by each region's producer, then out
 (AWQ's scales, then GPTQ's rounding). Static activation
 ranges come from the observer (``minmax``, ``percentile``, ``mse``).
 
+``lorc=R`` or ``eora=R`` adds a rank-R float branch ``(x A) B`` beside each linear that
+carries back most of its rounding error (`qcompiler.quant.lowrank`), stored as
+``lowrank_dtype`` (fp16 or int8); ``lowrank`` in the report gives its bytes.
+
 Convolutions (``Conv`` with a constant kernel; normalize has folded BatchNormalization
 into it) are quantized under the same presets. The kernel ``[C_out, C_in/g, k...]`` is
 quantized as its ``[C_in/g * k, C_out]`` matrix, so per channel means per output channel;
@@ -50,7 +54,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.graph import redirect_uses
 from qcompiler.options import option
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
-from qcompiler.quant import awq, kv_cache, weights
+from qcompiler.quant import awq, kv_cache, lowrank, weights
 from qcompiler.quant.annotation import ActivationAnnotation, LayerAnnotation, WeightAnnotation
 from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
@@ -104,6 +108,12 @@ class QuantizeOptions:
                          "rounded where attention reads them)")
     kv_group: int = option(0, "with kv=: channels per cache scale along the head (0: the whole head)")
     kv_rotate: bool = option(True, "with kv=: rotate keys and queries by an online Hadamard (QuaRot) before rounding")
+    lorc: int = option(0, "rank of a float correction (x A) B beside each linear: the SVD of its weight error "
+                          "W - Q(W) (ZeroQuant-V2's LoRC; 0: none)")
+    eora: int = option(0, "rank of the correction fitted to the outputs on calibration data instead, "
+                          "min ||X (W - Q(W) - A B)|| (EoRA; 0: none)")
+    lowrank_dtype: Literal["fp16", "int8"] = option("fp16", "with lorc= or eora=: how A and B are stored (int8: "
+                                                            "per column, half the bytes)")
     head: Literal["8bit", "same"] = option(
         "8bit", "under sub-8-bit weights, keep the final projection (lm_head, a classifier) at fallback_preset "
                 "(8bit) or quantize it like the rest (same)")
@@ -145,6 +155,10 @@ class QuantizeOptions:
             raise ValueError(f"group_size must be 0 (per channel) or positive, not {self.group_size}")
         if self.damp <= 0 or self.grid < 1 or self.rows < 1:
             raise ValueError("damp, grid and rows must be positive")
+        if self.lorc < 0 or self.eora < 0:
+            raise ValueError("lorc and eora are ranks of the low-rank correction: 0 (none) or more")
+        if self.lorc and self.eora:
+            raise ValueError("lorc and eora fit the same correction two ways; choose one")
         if self.refine < 0:
             raise ValueError(f"refine counts coordinate-descent sweeps and must be 0 or more, not {self.refine}")
 
@@ -241,17 +255,19 @@ class Quantize(Pass):
         stats = ctx.statistics(model, observed) if observed else {}
         rows = ctx.samples(model, matrix_inputs, options.rows) if options.weights == "awq" and matrix_inputs else {}
         uses_gptq = options.weights in ("gptq", "awq-gptq")
+        sequential = uses_gptq and options.sequential
         hessians = {}
-        if uses_gptq and matrix_inputs:
-            gathered = ctx.statistics(model, matrix_inputs, xtx=[] if options.sequential else matrix_inputs)
-            _warn_if_few_rows(ctx, gathered, {p.linear.input.name: p.linear.in_features for p in plans if not p.conv})
-            if not options.sequential:
+        if (uses_gptq or options.eora) and matrix_inputs:
+            gathered = ctx.statistics(model, matrix_inputs, xtx=[] if sequential else matrix_inputs)
+            _warn_if_few_rows(ctx, gathered, {p.linear.input.name: p.linear.in_features for p in plans if not p.conv},
+                              "GPTQ" if uses_gptq else "EoRA")
+            if not sequential:
                 hessians = {n: s.xtx for n, s in gathered.items()}
 
         layers = []
         with ctx.progress(f"quantizing weights ({options.weights})", len(plans)) as advance:
             for name in inputs:
-                if uses_gptq and options.sequential and name in matrix_inputs:
+                if sequential and name in matrix_inputs:
                     # The input as the layers before it, already quantized, produce it (GPTQ's order).
                     hessians = {name: ctx.statistics(model, [name], xtx=[name])[name].xtx}
                 for plan in plans:
@@ -265,6 +281,10 @@ class Quantize(Pass):
         details["notes"] += _notes(options, plans, layers, len(requantized))
         details["layers"] = layers
         details["coverage"] = coverage(graph, {id(layer.node): reason for layer, reason in skipped})
+        compensated = [layer["lowrank"] for layer in layers if "lowrank" in layer]
+        if compensated:
+            details["lowrank"] = {"method": "lorc" if options.lorc else "eora", "storage": options.lowrank_dtype,
+                                  "layers": len(compensated), "bytes": sum(c["bytes"] for c in compensated)}
         details["kept_8bit"] = [f"{p.linear.layer} ({p.preset})" for p in plans if p.head]
         if options.kv:
             details.update(kv_cache.quantize_cache(model, options.kv, options.kv_group, options.kv_rotate))
@@ -379,6 +399,10 @@ class Quantize(Pass):
             quantized = weights.mse(weight, spec, self.options.grid)
         else:
             quantized = weights.rtn(weight, spec)
+        rank = self.options.lorc or self.options.eora
+        compensation = None
+        if rank and not plan.conv:
+            compensation = self._compensate(graph, linear, weight, quantized.dequantize(), hessians, rank)
         old = linear.weight
         kernel_shape = linear.kernel_shape if plan.conv else None
         linear.node.replace_input_with(1, dequantized_weight(graph, quantized, _base_name(linear), linear.node,
@@ -394,7 +418,22 @@ class Quantize(Pass):
                         weight_sqnr).to_node(linear.node)
         return {"linear": linear.layer, "op": linear.node.op_type, "preset": plan.preset, "weight": spec.describe(),
                 "activation": activation.describe() if activation else "float",
-                "quantizer": method, "weight_sqnr_db": weight_sqnr, "native": native, "conv": plan.conv}
+                "quantizer": method, "weight_sqnr_db": weight_sqnr, "native": native, "conv": plan.conv,
+                **({"lowrank": compensation} if compensation else {})}
+
+    def _compensate(self, graph: ir.Graph, linear: Linear, weight: np.ndarray, dequantized: np.ndarray,
+                    hessians: dict, rank: int) -> dict:
+        """Add the lorc/eora branch beside ``linear``; what it cost and how much weight error it took back."""
+        error = weight - dequantized
+        rank = min(rank, *error.shape)
+        if self.options.lorc:
+            a, b = lowrank.lorc_factors(error, rank)
+        else:
+            a, b = lowrank.eora_factors(error, hessians[linear.input.name], rank)
+        storage = self.options.lowrank_dtype
+        a, b = lowrank.stored(a, storage), lowrank.stored(b, storage)
+        size = lowrank.add_branch(graph, linear.input, linear.output, a, b, storage, _base_name(linear))
+        return {"rank": rank, "bytes": size, "weight_sqnr_db": round(sqnr_db(weight, dequantized + a @ b), 2)}
 
     def _quantize_input(self, graph: ir.Graph, plans: list[LayerPlan], stats: dict) -> None:
         """One quantize-dequantize per distinct activation spec of the linears sharing an input."""
@@ -454,6 +493,8 @@ def _notes(options: QuantizeOptions, plans: list[LayerPlan], layers: list[dict],
         notes.append(f"onnxruntime has no DequantizeLinear kernel for {', '.join(pre_dequantized)} weights: those are "
                      "stored pre-dequantized (float32 values exactly on the quantized grid), so fidelity is exact but "
                      "size is not")
+    if (options.lorc or options.eora) and any(layer["conv"] for layer in layers):
+        notes.append("lorc and eora compensate linears; convolutions got no low-rank branch")
     grouped_kernels = sorted({layer["weight"] for layer in layers if layer["conv"] and not layer["native"]})
     if grouped_kernels:
         notes.append(f"convolution weights under {', '.join(grouped_kernels)} are stored pre-dequantized (float32 "
@@ -461,13 +502,13 @@ def _notes(options: QuantizeOptions, plans: list[LayerPlan], layers: list[dict],
     return notes
 
 
-def _warn_if_few_rows(ctx: PassContext, stats: dict, channels: dict[str, int]) -> None:
-    """GPTQ's Hessian ``X^T X`` of C channels is singular below C rows and noisy near it: say so, with the count."""
+def _warn_if_few_rows(ctx: PassContext, stats: dict, channels: dict[str, int], user: str) -> None:
+    """``X^T X`` of C channels is singular below C rows and noisy near it: say so, with the count."""
     rows = min(s.count for s in stats.values())
     widest = max(channels.values())
     if rows < 2 * widest:
-        ctx.warn(f"GPTQ estimated its Hessians from {rows} calibration rows (tokens), fewer than twice the {widest} "
-                 "input channels of the widest linear: its rounding leans on damp; give more calibration data")
+        ctx.warn(f"{user} estimated X^T X from {rows} calibration rows (tokens), fewer than twice the {widest} "
+                 "input channels of the widest linear: it leans on dampening; give more calibration data")
 
 
 def _int8_static(spec) -> bool:
@@ -515,6 +556,8 @@ def coverage(graph: ir.Graph, skipped: dict[int, str]) -> dict[str, dict]:
 
 def _why_float(node: ir.Node) -> str:
     """Why the plan never saw ``node`` as a layer to quantize."""
+    if node.op_type == "MatMul" and lowrank.KEY in node.metadata_props:
+        return "low-rank compensation branch (float by design)"
     if node.op_type == "MatMul":
         return "no constant 2-D weight (both operands computed, as in attention)"
     if node.op_type == "Conv":

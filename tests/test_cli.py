@@ -51,7 +51,7 @@ def test_compile_ends_with_a_summary_and_defaults_to_onnxruntime(run, zoo_folder
     assert "kept at 8-bit weights as the final projection: lm_head (w8a16)" in result.output
     assert "weights: " in result.output and "in the artifact" in result.output
     # 48 calibration rows for linears of 128 input channels: GPTQ says its Hessians are thin.
-    assert "warning: GPTQ estimated its Hessians from" in result.output
+    assert "warning: GPTQ estimated X^T X from" in result.output
     manifest = json.loads((tmp_path / "q" / "manifest.json").read_text())
     assert manifest["backend"] == "ort" and any("GPTQ estimated" in note for note in manifest["notes"])
     assert "act_order=true,damp=0.1" in manifest["pipeline"] and "scales=mse,refine=0" in manifest["pipeline"]

@@ -41,6 +41,7 @@ def heldout(tokenizer, heldout_sentences):
     ("w8a8", "MatMulIntegerToFloat", 37, 1e-5),
     ("w8a8-dyn", "MatMulIntegerToFloat", 37, 5e-3),
     ("w4a16", "MatMulNBits", 37, 1e-5),
+    ("w4a16(eora=4)", "MatMulNBits", 37, 1e-5),  # the low-rank branch stays float beside the kernel
     ("w4a8", "MatMulNBits", 37, 5e-2),
 ])
 def test_minilm_runs_on_integer_kernels_and_matches_simulate(normalized_files, minilm_calibration, heldout, tmp_path,
