@@ -42,6 +42,7 @@ PRESETS = ["w8a8", "w8a8-dyn", "w4a16", "w4a8", "w4a4", "fp8", "mxfp8", "mxfp4",
 PIPELINES = ["", "smooth(search=true)", "shift(scale=true)", "rotate", "smooth(search=true),rotate"]
 WEIGHT_QUANTIZERS = {"w4a16": ["gptq", "awq", "awq-gptq"], "w4a8": ["gptq", "awq"], "w4a4": ["gptq"]}
 GPTQ = "weights=gptq,act_order=true,damp=0.1,scales=mse,refine=3"
+EORA = "eora=16,lowrank_dtype=int8"  # the rotate + gptq + eora column (w4a16): docs/passes/lowrank.md
 
 
 def embeddings(session, batches) -> np.ndarray:
@@ -102,6 +103,8 @@ def main() -> None:
             run(f"{preset}({options})", "", (preset, quantizer))
             if quantizer == "gptq":
                 run(f"{preset}({options})", "rotate", (preset, "rotate + gptq"))
+                if preset == "w4a16":
+                    run(f"{preset}({options},{EORA})", "rotate", (preset, "rotate + gptq + eora"))
 
     theirs = onnxruntime_rows(fp32_path, folder, calibration_part.batches, heldout, reference, quick=args.quick)
     table = render(ours, theirs, presets, pipelines)
@@ -141,7 +144,7 @@ def onnxruntime_rows(fp32_path: Path, folder: Path, calib, heldout, reference, q
 
 
 def render(ours, theirs, presets, pipelines) -> str:
-    columns = [p or "none" for p in pipelines] + ["gptq", "rotate + gptq", "awq", "awq-gptq"]
+    columns = [p or "none" for p in pipelines] + ["gptq", "rotate + gptq", "rotate + gptq + eora", "awq", "awq-gptq"]
     header = "| preset | " + " | ".join(columns) + " | best | onnxruntime |"
     lines = [header, "|" + "---|" * (len(columns) + 3)]
     for preset in presets:
@@ -174,7 +177,7 @@ def write_docs(table: str) -> None:
     stamp = machine_stamp(".venv/bin/python benchmarks/fidelity.py --write") + (
         " Mean cosine to FP32 of held-out sentence embeddings; rows are presets, columns transform pipelines before "
         f"the preset, `gptq` is `{GPTQ}`, `awq` is `weights=awq`, `awq-gptq` AWQ's scales then GPTQ with the same "
-        "options.")
+        f"options, `rotate + gptq + eora` adds `{EORA}` (low-rank compensation, docs/passes/lowrank.md).")
     replace_section("fidelity", "Quantization fidelity (MiniLM)", f"{stamp}\n\n{table}")
 
 
