@@ -22,6 +22,9 @@ ranges come from the observer (``minmax``, ``percentile``, ``mse``).
 ``lorc=R`` or ``eora=R`` adds a rank-R float branch ``(x A) B`` beside each linear that
 carries back most of its rounding error (`qcompiler.quant.lowrank`), stored as
 ``lowrank_dtype`` (fp16 or int8); ``lowrank`` in the report gives its bytes.
+``outliers=T`` (LLM.int8()) runs the input channels whose calibration magnitude exceeds T
+in float beside the int8 product (`qcompiler.quant.outliers`); ``outliers`` in the report
+gives the channels and their share of the multiply-adds.
 
 Convolutions (``Conv`` with a constant kernel; normalize has folded BatchNormalization
 into it) are quantized under the same presets. The kernel ``[C_out, C_in/g, k...]`` is
@@ -54,7 +57,7 @@ from qcompiler.errors import QCompilerError
 from qcompiler.graph import redirect_uses
 from qcompiler.options import option
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
-from qcompiler.quant import awq, kv_cache, lowrank, weights
+from qcompiler.quant import awq, kv_cache, lowrank, outliers, weights
 from qcompiler.quant.annotation import ActivationAnnotation, LayerAnnotation, WeightAnnotation
 from qcompiler.quant.observers import observe_range
 from qcompiler.quant.presets import PRESETS, Scheme, preset_scheme
@@ -114,6 +117,8 @@ class QuantizeOptions:
                           "min ||X (W - Q(W) - A B)|| (EoRA; 0: none)")
     lowrank_dtype: Literal["fp16", "int8"] = option("fp16", "with lorc= or eora=: how A and B are stored (int8: "
                                                             "per column, half the bytes)")
+    outliers: float = option(0.0, "input channels whose calibration magnitude exceeds this run in float beside the "
+                                  "int8 product (LLM.int8()'s split; it uses 6.0; 0: none)")
     head: Literal["8bit", "same"] = option(
         "8bit", "under sub-8-bit weights, keep the final projection (lm_head, a classifier) at fallback_preset "
                 "(8bit) or quantize it like the rest (same)")
@@ -159,6 +164,11 @@ class QuantizeOptions:
             raise ValueError("lorc and eora are ranks of the low-rank correction: 0 (none) or more")
         if self.lorc and self.eora:
             raise ValueError("lorc and eora fit the same correction two ways; choose one")
+        if self.outliers < 0:
+            raise ValueError(f"outliers is a magnitude threshold, 0 (none) or positive, not {self.outliers}")
+        if self.outliers and scheme.activation is None:
+            raise ValueError(f"outliers splits the channels of quantized activations; {self.preset} keeps "
+                             "activations float")
         if self.refine < 0:
             raise ValueError(f"refine counts coordinate-descent sweeps and must be 0 or more, not {self.refine}")
 
@@ -172,6 +182,7 @@ class LayerPlan:
     scheme: Scheme
     preset: str
     head: bool = False  # the final projection, moved to the fallback preset by head=8bit
+    float_channels: np.ndarray | None = None  # input channels outliers= moved to the float part
 
     @property
     def conv(self) -> bool:
@@ -244,6 +255,8 @@ class Quantize(Pass):
         ranking: list[SensitivityRow] = []
         if options.fallback and plans:
             plans, ranking = self._fall_back(model, ctx, plans)
+        if options.outliers:
+            details["outliers"] = self._split_outliers(model, ctx, plans)
         inputs = list(dict.fromkeys(p.linear.input.name for p in plans))
         # X^T X and AWQ's rows are statistics of a linear's input channels; a convolution's weight
         # multiplies patches of its input, which those statistics do not see (see _quantize_weight).
@@ -379,6 +392,8 @@ class Quantize(Pass):
     def _quantize_weight(self, graph: ir.Graph, plan: LayerPlan, hessians: dict, rows: dict) -> dict:
         linear, spec = plan.linear, plan.scheme.weight
         weight = linear.as_matrix(constant_array(linear.weight).astype(np.float32))
+        if plan.float_channels is not None:
+            weight[plan.float_channels] = 0.0  # those rows run in the float part (_split_outliers)
         method = self.options.weights
         if plan.conv and method not in ("rtn", "mse"):
             # GPTQ's X^T X and AWQ's output error would need the im2col patches of the input;
@@ -419,7 +434,8 @@ class Quantize(Pass):
         return {"linear": linear.layer, "op": linear.node.op_type, "preset": plan.preset, "weight": spec.describe(),
                 "activation": activation.describe() if activation else "float",
                 "quantizer": method, "weight_sqnr_db": weight_sqnr, "native": native, "conv": plan.conv,
-                **({"lowrank": compensation} if compensation else {})}
+                **({"lowrank": compensation} if compensation else {}),
+                **({"float_channels": len(plan.float_channels)} if plan.float_channels is not None else {})}
 
     def _compensate(self, graph: ir.Graph, linear: Linear, weight: np.ndarray, dequantized: np.ndarray,
                     hessians: dict, rank: int) -> dict:
@@ -434,6 +450,36 @@ class Quantize(Pass):
         a, b = lowrank.stored(a, storage), lowrank.stored(b, storage)
         size = lowrank.add_branch(graph, linear.input, linear.output, a, b, storage, _base_name(linear))
         return {"rank": rank, "bytes": size, "weight_sqnr_db": round(sqnr_db(weight, dequantized + a @ b), 2)}
+
+    def _split_outliers(self, model: ir.Model, ctx: PassContext, plans: list[LayerPlan]) -> dict:
+        """LLM.int8()'s split (`qcompiler.quant.outliers`) of every linear with quantized activations.
+
+        Returns, per linear input that has outliers, the float channels; and the share of the
+        quantized linears' multiply-adds that the float parts take.
+        """
+        graph = model.graph
+        candidates = [p for p in plans if not p.conv and p.scheme.activation is not None]
+        names = list(dict.fromkeys(p.linear.input.name for p in candidates))
+        stats = ctx.statistics(model, names) if names else {}
+        split, float_macs, weight_bytes = {}, 0, 0
+        for name in names:
+            group = [p for p in candidates if p.linear.input.name == name]
+            source, in_channels = group[0].linear.input, group[0].linear.in_features
+            channels = outliers.outlier_channels(stats[name].absmax, self.options.outliers)
+            if not len(channels) or len(channels) == in_channels:
+                continue  # nothing to split, or nothing left for int8 (the threshold is below every channel)
+            for plan in group:
+                weight = plan.linear.as_matrix(constant_array(plan.linear.weight).astype(np.float32))
+                weight_bytes += outliers.add_float_part(graph, source, plan.linear.output, weight, channels,
+                                                        _base_name(plan.linear))
+                plan.float_channels = channels
+                float_macs += len(channels) * plan.linear.out_features
+            outliers.mask_inliers(graph, source, channels, in_channels, [p.linear.node for p in group],
+                                  _base_name(group[0].linear))
+            split[name] = {"float_channels": [int(c) for c in channels], "of": in_channels}
+        total_macs = sum(p.linear.in_features * p.linear.out_features for p in candidates)
+        return {"threshold": self.options.outliers, "inputs": split, "float_bytes": weight_bytes,
+                "float_share": round(float_macs / total_macs, 5) if total_macs else 0.0}
 
     def _quantize_input(self, graph: ir.Graph, plans: list[LayerPlan], stats: dict) -> None:
         """One quantize-dequantize per distinct activation spec of the linears sharing an input."""
@@ -558,6 +604,8 @@ def _why_float(node: ir.Node) -> str:
     """Why the plan never saw ``node`` as a layer to quantize."""
     if node.op_type == "MatMul" and lowrank.KEY in node.metadata_props:
         return "low-rank compensation branch (float by design)"
+    if node.op_type == "MatMul" and outliers.KEY in node.metadata_props:
+        return "outlier channels of outliers= (float by design)"
     if node.op_type == "MatMul":
         return "no constant 2-D weight (both operands computed, as in attention)"
     if node.op_type == "Conv":

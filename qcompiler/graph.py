@@ -97,6 +97,26 @@ def interpose(graph: ir.Graph, value: ir.Value, node: ir.Node, *, take_name: boo
     return result
 
 
+def add_beside(graph: ir.Graph, output: ir.Value, nodes: Sequence[ir.Node], correction: ir.Value,
+               name: str) -> ir.Value:
+    """Make every reader of ``output`` read ``output + correction``, where ``nodes`` compute ``correction``.
+
+    For float branches beside a linear (low-rank compensation, outlier channels): ``nodes``
+    go in after ``output``'s producer, their outputs are float32, and the sum is named
+    ``name`` (a graph output keeps its own name).
+    """
+    add = ir.node("Add", [output, correction], name=unique_node_name(graph, f"{name}_add"))
+    result = add.outputs[0]
+    result.name = unique_value_name(graph, name)
+    for node in nodes:
+        for value in node.outputs:
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+    result.shape, result.type = output.shape, output.type
+    graph.insert_after(output.producer(), [*nodes, add])
+    redirect_uses(graph, output, result, except_node=add)
+    return result
+
+
 def replace_node(graph: ir.Graph, node: ir.Node, nodes: ir.Node | Sequence[ir.Node],
                  output: ir.Value | None = None) -> None:
     """Put ``nodes`` where ``node`` was; ``output`` (default: the first node's) takes over its single output.

@@ -59,7 +59,9 @@ class Elementwise(CPUScheduleRule):
             return None
         sch = s_tir.Schedule(func)
         infos = normalize_prim_func(sch)
-        if not infos or not all(info.is_injective() for info in infos):
+        # A reduction over one element (a matmul with K = 1) normalizes to all-spatial iterators but keeps
+        # its init: inlining and flattening it as elementwise work computed wrong values.
+        if not infos or not all(info.is_injective() and sch.get(info.block_rv).init is None for info in infos):
             return None
         remaining = try_inline(sch, infos)
         lanes = vector_lanes(target)

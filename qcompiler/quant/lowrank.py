@@ -22,7 +22,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.graph import add_initializer, redirect_uses, unique_node_name, unique_value_name
+from qcompiler.graph import add_beside, add_initializer, unique_node_name
 from qcompiler.quant.spec import QuantSpec, quantize
 
 Storage = Literal["fp16", "int8"]
@@ -95,15 +95,6 @@ def add_branch(graph: ir.Graph, source: ir.Value, output: ir.Value, a: np.ndarra
 
     down = matmul(source, factor("lowrank_a", a), "lowrank_down")
     correction = matmul(down, factor("lowrank_b", b), "lowrank_up")
-    add = ir.node("Add", [output, correction], name=unique_node_name(graph, f"{name}_lowrank_add"))
-    nodes.append(add)
-    result = add.outputs[0]
-    result.name = unique_value_name(graph, f"{name}_compensated")
-    result.shape, result.type = output.shape, output.type
-    for node in nodes:
-        for value in node.outputs:
-            value.type = ir.TensorType(ir.DataType.FLOAT)
-    graph.insert_after(output.producer(), nodes)
-    redirect_uses(graph, output, result, except_node=add)
+    add_beside(graph, output, nodes, correction, f"{name}_compensated")
     bytes_per = 2 if storage == "fp16" else 1
     return int((a.size + b.size) * bytes_per + (0 if storage == "fp16" else 4 * (a.shape[1] + b.shape[1])))

@@ -102,3 +102,25 @@ def test_a_rule_whose_primitive_fails_declines_and_the_next_rule_schedules():
     (matmul,) = [f for var, f in module.functions_items() if "matmul" in var.name_hint]
     assert cpu_schedule._Declining(Failing()).apply(matmul, target, False) is None
     assert cpu_schedule._Declining(cpu_schedule.Matmul()).apply(matmul, target, False) is not None
+
+
+def test_a_matmul_over_one_element_is_not_scheduled_as_elementwise():
+    """``(x S) R + y`` with one column in ``S`` (LLM.int8() with one outlier channel): the K = 1 matmul
+    normalizes to spatial iterators but keeps its reduction init; the Elementwise rule once flattened it wrong."""
+    builder = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType((8, 40, 384), "float32"))
+    y = relax.Var("y", relax.TensorType((8, 40, 384), "float32"))
+    rng = np.random.default_rng(0)
+    select = np.zeros((384, 1), np.float32)
+    select[7, 0] = 1.0
+    rows = rng.normal(size=(1, 384)).astype(np.float32)
+    with builder.function("main", [x, y]):
+        with builder.dataflow():
+            picked = builder.emit(relax.op.matmul(x, relax.const(select)))
+            out = builder.emit_output(relax.op.add(y, relax.op.matmul(picked, relax.const(rows))))
+        builder.emit_func_output(out)
+    target = default_target()
+    executable = tvm.compile(builder.get(), target, relax_pipeline=cpu_schedule.pipeline(target))
+    inputs = [rng.normal(size=(8, 40, 384)).astype(np.float32) for _ in range(2)]
+    got = relax.VirtualMachine(executable, tvm.cpu())["main"](*[tvm.runtime.tensor(a) for a in inputs]).numpy()
+    np.testing.assert_allclose(got, inputs[1] + inputs[0][..., 7:8] * rows, rtol=1e-5, atol=1e-5)
