@@ -43,6 +43,8 @@ PIPELINES = ["", "smooth(search=true)", "shift(scale=true)", "rotate", "smooth(s
 WEIGHT_QUANTIZERS = {"w4a16": ["gptq", "awq", "awq-gptq"], "w4a8": ["gptq", "awq"], "w4a4": ["gptq"]}
 GPTQ = "weights=gptq,act_order=true,damp=0.1,scales=mse,refine=3"
 EORA = "eora=16,lowrank_dtype=int8"  # the rotate + gptq + eora column (w4a16): docs/passes/lowrank.md
+OUTLIERS = "outliers=6"  # the outlier split column (presets with int8 activations): docs/passes/outlier-split.md
+OUTLIER_PRESETS = ["w8a8", "w8a8-dyn", "w4a8"]
 
 
 def embeddings(session, batches) -> np.ndarray:
@@ -105,6 +107,8 @@ def main() -> None:
                 run(f"{preset}({options})", "rotate", (preset, "rotate + gptq"))
                 if preset == "w4a16":
                     run(f"{preset}({options},{EORA})", "rotate", (preset, "rotate + gptq + eora"))
+        if preset in OUTLIER_PRESETS:
+            run(f"{preset}({OUTLIERS})", "", (preset, OUTLIERS))
 
     theirs = onnxruntime_rows(fp32_path, folder, calibration_part.batches, heldout, reference, quick=args.quick)
     table = render(ours, theirs, presets, pipelines)
@@ -144,7 +148,8 @@ def onnxruntime_rows(fp32_path: Path, folder: Path, calib, heldout, reference, q
 
 
 def render(ours, theirs, presets, pipelines) -> str:
-    columns = [p or "none" for p in pipelines] + ["gptq", "rotate + gptq", "rotate + gptq + eora", "awq", "awq-gptq"]
+    columns = [p or "none" for p in pipelines] + ["gptq", "rotate + gptq", "rotate + gptq + eora", OUTLIERS, "awq",
+                                                  "awq-gptq"]
     header = "| preset | " + " | ".join(columns) + " | best | onnxruntime |"
     lines = [header, "|" + "---|" * (len(columns) + 3)]
     for preset in presets:
@@ -177,7 +182,8 @@ def write_docs(table: str) -> None:
     stamp = machine_stamp(".venv/bin/python benchmarks/fidelity.py --write") + (
         " Mean cosine to FP32 of held-out sentence embeddings; rows are presets, columns transform pipelines before "
         f"the preset, `gptq` is `{GPTQ}`, `awq` is `weights=awq`, `awq-gptq` AWQ's scales then GPTQ with the same "
-        f"options, `rotate + gptq + eora` adds `{EORA}` (low-rank compensation, docs/passes/lowrank.md).")
+        f"options, `rotate + gptq + eora` adds `{EORA}` (low-rank compensation, docs/passes/lowrank.md), "
+        f"`{OUTLIERS}` is LLM.int8()'s outlier split (docs/passes/outlier-split.md).")
     replace_section("fidelity", "Quantization fidelity (MiniLM)", f"{stamp}\n\n{table}")
 
 

@@ -8,6 +8,9 @@ and every other channel gets a few levels. LLM.int8() takes those channels out:
 
 The int8 product reads ``x * m``, so its activation range (static or per token), its
 weight scales (rows O are zero) and GPTQ's ``X^T X`` all come from the other channels.
+Once a static range is observed the mask has done its work: the quantizer clips channels
+O to that range and the zero rows O of ``Q(W)`` multiply them away, so a static quantizer
+reads ``x`` itself (`skip_mask`) and the artifact spends no pass over the activation on it.
 The float part gathers O and multiplies by ``W[O]``, stored in fp16 as LLM.int8() keeps
 it; it is added after the bias, so the lowerings still see the quantized linear's
 ``MatMul -> Add(bias)``.
@@ -38,12 +41,29 @@ def mask_inliers(graph: ir.Graph, source: ir.Value, channels: np.ndarray, in_cha
     mask[channels] = 0.0
     mul = ir.node("Mul", [source, add_initializer(graph, f"{name}_inlier_mask", mask)],
                   name=unique_node_name(graph, f"{name}_inliers"))
+    mul.metadata_props[KEY] = "inlier mask"
     result = mul.outputs[0]
     result.name = unique_value_name(graph, f"{name}_inliers")
     result.shape, result.type = source.shape, source.type
     insert_after_producer(graph, source, mul)
     redirect_uses(graph, source, result, readers=readers, graph_output=False)
     return result
+
+
+def skip_mask(quantizer: ir.Node) -> None:
+    """Make a static ``quantizer`` of a masked input read the unmasked one (exact: see the module docstring).
+
+    The mask ``Mul`` goes once nothing else reads it (dynamic quantizers of the same input still do).
+    """
+    mask = quantizer.inputs[0].producer()
+    if mask is None or mask.op_type != "Mul" or mask.metadata_props.get(KEY) != "inlier mask":
+        return
+    quantizer.replace_input_with(0, mask.inputs[0])
+    if not mask.outputs[0].uses() and not mask.outputs[0].is_graph_output():
+        graph, factor = mask.graph, mask.inputs[1]
+        graph.remove(mask, safe=True)
+        if not factor.uses():
+            del graph.initializers[factor.name]
 
 
 def add_float_part(graph: ir.Graph, source: ir.Value, output: ir.Value, weight: np.ndarray, channels: np.ndarray,
