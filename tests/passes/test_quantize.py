@@ -10,6 +10,8 @@ import pytest
 
 from qcompiler.analysis.convolutions import find_convolutions
 from qcompiler.analysis.linears import find_linears
+from qcompiler.backends.ort.backend import saturation_free_layout
+from qcompiler.backends.ort.lower import lower
 from qcompiler.calibration import data as calib_data
 from qcompiler.errors import PipelineError, QCompilerError
 from qcompiler.evaluation import evaluate
@@ -19,7 +21,9 @@ from qcompiler.pipeline import parse_pipeline
 from qcompiler.quant.annotation import annotated_layers
 from qcompiler.quant.presets import PRESETS
 from qcompiler.quant.sensitivity import SensitivityRow
+from qcompiler.runtime import make_session, run_batches
 from qcompiler.testing import zoo_calibration
+from qcompiler.verify import compare_outputs
 
 ARCHITECTURES = ["llama", "qwen2", "gpt2", "opt", "bert", "vit"]
 EIGHT_BIT = {"w8a8", "w8a8-dyn", "w8a16", "fp8", "mxfp8"}
@@ -206,6 +210,25 @@ def test_the_outlier_split_takes_minilms_outlier_channels_out_of_int8(normalized
     assert len(split_layers) == len(rows)
     assert split.details["coverage"]["MatMul"]["float_reasons"]["outlier channels of outliers= (float by design)"] \
         == len(rows)
+
+
+# Static on every architecture (its quantizer drops the mask); per token, which keeps it, on two.
+@pytest.mark.parametrize("arch, preset", [(arch, "w8a8") for arch in ARCHITECTURES]
+                         + [("llama", "w8a8-dyn"), ("bert", "w8a8-dyn")])
+def test_the_outlier_split_runs_on_every_architecture_on_onnxruntimes_kernels(normalized_files, arch, preset):
+    """A threshold of 3 splits the random models' normed inputs (channel maxima 1.8 to 3.9 there).
+
+    The simulate form tracks the float model as 8-bit does, and onnxruntime's kernels match it.
+    """
+    model = ir.load(normalized_files(arch))
+    calibration = zoo_calibration(model)
+    record = quantize(model, f"{preset}(outliers=3)", calibration)
+    assert record.details["outliers"]["inputs"] and record.details["outliers"]["float_share"] > 0
+    assert cosine(record) > 0.99
+    simulated = run_batches(make_session(model), calibration.batches)
+    lower(model, saturation_free_layout())
+    deployed = run_batches(make_session(model, fuse_qdq=True), calibration.batches)
+    assert min(e["cosine"] for e in compare_outputs(simulated, deployed).values()) > 0.999
 
 
 def quantize_minilm(normalized_files, pipeline: str, calibration):
