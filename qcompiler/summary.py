@@ -30,6 +30,7 @@ def summary_lines(report: Report, weight_bytes: dict[str, int] | None = None) ->
         details = record.details or {}
         if "coverage" in details:
             lines.append(_coverage_line(record.name, details["coverage"], details.get("kept_8bit", [])))
+            lines += _beside_lines(record.name, details)
         elif any(key in details for key in DONE_KEYS):
             lines.append(_transform_line(record.name, details))
     if weight_bytes and weight_bytes.get("source"):
@@ -62,6 +63,22 @@ def _coverage_line(name: str, coverage: dict[str, dict], kept_8bit: list[str]) -
         line += (f"; kept at 8-bit weights as the final projection: {', '.join(kept_8bit)} "
                  "(head=same quantizes it like the rest)")
     return line
+
+
+def _beside_lines(name: str, details: dict[str, Any]) -> list[str]:
+    """The float work a quantize pass put beside its integer linears: outlier channels, low-rank branches."""
+    lines = []
+    split = details.get("outliers")
+    if split:
+        channels = sum(len(entry["float_channels"]) for entry in split["inputs"].values())
+        lines.append(f"{name}: outlier split (outliers={split['threshold']:g}): {channels} channels of "
+                     f"{len(split['inputs'])} linear inputs run in float, {100 * split['float_share']:.2f}% of the "
+                     f"quantized multiply-adds, {_size(split['float_bytes'])} of fp16 rows")
+    lowrank = details.get("lowrank")
+    if lowrank:
+        lines.append(f"{name}: low-rank compensation ({lowrank['method']}, {lowrank['storage']}) beside "
+                     f"{lowrank['layers']} linears, {_size(lowrank['bytes'])}")
+    return lines
 
 
 def _transform_line(name: str, details: dict[str, Any]) -> str:

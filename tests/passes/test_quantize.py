@@ -21,7 +21,9 @@ from qcompiler.pipeline import parse_pipeline
 from qcompiler.quant.annotation import annotated_layers
 from qcompiler.quant.presets import PRESETS
 from qcompiler.quant.sensitivity import SensitivityRow
+from qcompiler.report import Report
 from qcompiler.runtime import make_session, run_batches
+from qcompiler.summary import summary_lines
 from qcompiler.testing import zoo_calibration
 from qcompiler.verify import compare_outputs
 
@@ -186,6 +188,8 @@ def test_low_rank_compensation_takes_back_rounding_error_on_minilm(normalized_fi
     assert eora.details["lowrank"] == {"method": "eora", "storage": "int8", "layers": len(layers), "bytes": stored}
     assert eora.details["coverage"]["MatMul"]["float_reasons"]["low-rank compensation branch (float by design)"] \
         == len(branch)
+    assert f"w4a16: low-rank compensation (eora, int8) beside {len(layers)} linears" \
+        in summary_lines(Report("minilm", "w4a16(eora=8)", [eora]))[1]
 
 
 def test_the_outlier_split_takes_minilms_outlier_channels_out_of_int8(normalized_files, minilm_calibration, tokenizer,
@@ -210,6 +214,9 @@ def test_the_outlier_split_takes_minilms_outlier_channels_out_of_int8(normalized
     assert len(split_layers) == len(rows)
     assert split.details["coverage"]["MatMul"]["float_reasons"]["outlier channels of outliers= (float by design)"] \
         == len(rows)
+    channels = sum(len(entry["float_channels"]) for entry in report["inputs"].values())
+    line = f"w8a8: outlier split (outliers=6): {channels} channels of {len(report['inputs'])} linear inputs run in float"
+    assert any(text.startswith(line) for text in summary_lines(Report("minilm", "w8a8(outliers=6)", [split])))
 
 
 # Static on every architecture (its quantizer drops the mask); per token, which keeps it, on two.
