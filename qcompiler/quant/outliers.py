@@ -26,7 +26,7 @@ import onnx_ir as ir
 from qcompiler.graph import add_beside, add_initializer, insert_after_producer, redirect_uses, unique_node_name, \
     unique_value_name
 
-KEY = "qcompiler.outliers"  # marks the float part's MatMul: float by design, never a linear to quantize
+KEY = "qcompiler.outliers"  # on the float part's MatMul (float by design, never a linear to quantize) and the mask
 
 
 def outlier_channels(absmax: np.ndarray, threshold: float) -> np.ndarray:
