@@ -493,16 +493,16 @@ class Quantize(Pass):
             if not spec.dynamic:
                 bounds = observe_range(stats[source.name], spec, self.options.percentile)
             layer = group[0].linear
+            earlier_readers = {id(use.node) for use in source.uses()}
             quantized = quantized_activation(graph, source, spec, bounds, layer.in_channels, layer.channel_axis)
-            read = source.name
+            read = source
             if not spec.dynamic:
-                quantizer = quantized.producer().inputs[0].producer()
-                outliers.skip_mask(quantizer)
-                read = quantizer.inputs[0].name
+                quantizer = [use.node for use in source.uses() if id(use.node) not in earlier_readers]
+                read = outliers.skip_mask(source, quantizer)
             for plan, value in zip(group, per_consumer(graph, quantized, len(group))):
                 plan.linear.node.replace_input_with(0, value)
                 annotation = LayerAnnotation.from_node(plan.linear.node)
-                annotation.with_activation(bounds, read).to_node(plan.linear.node)
+                annotation.with_activation(bounds, read.name).to_node(plan.linear.node)
 
 
     def _requantize_output(self, graph: ir.Graph, plan: LayerPlan, stats: dict) -> None:

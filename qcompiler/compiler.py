@@ -153,13 +153,10 @@ def _fidelity(manager: PassManager, model: ir.Model) -> dict | None:
     if manager.reference_outputs is None or manager.holdout is None:
         return None
     compiled = manager.outputs(model)
-    masks = [calib_data.token_mask(batch) for batch in manager.holdout.batches]
-
-    def real(runs: list[dict]) -> list[dict]:
-        return [{name: calib_data.real_tokens(array, mask) for name, array in run.items()} for run, mask in zip(runs, masks)]
-
+    batches = manager.holdout.batches
     # Compared at real tokens: padding positions compute values nothing downstream reads.
-    outputs = compare_outputs(real(manager.reference_outputs), real(compiled))
+    outputs = compare_outputs(calib_data.real_token_runs(manager.reference_outputs, batches),
+                              calib_data.real_token_runs(compiled, batches))
     fidelity = {"holdout_batches": len(manager.holdout), "outputs": outputs, "embedding": None}
     if cache_layout(model) is not None:  # a causal LM: its logits are next-token distributions, not embeddings
         fidelity["next_token"] = next_token_metrics(manager.reference_outputs, compiled, manager.holdout.batches)

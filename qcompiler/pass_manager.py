@@ -2,7 +2,8 @@
 
 Before the first pass the manager runs the held-out calibration batches through the
 model; after every function-preserving pass it runs them again and compares, per
-output, max abs error, relative error and cosine with the outputs before that pass.
+output and at real (unpadded) tokens, max abs error, relative error and cosine with the
+outputs before that pass.
 Above the tolerance it stops with an error that names the pass. Every pass gets a
 `PassRecord`: wall time, node and initializer changes, verification, statistics used.
 """
@@ -15,7 +16,7 @@ from typing import Callable, Sequence
 
 import onnx_ir as ir
 
-from qcompiler.calibration.data import CalibrationData
+from qcompiler.calibration.data import CalibrationData, real_token_runs
 from qcompiler.calibration.engine import CalibrationEngine
 from qcompiler.errors import VerificationError, blame_qcompiler
 from qcompiler.pass_api import Pass, PassContext
@@ -89,7 +90,10 @@ class PassManager:
             if checking and outcome.modified:
                 with blame_qcompiler(f"in pass '{pass_.name}'"):
                     current = self._outputs(model)
-                record.verification = compare_outputs(previous, current)
+                # At real tokens, as the compile's fidelity: padding positions compute values nothing reads.
+                batches = self.holdout.batches
+                record.verification = compare_outputs(real_token_runs(previous, batches),
+                                                      real_token_runs(current, batches))
                 if pass_.preserves_function:
                     self._check(pass_, record)
                 previous = current

@@ -83,6 +83,12 @@ def real_tokens(array: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     return array[mask]
 
 
+def real_token_runs(runs: Sequence[Mapping[str, np.ndarray]], batches: Sequence[Feeds]) -> list[dict[str, np.ndarray]]:
+    """Each run's outputs (one dict per batch) at the unpadded positions of its batch (`real_tokens`)."""
+    masks = [token_mask(batch) for batch in batches]
+    return [{name: real_tokens(array, mask) for name, array in run.items()} for run, mask in zip(runs, masks)]
+
+
 def _batch_size(batch: Feeds) -> int:
     first = next(iter(batch.values()))
     return int(first.shape[0]) if first.ndim else 1

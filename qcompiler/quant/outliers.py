@@ -50,20 +50,26 @@ def mask_inliers(graph: ir.Graph, source: ir.Value, channels: np.ndarray, in_cha
     return result
 
 
-def skip_mask(quantizer: ir.Node) -> None:
-    """Make a static ``quantizer`` of a masked input read the unmasked one (exact: see the module docstring).
+def skip_mask(value: ir.Value, quantizer: Sequence[ir.Node]) -> ir.Value:
+    """If ``value`` is an inlier mask's output, make the static ``quantizer`` nodes read the unmasked input.
 
-    The mask ``Mul`` goes once nothing else reads it (dynamic quantizers of the same input still do).
+    Exact (see the module docstring); returns what the quantizer reads now. The mask ``Mul``
+    goes once nothing else reads it (dynamic quantizers of the same input still do).
     """
-    mask = quantizer.inputs[0].producer()
+    mask = value.producer()
     if mask is None or mask.op_type != "Mul" or mask.metadata_props.get(KEY) != "inlier mask":
-        return
-    quantizer.replace_input_with(0, mask.inputs[0])
-    if not mask.outputs[0].uses() and not mask.outputs[0].is_graph_output():
+        return value
+    unmasked = mask.inputs[0]
+    for node in quantizer:
+        for index, operand in enumerate(node.inputs):
+            if operand is value:
+                node.replace_input_with(index, unmasked)
+    if not value.uses() and not value.is_graph_output():
         graph, factor = mask.graph, mask.inputs[1]
         graph.remove(mask, safe=True)
         if not factor.uses():
             del graph.initializers[factor.name]
+    return unmasked
 
 
 def add_float_part(graph: ir.Graph, source: ir.Value, output: ir.Value, weight: np.ndarray, channels: np.ndarray,
