@@ -483,6 +483,7 @@ class Quantize(Pass):
 
     def _quantize_input(self, graph: ir.Graph, plans: list[LayerPlan], stats: dict) -> None:
         """One quantize-dequantize per distinct activation spec of the linears sharing an input."""
+        shared_input = plans[0].linear.input if plans else None
         by_spec: dict = {}
         for plan in plans:
             if plan.scheme.activation is not None:
@@ -493,16 +494,13 @@ class Quantize(Pass):
             if not spec.dynamic:
                 bounds = observe_range(stats[source.name], spec, self.options.percentile)
             layer = group[0].linear
-            earlier_readers = {id(use.node) for use in source.uses()}
-            quantized = quantized_activation(graph, source, spec, bounds, layer.in_channels, layer.channel_axis)
-            read = source
-            if not spec.dynamic:
-                quantizer = [use.node for use in source.uses() if id(use.node) not in earlier_readers]
-                read = outliers.skip_mask(source, quantizer)
+            read = source if spec.dynamic else outliers.unmasked(source)  # a static range makes the mask redundant
+            quantized = quantized_activation(graph, read, spec, bounds, layer.in_channels, layer.channel_axis)
             for plan, value in zip(group, per_consumer(graph, quantized, len(group))):
                 plan.linear.node.replace_input_with(0, value)
                 annotation = LayerAnnotation.from_node(plan.linear.node)
                 annotation.with_activation(bounds, read.name).to_node(plan.linear.node)
+        outliers.remove_unused_mask(shared_input)
 
 
     def _requantize_output(self, graph: ir.Graph, plan: LayerPlan, stats: dict) -> None:

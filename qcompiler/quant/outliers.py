@@ -10,7 +10,7 @@ The int8 product reads ``x * m``, so its activation range (static or per token),
 weight scales (rows O are zero) and GPTQ's ``X^T X`` all come from the other channels.
 Once a static range is observed the mask has done its work: the quantizer clips channels
 O to that range and the zero rows O of ``Q(W)`` multiply them away, so a static quantizer
-reads ``x`` itself (`skip_mask`) and the artifact spends no pass over the activation on it.
+reads ``x`` itself (`unmasked`) and the artifact spends no pass over the activation on it.
 The float part gathers O and multiplies by ``W[O]``, stored in fp16 as LLM.int8() keeps
 it; it is added after the bias, so the lowerings still see the quantized linear's
 ``MatMul -> Add(bias)``.
@@ -50,26 +50,28 @@ def mask_inliers(graph: ir.Graph, source: ir.Value, channels: np.ndarray, in_cha
     return result
 
 
-def skip_mask(value: ir.Value, quantizer: Sequence[ir.Node]) -> ir.Value:
-    """If ``value`` is an inlier mask's output, make the static ``quantizer`` nodes read the unmasked input.
+def unmasked(value: ir.Value) -> ir.Value:
+    """What an inlier mask reads if ``value`` is its output, else ``value``: a static quantizer's input.
 
-    Exact (see the module docstring); returns what the quantizer reads now. The mask ``Mul``
-    goes once nothing else reads it (dynamic quantizers of the same input still do).
+    Exact (see the module docstring): the static range clips channels O and ``Q(W)``'s zero rows cancel them.
     """
     mask = value.producer()
-    if mask is None or mask.op_type != "Mul" or mask.metadata_props.get(KEY) != "inlier mask":
-        return value
-    unmasked = mask.inputs[0]
-    for node in quantizer:
-        for index, operand in enumerate(node.inputs):
-            if operand is value:
-                node.replace_input_with(index, unmasked)
-    if not value.uses() and not value.is_graph_output():
-        graph, factor = mask.graph, mask.inputs[1]
-        graph.remove(mask, safe=True)
-        if not factor.uses():
-            del graph.initializers[factor.name]
-    return unmasked
+    return mask.inputs[0] if _is_mask(mask) else value
+
+
+def remove_unused_mask(value: ir.Value | None) -> None:
+    """Drop the inlier mask producing ``value`` once nothing reads it (dynamic quantizers still do)."""
+    mask = None if value is None else value.producer()
+    if not _is_mask(mask) or value.uses() or value.is_graph_output():
+        return
+    graph, factor = mask.graph, mask.inputs[1]
+    graph.remove(mask, safe=True)
+    if not factor.uses():
+        del graph.initializers[factor.name]
+
+
+def _is_mask(node: ir.Node | None) -> bool:
+    return node is not None and node.op_type == "Mul" and node.metadata_props.get(KEY) == "inlier mask"
 
 
 def add_float_part(graph: ir.Graph, source: ir.Value, output: ir.Value, weight: np.ndarray, channels: np.ndarray,
