@@ -77,17 +77,23 @@ def _function() -> ir.Function:
 
 def insert_hadamard(model: ir.Model, value: ir.Value, channels: int, seed: int = 0) -> ir.Node:
     """A Hadamard node rotating the last axis (``channels`` wide) of ``value``, right after its producer."""
-    key = (DOMAIN, OP, "")
-    if key not in model.functions:
-        model.functions[key] = _function()
-        model.opset_imports.setdefault(DOMAIN, 1)
     graph = model.graph
     a, b = factor_pair(channels, seed)
     dtype = value.dtype.numpy() if value.dtype is not None else np.float32
     a_value = _shared_factor(graph, f"hadamard_{channels}_a", a.astype(dtype))
     b_value = _shared_factor(graph, f"hadamard_{channels}_b", b.astype(dtype))
-    node = ir.node(OP, [value, a_value, b_value], domain=DOMAIN, name=unique_node_name(graph, f"{value.name}_hadamard"))
-    node.outputs[0].name = f"{value.name}_rotated"
+    return insert_kronecker(model, value, a_value, b_value, "hadamard", "rotated")
+
+
+def insert_kronecker(model: ir.Model, value: ir.Value, a: ir.Value, b: ir.Value, label: str, suffix: str) -> ir.Node:
+    """The node computing ``value @ (a kron b)`` on the last axis (any factors: affine learns its own)."""
+    key = (DOMAIN, OP, "")
+    if key not in model.functions:
+        model.functions[key] = _function()
+        model.opset_imports.setdefault(DOMAIN, 1)
+    graph = model.graph
+    node = ir.node(OP, [value, a, b], domain=DOMAIN, name=unique_node_name(graph, f"{value.name}_{label}"))
+    node.outputs[0].name = f"{value.name}_{suffix}"
     node.outputs[0].shape, node.outputs[0].type = value.shape, value.type
     insert_after_producer(graph, value, node)
     return node
