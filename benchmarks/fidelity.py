@@ -107,6 +107,8 @@ def main() -> None:
                 run(f"{preset}({options})", "rotate", (preset, "rotate + gptq"))
                 if preset == "w4a16":
                     run(f"{preset}({options},{EORA})", "rotate", (preset, "rotate + gptq + eora"))
+                if preset == "w4a4":
+                    run(f"{preset}({options})", "affine", (preset, "affine + gptq"))
         if preset in OUTLIER_PRESETS:
             run(f"{preset}({OUTLIERS})", "", (preset, OUTLIERS))
 
@@ -148,7 +150,7 @@ def onnxruntime_rows(fp32_path: Path, folder: Path, calib, heldout, reference, q
 
 
 def render(ours, theirs, presets, pipelines) -> str:
-    columns = [p or "none" for p in pipelines] + ["gptq", "rotate + gptq", "rotate + gptq + eora", OUTLIERS, "awq",
+    columns = [p or "none" for p in pipelines] + ["gptq", "rotate + gptq", "rotate + gptq + eora", "affine + gptq", OUTLIERS, "awq",
                                                   "awq-gptq"]
     header = "| preset | " + " | ".join(columns) + " | best | onnxruntime |"
     lines = [header, "|" + "---|" * (len(columns) + 3)]
@@ -183,6 +185,7 @@ def write_docs(table: str) -> None:
         " Mean cosine to FP32 of held-out sentence embeddings; rows are presets, columns transform pipelines before "
         f"the preset, `gptq` is `{GPTQ}`, `awq` is `weights=awq`, `awq-gptq` AWQ's scales then GPTQ with the same "
         f"options, `rotate + gptq + eora` adds `{EORA}` (low-rank compensation, docs/passes/lowrank.md), "
+        "`affine + gptq` learns FlatQuant's transforms first (docs/passes/affine.md), "
         f"`{OUTLIERS}` is LLM.int8()'s outlier split (docs/passes/outlier-split.md).")
     replace_section("fidelity", "Quantization fidelity (MiniLM)", f"{stamp}\n\n{table}")
 
