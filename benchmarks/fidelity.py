@@ -39,7 +39,7 @@ from qcompiler.pipeline import parse_pipeline  # noqa: E402
 from qcompiler.runtime import make_session, run_batches  # noqa: E402
 
 PRESETS = ["w8a8", "w8a8-dyn", "w4a16", "w4a8", "w4a4", "fp8", "mxfp8", "mxfp4", "nvfp4"]
-PIPELINES = ["", "smooth(search=true)", "shift(scale=true)", "rotate", "smooth(search=true),rotate"]
+PIPELINES = ["", "smooth(search=true)", "shift(scale=true)", "rotate", "smooth(search=true),rotate", "reassemble"]
 WEIGHT_QUANTIZERS = {"w4a16": ["gptq", "awq", "awq-gptq"], "w4a8": ["gptq", "awq"], "w4a4": ["gptq"]}
 GPTQ = "weights=gptq,act_order=true,damp=0.1,scales=mse,refine=3"
 EORA = "eora=16,lowrank_dtype=int8"  # the rotate + gptq + eora column (w4a16): docs/passes/lowrank.md

@@ -3,7 +3,7 @@
 Importing this package registers every pass and preset with `qcompiler.registry`.
 """
 
-from qcompiler.passes import affine, canonical_linear, convert_opset, equalize, fold_norm, fuse_gelu, fuse_norms, quantize, rotate, shift, simplify, smooth  # noqa: F401
+from qcompiler.passes import affine, canonical_linear, convert_opset, equalize, fold_norm, fuse_gelu, fuse_norms, quantize, reassemble, rotate, shift, simplify, smooth  # noqa: F401
 from qcompiler.registry import register_preset
 
 register_preset(

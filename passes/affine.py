@@ -27,7 +27,7 @@ import onnx_ir as ir
 
 from qcompiler.absorb import SCALE_LIMITS, absorb_affine, rewrite_constant
 from qcompiler.analysis.linears import Linear, constant_array, find_linears
-from qcompiler.analysis.regions import ONLINE_ROTATION, SCALE, Region, find_regions
+from qcompiler.analysis.regions import ONLINE_ROTATION, Region, find_regions
 from qcompiler.graph import add_initializer
 from qcompiler.hadamard import orthogonal_matrix
 from qcompiler.online_rotation import insert_kronecker, rotate_last_axis
@@ -129,7 +129,7 @@ class Affine(Pass):
         else:
             n1, n2 = kronecker_sizes(group.channels)
             start = orthogonal_matrix(n1), orthogonal_matrix(n2)
-        learn_scale = self.options.scale and self._absorbs_scale(group)
+        learn_scale = self.options.scale and group.region.absorbs_scale_of(group.value)
         weights = [constant_array(lin.weight) for lin in group.linears]
         try:
             fit = fit_affine(rows, weights, scheme, *start, learn_scale, self.options.steps, self.options.lr)
@@ -139,14 +139,6 @@ class Affine(Pass):
         if fit.scale is not None:
             fit.scale = np.clip(fit.scale, *SCALE_LIMITS)
         return fit, (len(start[0]), len(start[1]))
-
-    @staticmethod
-    def _absorbs_scale(group: _Group) -> bool:
-        """A scale folds into the producer when every sink reads this activation channel for channel."""
-        region = group.region
-        return (region.can(SCALE) and region.online is None and region.channels == group.channels
-                and all(s.linear.input is group.value and np.array_equal(s.channel_map, np.arange(region.channels))
-                        for s in region.sinks))
 
     def _deploy(self, model: ir.Model, group: _Group, fit: AffineFit, notes: list[str]) -> None:
         graph = model.graph

@@ -519,7 +519,8 @@ def fuzz_cases() -> st.SearchStrategy[FuzzCase]:
 # except in front of convert-opset, which then runs alone, to an older opset too.
 PRESERVING = ("normalize", "fold-norm", "fold-norm(rmsnorm=true)", "smooth", "smooth(search=true)", "shift",
               "shift(scale=true)", "rotate", "rotate(kind=random)", "rotate(mode=online)", "rotate(mode=offline)",
-              "fold-norm,shift,smooth,rotate", "equalize", "convert-opset(version=17)", "convert-opset(version=11)")
+              "fold-norm,shift,smooth,rotate", "equalize", "convert-opset(version=17)", "convert-opset(version=11)",
+              "reassemble(rows=64)", "affine(steps=2,rows=64)")
 PRESETS = ("w8a8", "w8a8-dyn", "w8a16", "w4a16", "w4a8", "w4a4", "fp8", "mxfp8", "mxfp4", "nvfp4")
 BACKENDS = ("simulate", "ort")
 # Text that belongs to a traceback or a library's own error, never to a refusal of qcompiler's.

@@ -107,6 +107,12 @@ class Region:
     def can(self, capability: str) -> bool:
         return capability in self.capabilities
 
+    def absorbs_scale_of(self, value: ir.Value) -> bool:
+        """A per-channel scale of ``value`` folds into the producer: every sink reads ``value`` channel for channel."""
+        return (self.can(SCALE) and self.online is None and self.sinks[0].linear.in_features == self.channels
+                and all(s.linear.input is value and np.array_equal(s.channel_map, np.arange(self.channels))
+                        for s in self.sinks))
+
 
 @dataclass
 class RegionAnalysis:
