@@ -5,8 +5,9 @@
 The user states what they need (``cos>=0.998``: held-out mean sentence-embedding cosine;
 ``top1>=0.95``, ``kl<=0.05`` or ``ppl<=1.05`` for causal LMs; ``out-cos>=0.99`` for any
 model) and the compiler chooses the transforms and the precision. Candidates are pipelines: each transform recipe (none,
-``smooth``, ``rotate``, ``smooth,rotate``, and the last two with ``rotate(online=activations)``,
-online Hadamards only where activations are hardest: a coarse per-region choice) under
+``smooth``, ``rotate``, ``smooth,rotate``, the last two with ``rotate(online=activations)``,
+online Hadamards only where activations are hardest: a coarse per-region choice, and
+``reassemble``, QLLM's outlier channel splits with theta searched per linear group) under
 each preset (int8 static, int8 dynamic, W4A8, W4A16); then, for the fastest candidates
 that missed the target, refinements of their quantize step, per layer where it counts:
 4-bit presets get GPTQ rounding and their most output-sensitive linears at 8 bits, static
@@ -56,7 +57,7 @@ from qcompiler.search_target import METRICS, Target, parse_budget, parse_target
 # The transform recipes of the first round. rotate(online=activations) keeps only the online
 # Hadamards in front of the FFN's second linear, the costliest activations to quantize.
 TRANSFORMS = ("", "smooth", "rotate", "smooth,rotate", "rotate(online=activations)",
-              "smooth,rotate(online=activations)")
+              "smooth,rotate(online=activations)", "reassemble")
 PRESETS = ("w8a8", "w8a8-dyn", "w4a8", "w4a16")
 # Per candidate that missed the target, by its preset: for 4-bit weights better rounding,
 # then a growing share of the most sensitive weights at 8 bits; for static int8 activations

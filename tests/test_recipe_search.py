@@ -25,10 +25,10 @@ SPACE = {"transforms": ("", "rotate"), "presets": ("w8a8", "w8a8-dyn"), "refine"
 
 def test_every_candidate_is_a_valid_pipeline():
     pipelines = candidates()
-    assert len(pipelines) == 24 and "smooth,rotate,w4a8" in pipelines and "w8a8" in pipelines
+    assert len(pipelines) == 28 and "smooth,rotate,w4a8" in pipelines and "w8a8" in pipelines
     assert "smooth,rotate(online=activations),w8a8" in pipelines
     refined = [r for p in pipelines for r in refinements(p)]
-    assert len(refined) == 18 * 4 and not refinements("rotate,w8a8-dyn")  # dynamic int8 has no finer step
+    assert len(refined) == 21 * 4 and not refinements("rotate,w8a8-dyn")  # dynamic int8 has no finer step
     assert "smooth,w8a8(fallback=0.25)" in refined and "rotate,w4a8(weights=gptq)" in refined
     for pipeline in pipelines + refined:
         parse_pipeline(pipeline)
@@ -105,9 +105,9 @@ def test_a_miss_faster_than_every_hit_is_refined_layer_by_layer():
 
 
 def test_a_spent_budget_leaves_candidates_unexplored():
-    with pytest.raises(TargetNotMet, match="among 0 tried, 24 left unexplored by the budget") as refused:
+    with pytest.raises(TargetNotMet, match="among 0 tried, 28 left unexplored by the budget") as refused:
         search("minilm", "cos>=0.99", budget=0.001)
-    assert len(refused.value.result.unexplored) == 24
+    assert len(refused.value.result.unexplored) == 28
 
 
 def test_a_cnn_is_searched_by_its_output_cosine_not_by_sentence_embeddings(tmp_path):
