@@ -33,7 +33,7 @@ from qcompiler.pipeline import parse_pipeline  # noqa: E402
 from qcompiler.verify import worst  # noqa: E402
 
 PIPELINES = ["smooth", "smooth(search=true)", "shift", "shift(scale=true)", "rotate", "shift,smooth,rotate",
-             "rotate,smooth(search=true)", "rotate,shift(scale=true)"]
+             "rotate,smooth(search=true)", "rotate,shift(scale=true)", "reassemble", "affine"]
 OUTPUT = Path(__file__).resolve().parents[1] / "docs" / "passes" / "outliers.md"
 
 

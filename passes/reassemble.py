@@ -164,7 +164,7 @@ def search_map(x: np.ndarray, weights: list[np.ndarray], scheme: Scheme, assembl
     """The channel map with the least quantized error (None: no map beats none), its error and no map's.
 
     Candidates lower ``theta`` from the largest channel maximum by a factor ``0.8`` at a time
-    while the channels the splits add stay within ``growth * C``.
+    while the channels the splits add (filling whole groups included) stay within ``growth * C``.
     """
     channels = x.shape[1]
     maxima = np.abs(x).max(axis=0)
@@ -173,9 +173,11 @@ def search_map(x: np.ndarray, weights: list[np.ndarray], scheme: Scheme, assembl
     none = quantized_error(x, weights, None, scheme)
     best, best_error = None, none
     theta = float(maxima.max()) * 0.8
-    while theta > 0 and np.ceil(maxima / theta).clip(min=1).sum() - channels <= growth * channels:
+    while theta > 0:
         counts = split_counts(maxima, theta, block)
         extra = int(counts.sum()) - channels
+        if extra > growth * channels:
+            break
         try:
             mapping = build_map(counts, extra if assemble else 0, pairs, theta)
         except ValueError:  # too few channels left to merge
@@ -210,6 +212,12 @@ class Reassemble(Pass):
         with ctx.progress("reassemble search", len(groups)) as advance:
             for name, (value, linears) in groups.items():
                 x = rows[name].astype(np.float64)
+                block = 1 if self.options.assemble else input_block(scheme)
+                if block > self.options.growth * x.shape[1]:
+                    skipped[name] = (f"a split must add a whole group of {block} channels, more than growth "
+                                     f"{self.options.growth:g} of {x.shape[1]} allows")
+                    advance()
+                    continue
                 weights = [constant_array(lin.weight).astype(np.float64) for lin in linears]
                 mapping, error, none = search_map(x, weights, scheme, self.options.assemble, self.options.growth)
                 advance()
