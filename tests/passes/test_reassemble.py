@@ -108,3 +108,12 @@ def test_search_beats_no_map_on_outliers(assemble):
     assert mapping is not None and error < none / 2
     assert error == pytest.approx(quantized_error(x, [w], mapping, scheme))
     assert (len(mapping.first) == 32) == assemble
+
+
+def test_splits_that_would_fill_whole_weight_groups_beyond_growth_are_refused(normalized_files):
+    model = ir.load(normalized_files("llama"))
+    report = PassManager(parse_pipeline("reassemble(rows=64),w4a16"), calibration=zoo_calibration(model),
+                         tolerance=TOLERANCE, progress=False).run(model)
+    record = report.passes[0]
+    assert not record.modified and record.details["skipped"]
+    assert all("whole group of 128 channels" in reason for reason in record.details["skipped"].values())
