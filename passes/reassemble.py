@@ -11,12 +11,14 @@ channels carrying ``x_j / k``, with the linears' weight row ``W_j`` repeated ``k
 Pairs are chosen greedily by that error's norm ``||x_a - x_b|| ||W_a - W_b|| / 2`` on the
 calibration rows, and ``theta`` per group by the quantized output error under the
 pipeline's target (the preset that follows; int8 W8A8 without one), "no change" included.
-The map runs online as ``Gather`` and ``Mul`` (two of each and an ``Add`` when pairs are
-merged) on the activation: ONNX producers (LayerNorm, GELU, attention) cannot emit more
-channels than they compute, so nothing absorbs it. With ``assemble=false`` the pass is
-exact (and verified as such), and the default: on MiniLM it is both more accurate and faster
-than assembling (docs/passes/reassemble.md); with merges it changes the function and the
-report shows by how much.
+Splits deploy as ``x' = Concat(x / k, Gather(x / k, extra parts))`` before the linears,
+``/ k`` folded into the producer where it absorbs a per-channel scale (else one ``Mul``):
+ONNX producers (LayerNorm, GELU, attention) cannot emit more channels than they compute,
+so the small Gather and the Concat stay online. Merges move any channel, so they take two
+full ``Gather``s, two ``Mul``s and an ``Add``. With ``assemble=false`` (the default: on
+MiniLM it is both more accurate and faster than assembling, docs/passes/reassemble.md) the
+pass is exact and verified as such; with merges it changes the function and the report
+shows by how much.
 """
 
 from __future__ import annotations
@@ -278,30 +280,29 @@ def _deploy(graph: ir.Graph, value: ir.Value, linears: list[Linear], mapping: Ch
         return node.outputs[0]
 
     if mapping.merges:
-        scaled, where = value, "online"
+        where = "online"
         out = add("Add", [add("Mul", [add("Gather", [value, constant("first", mapping.first)], axis=-1),
                                       constant("first_scale", mapping.first_scale.astype(dtype))]),
                           add("Mul", [add("Gather", [value, constant("second", mapping.second)], axis=-1),
                                       constant("second_scale", mapping.second_scale.astype(dtype))])])
-        rows = mapping.weight
+        weight_rows = mapping.weight
     else:
         copies = mapping.copies.astype(np.float64)
         if region is not None:
             absorb_affine(graph, region, copies, None, notes)  # the producer emits x / k; the sinks' rows times k
             scaled, where = value, "producer"
-            rows = lambda w: (w / copies[:, None])[mapping.first]  # noqa: E731 -- undo the rows' k: each part keeps W_j
+            weight_rows = lambda w: (w / copies[:, None])[mapping.first]  # noqa: E731 -- undo the rows' k: parts keep W_j
         else:
             scaled, where = add("Mul", [value, constant("scale", (1 / copies).astype(dtype))]), "online"
-            rows = mapping.weight
+            weight_rows = mapping.weight
         extra = mapping.first[len(copies):]
         out = add("Concat", [scaled, add("Gather", [scaled, constant("extra", extra)], axis=-1)], axis=-1)
     out.name = f"{value.name}_reassembled"
     if value.shape is not None:
         out.shape = ir.Shape([*value.shape[:-1], len(mapping.first)])
-    if nodes:
-        insert_after_producer(graph, value, nodes)
+    insert_after_producer(graph, value, nodes)
     for linear in linears:
         linear.matmul.replace_input_with(0, out)
-        rewrite_constant(graph, linear.matmul, 1, rows, notes)
+        rewrite_constant(graph, linear.matmul, 1, weight_rows, notes)
         linear.matmul.inputs[1].shape = ir.Shape(linear.matmul.inputs[1].const_value.shape)
     return where
