@@ -12,12 +12,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import onnx_ir as ir
 
 from fidelity import embeddings, score
 from qcompiler.benchmarking import compare_latency, synthetic_feeds
 from qcompiler.calibration import data as calib_data
+from qcompiler.calibration.data import CalibrationData
 from qcompiler.calibration.resolve import builtin_sentences, model_inputs
 from qcompiler.capture import load_tokenizer
 from qcompiler.compiler import CompileResult
@@ -33,19 +35,20 @@ class Measured:
 
     fp32: ir.Model
     results: dict[str, CompileResult] = field(default_factory=dict)
+    baselines: dict[str, ir.Model] = field(default_factory=dict)  # other tools' models, e.g. onnxruntime's
     seconds: dict[str, float] = field(default_factory=dict)
     fidelity: dict[str, tuple[float, float]] = field(default_factory=dict)
     latency: dict[tuple[int, int], dict] = field(default_factory=dict)
 
     @property
     def models(self) -> dict[str, ir.Model]:
-        return {"fp32": self.fp32, **{name: result.model for name, result in self.results.items()}}
+        return {"fp32": self.fp32, **{name: result.model for name, result in self.results.items()}, **self.baselines}
 
     def rows(self) -> list[tuple[str, str]]:
         """``(name, "| label | mean | min | ratio... |")`` per model, for a table to extend with its own columns."""
         out = []
         for name in self.models:
-            label = name if name == "fp32" else f"`{name}`"
+            label = f"`{name}`" if name in self.results else name
             mean, low = self.fidelity[name]
             ratios = "".join(f" {self.latency[shape][name]['ratio']:.2f} |" for shape in self.latency)
             out.append((name, f"| {label} | {mean:.5f} | {low:.4f} |{ratios}"))
@@ -55,8 +58,12 @@ class Measured:
         return "| model | mean cosine | min cosine |" + "".join(f" {b}x{s} / fp32 |" for b, s in self.latency)
 
 
-def compile_and_measure(pipelines: list[str], runs: int, shapes=SHAPES) -> Measured:
-    """Compile each pipeline from one normalized FP32 MiniLM on the built-in calibration sentences, then measure all."""
+def compile_and_measure(pipelines: list[str], runs: int, shapes=SHAPES,
+                        baselines: Callable[[Path, CalibrationData], dict[str, ir.Model]] | None = None) -> Measured:
+    """Compile each pipeline from one normalized FP32 MiniLM on the built-in calibration sentences, then measure all.
+
+    ``baselines(fp32_path, calibration)`` may add other tools' models, measured alongside.
+    """
     folder = Path(tempfile.mkdtemp(prefix="qcompiler-bench-"))
     fp32 = run_compile("minilm", "", verify=False).model
     fp32_path = folder / "fp32.onnx"
@@ -71,6 +78,8 @@ def compile_and_measure(pipelines: list[str], runs: int, shapes=SHAPES) -> Measu
                                                  backend="ort", verify=False)
         measured.seconds[pipeline] = time.perf_counter() - tick
         print(f"compiled {pipeline} in {measured.seconds[pipeline]:.0f} s", flush=True)
+    if baselines is not None:
+        measured.baselines = baselines(fp32_path, data)
     reference = embeddings(make_session(fp32), heldout)
     measured.fidelity = {name: score(reference, embeddings(make_session(model, fuse_qdq=True), heldout))
                          for name, model in measured.models.items()}
