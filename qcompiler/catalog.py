@@ -57,6 +57,8 @@ def catalog(name: str | None = None) -> list[Any]:
 
 
 def _kind(cls) -> str:
+    if isinstance(cls.preserves_function, property):  # it depends on the options: say what the defaults do
+        return ("function-preserving" if cls().preserves_function else "changes the function") + " by default"
     return "function-preserving" if cls.preserves_function else "changes the function"
 
 
