@@ -13,7 +13,6 @@ against the same artifact with those nodes bypassed (not equivalent, timed only)
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -23,8 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import onnx_ir as ir  # noqa: E402
 
-from docs_section import machine_stamp, replace_section  # noqa: E402
-from minilm_pipelines import compile_and_measure  # noqa: E402
+from minilm_pipelines import arguments, compile_and_measure, publish  # noqa: E402
 from qcompiler.benchmarking import compare_latency, synthetic_feeds  # noqa: E402
 from qcompiler.graph import redirect_uses  # noqa: E402
 from qcompiler.online_rotation import DOMAIN, OP  # noqa: E402
@@ -45,10 +43,7 @@ def without_online_transforms(model: ir.Model) -> ir.Model | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="rewrite the table in docs/passes/affine.md")
-    parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args()
+    args = arguments(__doc__.splitlines()[0], PAGE)
     measured = compile_and_measure(PIPELINES, args.runs)
     bypassed = {name: stripped for name, model in measured.models.items()
                 if name != "fp32" and (stripped := without_online_transforms(model)) is not None}
@@ -62,12 +57,7 @@ def main() -> None:
             share = f"{1 - online[f'{name} without']['median_ms'] / online[f'{name} with']['median_ms']:.2f}"
         compile_s = f"{measured.seconds[name]:.0f}" if name in measured.seconds else ""
         lines.append(f"{row} {share} | {compile_s} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        stamp = machine_stamp(".venv/bin/python benchmarks/affine.py --write") + (
-            f" Mean (min) cosine to FP32 of held-out sentence embeddings; {args.runs} interleaved runs per model.")
-        replace_section("affine", "Measured on MiniLM", f"{stamp}\n\n{table}", page=PAGE)
+    publish(lines, "affine.py", "affine", PAGE, args)
 
 
 if __name__ == "__main__":

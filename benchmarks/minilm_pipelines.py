@@ -8,6 +8,7 @@ ratios to FP32.
 
 from __future__ import annotations
 
+import argparse
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Callable
 
 import onnx_ir as ir
 
+from docs_section import machine_stamp, replace_section
 from fidelity import embeddings, score
 from qcompiler.benchmarking import compare_latency, synthetic_feeds
 from qcompiler.calibration import data as calib_data
@@ -86,3 +88,21 @@ def compile_and_measure(pipelines: list[str], runs: int, shapes=SHAPES,
     measured.latency = {shape: compare_latency(measured.models, synthetic_feeds(fp32, *shape), runs)
                         for shape in shapes}
     return measured
+
+
+def arguments(description: str, page: Path) -> argparse.Namespace:
+    """``--write`` (regenerate the table on ``page``) and ``--runs`` (interleaved latency runs per model)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--write", action="store_true", help=f"rewrite the table in docs/passes/{page.name}")
+    parser.add_argument("--runs", type=int, default=20)
+    return parser.parse_args()
+
+
+def publish(lines: list[str], script: str, key: str, page: Path, args: argparse.Namespace) -> None:
+    """Print the table; with ``--write``, put it under "Measured on MiniLM" on ``page`` with the machine's stamp."""
+    table = "\n".join(lines)
+    print(table)
+    if args.write:
+        stamp = machine_stamp(f".venv/bin/python benchmarks/{script} --write") + (
+            f" Mean (min) cosine to FP32 of held-out sentence embeddings; {args.runs} interleaved runs per model.")
+        replace_section(key, "Measured on MiniLM", f"{stamp}\n\n{table}", page=page)

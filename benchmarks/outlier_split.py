@@ -11,7 +11,6 @@ and 1 x 128 tokens, all models in one process with runs interleaved, as ratios t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -22,8 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_ir as ir  # noqa: E402
 
 import ort_baselines  # noqa: E402
-from docs_section import machine_stamp, replace_section  # noqa: E402
-from minilm_pipelines import compile_and_measure  # noqa: E402
+from minilm_pipelines import arguments, compile_and_measure, publish  # noqa: E402
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "passes" / "outlier-split.md"
 PIPELINES = ["w8a8", "rotate,w8a8", "w8a8(outliers=6)", "w8a8(outliers=4)", "w8a8(outliers=3)",
@@ -45,21 +43,13 @@ def onnxruntime_static(fp32_path: Path, data) -> dict[str, ir.Model]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="rewrite the table in docs/passes/outlier-split.md")
-    parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args()
+    args = arguments(__doc__.splitlines()[0], PAGE)
     measured = compile_and_measure(PIPELINES, args.runs, baselines=onnxruntime_static)
     lines = [f"{measured.header()} float share |", "|---|" + "---:|" * (3 + len(measured.latency))]
     for name, row in measured.rows():
         share = float_share(measured.results[name].report) if name in measured.results else ""
         lines.append(f"{row} {share} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        stamp = machine_stamp(".venv/bin/python benchmarks/outlier_split.py --write") + (
-            f" Mean (min) cosine to FP32 of held-out sentence embeddings; {args.runs} interleaved runs per model.")
-        replace_section("outlier-split", "Measured on MiniLM", f"{stamp}\n\n{table}", page=PAGE)
+    publish(lines, "outlier_split.py", "outlier-split", PAGE, args)
 
 
 if __name__ == "__main__":

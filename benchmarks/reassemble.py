@@ -10,7 +10,6 @@ channel map. ``--write`` regenerates the table in docs/passes/reassemble.md.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -18,8 +17,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from docs_section import machine_stamp, replace_section  # noqa: E402
-from minilm_pipelines import compile_and_measure  # noqa: E402
+from minilm_pipelines import arguments, compile_and_measure, publish  # noqa: E402
 
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "passes" / "reassemble.md"
 PIPELINES = ["w8a8", "smooth(search=true),w8a8", "reassemble,w8a8", "reassemble(assemble=true),w8a8",
@@ -28,10 +26,7 @@ PIPELINES = ["w8a8", "smooth(search=true),w8a8", "reassemble,w8a8", "reassemble(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="rewrite the table in docs/passes/reassemble.md")
-    parser.add_argument("--runs", type=int, default=20)
-    args = parser.parse_args()
+    args = arguments(__doc__.splitlines()[0], PAGE)
     measured = compile_and_measure(PIPELINES, args.runs)
     lines = [f"{measured.header()} added MACs | groups | compile s |", "|---|" + "---:|" * (5 + len(measured.latency))]
     for name, row in measured.rows():
@@ -43,12 +38,7 @@ def main() -> None:
                 groups = str(len(records[0].details["transformed"]))
             compile_s = f"{measured.seconds[name]:.0f}"
         lines.append(f"{row} {added} | {groups} | {compile_s} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.write:
-        stamp = machine_stamp(".venv/bin/python benchmarks/reassemble.py --write") + (
-            f" Mean (min) cosine to FP32 of held-out sentence embeddings; {args.runs} interleaved runs per model.")
-        replace_section("reassemble", "Measured on MiniLM", f"{stamp}\n\n{table}", page=PAGE)
+    publish(lines, "reassemble.py", "reassemble", PAGE, args)
 
 
 if __name__ == "__main__":
