@@ -35,7 +35,8 @@ import qcompiler  # noqa: E402
 from qcompiler.backends.ort.backend import saturation_free_layout  # noqa: E402
 from qcompiler.testing import ocr_classifier_path, text_line_images  # noqa: E402
 
-PIPELINES = ["normalize", "w8a8", "equalize,w8a8", "w8a8(weights=mse)", "w8a8(observer=percentile)", "fp8", "w4a16"]
+PIPELINES = ["normalize", "w8a8", "equalize,w8a8", "smooth,w8a8", "smooth(search=true),w8a8", "shift,smooth,w8a8",
+             "equalize,smooth,w8a8", "w8a8(weights=mse)", "w8a8(observer=percentile)", "fp8", "w4a16"]
 CALIBRATION_LINES, HELDOUT_LINES, BATCH = 128, 279, 8
 
 

@@ -12,20 +12,28 @@ sink's weight by it moves difficulty from activations to weights without changin
 grid (and no smoothing at all) with the smallest output error of the region's sinks once
 quantized under the pipeline's target (the preset of the quantize pass that follows;
 without one, int8 per-tensor activations and int8 per-channel weights).
+
+Convolutions take the same scale along their channel axis 1 (`qcompiler.conv_absorb`):
+``s_c`` from the absmax of input channel ``c`` and the largest kernel weight reading it,
+absorbed by the producing Conv or BatchNormalization, searched on whole calibration
+samples (`qcompiler.quant.conv_proxy`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompiler.absorb import SCALE_LIMITS, absorb_affine
+from qcompiler.analysis.conv_regions import kernel_input_max
 from qcompiler.analysis.region_data import producer_channel_max, weight_row_max
-from qcompiler.analysis.regions import SCALE, Region
+from qcompiler.analysis.regions import SCALE
+from qcompiler.conv_absorb import absorb_conv_affine
 from qcompiler.options import option
-from qcompiler.quant.presets import Scheme
+from qcompiler.quant.conv_proxy import conv_region_error, conv_region_samples
 from qcompiler.quant.proxy import region_error, region_samples
 from qcompiler.region_pass import RegionPass
 from qcompiler.pass_api import PassContext, PassOutcome
@@ -73,24 +81,39 @@ class Smooth(RegionPass):
             for region in work.regions:
                 act_max = producer_channel_max(region, {n: work.stats[n].absmax for n in work.names})
                 weight_max = weight_row_max(region)
-                alpha = (self._search(region, act_max, weight_max, work.rows, ctx.target) if self.options.search
-                         else self.options.alpha)
+                alpha = self._alpha(act_max, weight_max, lambda: region_samples(region, work.rows, ctx.target),
+                                    region_error)
                 chosen[region.name] = alpha
                 advance()
                 if alpha is None:
                     continue
                 absorb_affine(model.graph, region, smoothing_scale(act_max, weight_max, alpha), None, notes)
                 smoothed.append(f"{region.name} ({region.kind}, alpha={alpha:.2f})")
-        return PassOutcome(bool(smoothed), {"smoothed": smoothed, "skipped": work.refused(SCALE), "alpha": chosen,
-                                            "notes": notes})
+        convs = self.conv_regions(model, ctx)
+        with ctx.progress("smooth search (convolutions)", len(convs.regions) if self.searches() else 0) as advance:
+            for region in convs.regions:
+                act_max, weight_max = convs.absmax(region), kernel_input_max(region)
+                alpha = self._alpha(act_max, weight_max,
+                                    lambda: conv_region_samples(region, convs.examples, ctx.target), conv_region_error)
+                chosen[region.name] = alpha
+                advance()
+                if alpha is None:
+                    continue
+                absorb_conv_affine(model.graph, region, smoothing_scale(act_max, weight_max, alpha), None, notes,
+                                   self.name)
+                smoothed.append(f"{region.name} ({region.kind} -> Conv, alpha={alpha:.2f})")
+        return PassOutcome(bool(smoothed), {"smoothed": smoothed, "skipped": {**work.refused(SCALE), **convs.refused},
+                                            "alpha": chosen, "notes": notes})
 
-    def _search(self, region: Region, act_max: np.ndarray, weight_max: np.ndarray,
-                rows: dict[str, np.ndarray], target: Scheme | None) -> float | None:
-        """The grid alpha with the lowest quantized error, or None when not smoothing is best."""
-        samples = region_samples(region, rows, target)
-        best_alpha, best_error = None, region_error(samples)
+    def _alpha(self, act_max: np.ndarray, weight_max: np.ndarray, samples: Callable[[], list],
+               error: Callable[..., float]) -> float | None:
+        """The option's alpha, or with search the grid alpha of least quantized error (None: not smoothing is best)."""
+        if not self.options.search:
+            return self.options.alpha
+        drawn = samples()
+        best_alpha, best_error = None, error(drawn)
         for alpha in np.linspace(0.0, 1.0, self.options.grid + 1):
-            error = region_error(samples, smoothing_scale(act_max, weight_max, float(alpha)))
-            if error < best_error:
-                best_alpha, best_error = float(alpha), error
+            candidate = error(drawn, smoothing_scale(act_max, weight_max, float(alpha)))
+            if candidate < best_error:
+                best_alpha, best_error = float(alpha), candidate
         return best_alpha

@@ -57,8 +57,13 @@ def rewrite_constant(graph: ir.Graph, node: ir.Node, index: int, change: Callabl
 
 def mark_output_transformed(linear: Linear, pass_name: str) -> None:
     """Record on a linear that its output is now transformed, so per-layer comparisons with the source skip it."""
-    previous = linear.matmul.metadata_props.get(OUTPUT_TRANSFORMED)
-    linear.matmul.metadata_props[OUTPUT_TRANSFORMED] = f"{previous},{pass_name}" if previous else pass_name
+    mark_node_output_transformed(linear.matmul, pass_name)
+
+
+def mark_node_output_transformed(node: ir.Node, pass_name: str) -> None:
+    """`mark_output_transformed` for any layer node (a Conv that absorbed a scale)."""
+    previous = node.metadata_props.get(OUTPUT_TRANSFORMED)
+    node.metadata_props[OUTPUT_TRANSFORMED] = f"{previous},{pass_name}" if previous else pass_name
 
 
 def set_optional_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.ndarray) -> None:
@@ -166,23 +171,32 @@ def _insert_elementwise(graph: ir.Graph, op: str, value: ir.Value, vector: np.nd
 
 def _compensate_foreign(graph: ir.Graph, region: Region, s: np.ndarray | None, z: np.ndarray | None) -> None:
     """Outside readers of the source get ``x' * s + z`` back: one Mul and/or Add, elementwise."""
-    if not region.foreign or (s is None and z is None):
+    compensate_readers(graph, region.source, region.foreign, s, z)
+    region.foreign = []
+
+
+def compensate_readers(graph: ir.Graph, source: ir.Value, readers: list[ir.Node | None], s: np.ndarray | None,
+                       z: np.ndarray | None, channel_view: tuple[int, ...] = (-1,)) -> None:
+    """Give ``readers`` of a transformed ``source`` (``None``: it is a graph output) ``x' * s + z`` instead.
+
+    ``channel_view`` shapes the vectors against the source (``(1, -1, 1, 1)`` for NCHW).
+    """
+    if not readers or (s is None and z is None):
         return
-    source = region.source
     dtype = np.dtype(source.dtype.numpy()) if source.dtype is not None else np.float32
     nodes, value = [], source
     if s is not None:
-        nodes.append(ir.node("Mul", [value, add_initializer(graph, f"{source.name}_unscale", s.astype(dtype))],
+        vector = s.astype(dtype).reshape(channel_view)
+        nodes.append(ir.node("Mul", [value, add_initializer(graph, f"{source.name}_unscale", vector)],
                              name=unique_node_name(graph, f"{source.name}_unscale")))
         value = nodes[-1].outputs[0]
     if z is not None:
-        nodes.append(ir.node("Add", [value, add_initializer(graph, f"{source.name}_unshift", z.astype(dtype))],
+        vector = z.astype(dtype).reshape(channel_view)
+        nodes.append(ir.node("Add", [value, add_initializer(graph, f"{source.name}_unshift", vector)],
                              name=unique_node_name(graph, f"{source.name}_unshift")))
         value = nodes[-1].outputs[0]
     value.shape, value.type = source.shape, source.type
     for node in nodes:
         node.metadata_props[COMPENSATION] = "outside readers"
     insert_after_producer(graph, source, nodes)
-    redirect_uses(graph, source, value, readers=[n for n in region.foreign if n is not None],
-                  graph_output=None in region.foreign)
-    region.foreign = []
+    redirect_uses(graph, source, value, readers=[n for n in readers if n is not None], graph_output=None in readers)

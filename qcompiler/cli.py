@@ -319,6 +319,7 @@ def inspect_command(model, no_normalize, as_json, pipeline, verbose, calib, toke
 
     def action():
         from qcompiler import inspection
+        from qcompiler.analysis.conv_regions import find_conv_regions
         from qcompiler.analysis.regions import find_regions
         from qcompiler.analysis.residual import find_streams
         from qcompiler.calibration.engine import CalibrationEngine
@@ -345,6 +346,9 @@ def inspect_command(model, no_normalize, as_json, pipeline, verbose, calib, toke
         if convolutions is not None:
             stdout.print(convolutions)
         stdout.print(inspection.region_table(find_regions(ir_model.graph).regions, verbose))
+        conv_regions = inspection.conv_region_table(find_conv_regions(ir_model.graph), verbose)
+        if conv_regions is not None:
+            stdout.print(conv_regions)
         stdout.print(inspection.stream_table(find_streams(ir_model.graph)))
         if rows is None:
             stdout.print("no calibration data: give --calib (and --tokenizer for text) for the outlier table")

@@ -1,7 +1,8 @@
 """`qcompile inspect`: what is in a model and where its activation outliers are.
 
-Five tables: op counts, every linear with its shapes, the regions (which producer
-absorbs which channel transform offline, and why the others are refused), the residual
+Five tables: op counts, every linear (and convolution) with its shapes, the regions (which producer
+absorbs which channel transform offline, and why the others are refused; the regions a
+CNN's convolutions read, when it has any), the residual
 streams (writers, readers, and whether rotate can turn the whole stream offline), and
 (given calibration data) one row per distinct linear input with the max/median ratio of
 per-channel absmax and the kurtosis of its values: the two numbers that say whether
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 from rich.table import Table
 
+from qcompiler.analysis.conv_regions import ConvRegion, find_conv_regions
 from qcompiler.analysis.convolutions import find_convolutions
 from qcompiler.analysis.linears import Linear, find_linears
 from qcompiler.analysis.regions import CAPABILITIES, Region, find_regions
@@ -110,7 +112,41 @@ def region_table(regions: list[Region], verbose: bool = False) -> Table:
     return table
 
 
-def _refused(region: Region) -> str:
+def conv_region_table(regions: list[ConvRegion], verbose: bool = False) -> Table | None:
+    """The regions whose sinks are convolutions, grouped by kind and outcome (None when the model has none)."""
+    if not regions:
+        return None
+    table = Table(title="convolution regions (per-channel scale and shift, absorbed along axis 1)", title_justify="left")
+    headers = ("region", "kind", "producer", "sinks", "offline", "refused") if verbose else (
+        "kind", "regions", "offline", "refused", "sinks (first region)")
+    for header in headers:
+        table.add_column(header, justify="right" if header == "regions" else "left")
+    if verbose:
+        for region in regions:
+            table.add_row(region.name, region.kind, region.producer_label, ", ".join(s.name for s in region.sinks),
+                          _offline(region), _refused(region))
+        return table
+    groups: dict[tuple[str, str, str], list[ConvRegion]] = {}
+    for region in regions:
+        groups.setdefault((region.kind, _offline(region), _refused(region)), []).append(region)
+    for (kind, offline, refused), members in groups.items():
+        table.add_row(kind, str(len(members)), offline, refused, ", ".join(s.name for s in members[0].sinks))
+    table.caption = "--verbose lists every region"
+    return table
+
+
+def _offline(region: Region | ConvRegion) -> str:
+    return ",".join(c for c in CAPABILITIES if region.can(c)) or "-"
+
+
+def conv_region_dict(region: ConvRegion) -> dict:
+    return {"tensor": region.name, "kind": region.kind, "producer": region.producer_label,
+            "sinks": [s.name for s in region.sinks], "channels": region.channels,
+            "offline": [c for c in CAPABILITIES if region.can(c)], "refused": dict(region.refused),
+            "outside_readers": len(region.foreign)}
+
+
+def _refused(region: Region | ConvRegion) -> str:
     reasons = set(region.refused.values())
     if len(region.refused) == len(CAPABILITIES) and len(reasons) == 1:
         return f"all: {reasons.pop()}"
@@ -119,7 +155,7 @@ def _refused(region: Region) -> str:
 
 def _absorbed(region: Region) -> str:
     """The transforms a region absorbs; behind an online Hadamard they cost an elementwise op after it."""
-    able = ",".join(c for c in CAPABILITIES if region.can(c)) or "-"
+    able = _offline(region)
     return f"{able} (Mul/Add after the Hadamard)" if region.online is not None else able
 
 
@@ -179,6 +215,7 @@ def inspection_dict(model: ir.Model, rows: list[OutlierRow] | None) -> dict:
             for c in find_convolutions(model.graph)
         ],
         "regions": [region_dict(r) for r in find_regions(model.graph).regions],
+        "conv_regions": [conv_region_dict(r) for r in find_conv_regions(model.graph)],
         "streams": [stream_dict(s) for s in find_streams(model.graph)],
         "outliers": [{"tensor": r.tensor, "sinks": r.sinks, **r.stats.summary()} for r in rows or []],
     }

@@ -64,9 +64,10 @@ class PassContext:
     # The scheme a later pass asked earlier passes to optimize for (`Pass.optimizes_for`).
     target: Scheme | None = None
 
-    def statistics(self, model: ir.Model, tensors: Sequence[str], xtx: Iterable[str] = ()) -> dict[str, TensorStats]:
-        """Statistics of ``tensors`` on the calibration part of the data (cached)."""
-        stats = self._engine().collect(model, tensors, xtx)
+    def statistics(self, model: ir.Model, tensors: Sequence[str], xtx: Iterable[str] = (),
+                   channels_first: Iterable[str] = ()) -> dict[str, TensorStats]:
+        """Statistics of ``tensors`` on the calibration part of the data (cached; channels on axis 1 for ``channels_first``)."""
+        stats = self._engine().collect(model, tensors, xtx, channels_first)
         if self.record is not None:
             self.record.statistics.extend(t for t in tensors if t not in self.record.statistics)
         return stats
@@ -84,6 +85,11 @@ class PassContext:
             self.warn(f"{name}'s search scored on {fewest} calibration rows (tokens), fewer than the {rows} it "
                       "takes; more calibration data makes its choices more reliable")
         return found
+
+    def examples(self, model: ir.Model, tensors: Sequence[str], count: int) -> dict[str, np.ndarray]:
+        """The whole ``tensors`` of the first ``count`` calibration samples (searches over convolutions, whose
+        error depends on neighbouring pixels, score on these instead of token rows)."""
+        return self._engine().examples(model, tensors, count)
 
     def progress(self, label: str, total: int) -> ContextManager[Callable[..., None]]:
         """A bar or periodic log lines over ``total`` steps of a long loop (`qcompiler.progress`)."""

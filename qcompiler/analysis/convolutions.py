@@ -68,15 +68,16 @@ class Convolution:
         return np.ascontiguousarray(matrix.T.reshape(self.kernel_shape))
 
 
+def as_convolution(node: ir.Node) -> Convolution | None:
+    """The node as a `Convolution`: a standard ``Conv`` whose weight is a constant of rank 3 or more, else None."""
+    if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    array = constant_array(node.inputs[1])
+    if array is None or array.ndim < 3:
+        return None
+    return Convolution(node, node.inputs[1], tuple(int(d) for d in array.shape))
+
+
 def find_convolutions(graph: ir.Graph) -> list[Convolution]:
-    """Every standard ``Conv`` whose weight is a constant of known rank 3 or more (1-D, 2-D, 3-D kernels)."""
-    found = []
-    for node in graph:
-        if node.op_type != "Conv" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
-            continue
-        weight = node.inputs[1]
-        array = constant_array(weight)
-        if array is None or array.ndim < 3:
-            continue
-        found.append(Convolution(node, weight, tuple(int(d) for d in array.shape)))
-    return found
+    """Every standard ``Conv`` with a constant kernel (1-D, 2-D, 3-D), in graph order."""
+    return [conv for conv in map(as_convolution, graph) if conv is not None]

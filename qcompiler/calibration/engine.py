@@ -7,7 +7,8 @@ tensor (O(C^2) with ``X^T X``). When the exposed tensors of one batch would exce
 the memory budget, they are split into blocks that each take their own pass over the
 data. Results are cached by the tensor's fingerprint (its computation cone) and the
 data's fingerprint, so a pass that rewrites the cone above a tensor invalidates exactly
-the statistics that came from it. Token activations of padded text batches are reduced
+the statistics that came from it. Channels are a tensor's last axis, or axis 1 for the
+tensors asked for ``channels_first`` (what a convolution reads). Token activations of padded text batches are reduced
 over real tokens only (the batch's ``attention_mask``).
 """
 
@@ -69,7 +70,7 @@ class CalibrationEngine:
     progress: bool = True
     log: Callable[[str], None] | None = None
     records: list[CollectionRecord] = field(default_factory=list)
-    _cache: dict[tuple[str, bool, str], TensorStats] = field(default_factory=dict)
+    _cache: dict[tuple[str, bool, int, str], TensorStats] = field(default_factory=dict)
     _data_print: str = ""
 
     def __post_init__(self) -> None:
@@ -77,21 +78,22 @@ class CalibrationEngine:
             raise CalibrationError("Calibration data has no batches.")
         self._data_print = self.data.fingerprint()
 
-    def collect(self, model: ir.Model, tensors: Sequence[str], xtx: Iterable[str] = ()) -> dict[str, TensorStats]:
-        """Statistics for each tensor name (``X^T X`` too for names in ``xtx``)."""
-        want_xtx = set(xtx)
+    def collect(self, model: ir.Model, tensors: Sequence[str], xtx: Iterable[str] = (),
+                channels_first: Iterable[str] = ()) -> dict[str, TensorStats]:
+        """Statistics for each tensor name (``X^T X`` too for names in ``xtx``; channels on axis 1 for ``channels_first``)."""
+        want_xtx, axis_one = set(xtx), set(channels_first)
         prints = value_fingerprints(model.graph)
         unknown = [n for n in tensors if n not in prints]
         if unknown:
             raise CalibrationError(f"The model has no tensor named '{unknown[0]}' to calibrate.")
-        keys = {n: (prints[n], n in want_xtx, self._data_print) for n in tensors}
+        keys = {n: (prints[n], n in want_xtx, 1 if n in axis_one else -1, self._data_print) for n in tensors}
         missing = list(dict.fromkeys(n for n in tensors if keys[n] not in self._cache))
         start = time.perf_counter()
-        plan = self.plan(model, missing, want_xtx) if missing else None
+        plan = self.plan(model, missing, want_xtx, axis_one) if missing else None
         if plan is not None:
             if self.log:
                 self.log(f"calibrating {len(missing)} tensor(s) over {len(self.data)} batch(es); {plan.describe()}")
-            for name, stats in self._run(model, plan, want_xtx).items():
+            for name, stats in self._run(model, plan, want_xtx, axis_one).items():
                 self._cache[keys[name]] = stats
         self.records.append(CollectionRecord(
             tensors=len(set(tensors)), cached=len(set(tensors)) - len(missing), batches=len(self.data),
@@ -117,8 +119,22 @@ class CalibrationEngine:
                 picked[name].append(flat[np.sort(take)].astype(np.float32))
         return {name: np.concatenate(parts)[:rows] for name, parts in picked.items()}
 
+    def examples(self, model: ir.Model, tensors: Sequence[str], count: int) -> dict[str, np.ndarray]:
+        """The whole tensors of the first ``count`` samples (axis 0) of the calibration batches."""
+        session = make_session(model, list(tensors))
+        picked: dict[str, list[np.ndarray]] = {name: [] for name in tensors}
+        taken = 0
+        for feeds in self.data.batches:
+            if taken >= count:
+                break
+            arrays = session.run(list(tensors), feeds)
+            for name, array in zip(tensors, arrays):
+                picked[name].append(array[:count - taken].astype(np.float32))
+            taken += len(arrays[0][:count - taken]) if arrays else count
+        return {name: np.concatenate(parts) for name, parts in picked.items()}
+
     # ------------------------------------------------------------------ planning
-    def plan(self, model: ir.Model, tensors: Sequence[str], xtx: set[str]) -> MemoryPlan:
+    def plan(self, model: ir.Model, tensors: Sequence[str], xtx: set[str], axis_one: set[str] = frozenset()) -> MemoryPlan:
         """Estimate per-batch bytes of each exposed tensor and pack tensors into blocks."""
         values = _values_by_name(model.graph)
         sizes = _symbol_sizes(model.graph, self.data.batches[0])
@@ -141,7 +157,8 @@ class CalibrationEngine:
             unknown_dims |= not known
             itemsize = value.dtype.itemsize if value.dtype is not None else 4
             batch_bytes[name] = elements * (itemsize + 4)  # onnxruntime's copy plus our float32 view
-            channels = shape[-1] if shape is not None and isinstance(shape[-1], int) else fallback
+            axis = 1 if name in axis_one else -1
+            channels = shape[axis] if shape is not None and len(shape) > 1 and isinstance(shape[axis], int) else fallback
             state += TensorStats.projected_state_bytes(channels, name in xtx)
         blocks: list[list[str]] = []
         current, current_bytes = [], 0
@@ -156,7 +173,7 @@ class CalibrationEngine:
         return MemoryPlan(blocks, batch_bytes, state, unknown_dims)
 
     # ------------------------------------------------------------------ running
-    def _run(self, model: ir.Model, plan: MemoryPlan, xtx: set[str]) -> dict[str, TensorStats]:
+    def _run(self, model: ir.Model, plan: MemoryPlan, xtx: set[str], axis_one: set[str]) -> dict[str, TensorStats]:
         results: dict[str, TensorStats] = {}
         total = len(plan.blocks) * len(self.data)
         with progress("calibrating", total, self.progress) as advance:
@@ -169,8 +186,9 @@ class CalibrationEngine:
                         if not np.all(np.isfinite(array)):
                             raise CalibrationError(f"Tensor '{name}' has NaN or Inf values on the calibration data.")
                         if name not in results:
-                            channels = array.shape[-1] if array.ndim else 1
-                            results[name] = TensorStats(channels, with_xtx=name in xtx)
+                            axis = 1 if name in axis_one and array.ndim > 1 else -1
+                            channels = array.shape[axis] if array.ndim else 1
+                            results[name] = TensorStats(channels, with_xtx=name in xtx, channel_axis=axis)
                         results[name].update(real_tokens(array, mask))
                     advance()
                 del session

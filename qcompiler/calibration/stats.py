@@ -1,6 +1,7 @@
 """Streaming statistics of one activation tensor, updated batch by batch.
 
-Channels are the last axis (the input features of a linear). State is O(C) per tensor
+Channels are the last axis (the input features of a linear), or axis 1 for the NCHW
+activations a convolution reads (``channel_axis=1``). State is O(C) per tensor
 (O(C^2) for ``X^T X``) however many batches stream through:
 
 - per channel: absmax, min, max, mean |x|;
@@ -22,10 +23,11 @@ HISTOGRAM_BINS = 2048
 
 @dataclass
 class TensorStats:
-    """Accumulated statistics of one tensor (channel axis last)."""
+    """Accumulated statistics of one tensor (channel axis last, or ``channel_axis``)."""
 
     channels: int
     with_xtx: bool = False
+    channel_axis: int = -1
     count: int = 0  # rows (tokens) seen
     absmax: np.ndarray = field(init=False)
     min: np.ndarray = field(init=False)
@@ -49,7 +51,10 @@ class TensorStats:
 
     # ------------------------------------------------------------------ update
     def update(self, batch: np.ndarray) -> None:
-        rows = np.asarray(batch, dtype=np.float32).reshape(-1, self.channels)
+        batch = np.asarray(batch, dtype=np.float32)
+        if self.channel_axis not in (-1, batch.ndim - 1):
+            batch = np.moveaxis(batch, self.channel_axis, -1)
+        rows = batch.reshape(-1, self.channels)
         if rows.shape[0] == 0:
             return
         absolute = np.abs(rows)

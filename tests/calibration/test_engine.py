@@ -86,3 +86,26 @@ def test_activation_sizes_computed_at_run_time_are_measured_not_guessed():
     # 4 x 3 x 20 x 40 and 4 x 16 x 9 x 19 values, each held twice (onnxruntime's copy and ours).
     assert plan.batch_bytes == {"small": 4 * 3 * 20 * 40 * 8, "y": 4 * 16 * 9 * 19 * 8}
     assert not plan.unknown_dims and len(plan.blocks) == 1
+
+
+def test_channels_first_statistics_and_whole_examples_of_a_conv_input():
+    from qcompiler.calibration.data import from_iterable
+    from qcompiler.testing import model_from_text
+
+    rng = np.random.default_rng(0)
+    model = model_from_text("""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (float[N, 3, 6, 6] x) => (float[N, 4, 4, 4] y) <float[4, 3, 3, 3] w> {
+            y = Conv (x, w)
+        }""", {"w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32)})
+    spread = np.array([1, 5, 20], np.float32).reshape(1, 3, 1, 1)
+    batches = [{"x": rng.standard_normal((2, 3, 6, 6)).astype(np.float32) * spread}
+               for _ in range(3)]
+    engine = CalibrationEngine(from_iterable(batches), progress=False)
+    by_channel = engine.collect(model, ["x"], channels_first=["x"])["x"]
+    last_axis = engine.collect(model, ["x"])["x"]  # cached apart: a different reduction of the same tensor
+    every = np.concatenate([b["x"] for b in batches]).astype(np.float32)
+    np.testing.assert_allclose(by_channel.absmax, np.abs(every).max(axis=(0, 2, 3)), rtol=1e-6)
+    assert last_axis.channels == 6 and by_channel.channels == 3
+    examples = engine.examples(model, ["x"], 5)["x"]
+    np.testing.assert_array_equal(examples, every[:5])

@@ -51,3 +51,16 @@ def test_outlier_ratio_finds_the_outlier_channel():
     stats.update(x)
     assert 30 < stats.channel_outlier_ratio < 50
     assert stats.kurtosis > 3
+
+
+def test_channel_axis_one_reduces_nchw_activations_per_channel():
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((2, 6, 5, 4)).astype(np.float32) * np.arange(1, 7).reshape(1, 6, 1, 1)
+               for _ in range(3)]
+    stats = TensorStats(6, channel_axis=1)
+    for batch in batches:
+        stats.update(batch)
+    every = np.concatenate(batches)
+    np.testing.assert_allclose(stats.absmax, np.abs(every).max(axis=(0, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(stats.min, every.min(axis=(0, 2, 3)), rtol=1e-6)
+    assert stats.count == 2 * 5 * 4 * 3  # one row per pixel
