@@ -269,20 +269,24 @@ class Quantize(Pass):
         rows = ctx.samples(model, matrix_inputs, options.rows) if options.weights == "awq" and matrix_inputs else {}
         uses_gptq = options.weights in ("gptq", "awq-gptq")
         sequential = uses_gptq and options.sequential
-        hessians = {}
+        widths = {p.linear.input.name: p.linear.in_features for p in plans if not p.conv}
+        chunks: dict[str, list[str]] = {}  # first input of a chunk -> the inputs whose X^T X one run gathers
         if (uses_gptq or options.eora) and matrix_inputs:
-            gathered = ctx.statistics(model, matrix_inputs, xtx=[] if sequential else matrix_inputs)
-            _warn_if_few_rows(ctx, gathered, {p.linear.input.name: p.linear.in_features for p in plans if not p.conv},
-                              "GPTQ" if uses_gptq else "EoRA")
-            if not sequential:
-                hessians = {n: s.xtx for n, s in gathered.items()}
+            # Sequential: one input at a time, as the layers before it, already quantized, produce it (GPTQ's
+            # order). Else as many as the calibration memory budget holds per run; a later chunk then sees the
+            # earlier chunks' layers quantized, as sequential does.
+            budget = 0 if sequential else ctx.memory_budget()
+            chunks = {chunk[0]: chunk for chunk in _xtx_chunks(matrix_inputs, widths, budget)}
 
         layers = []
+        hessians: dict[str, np.ndarray] = {}
         with ctx.progress(f"quantizing weights ({options.weights})", len(plans)) as advance:
             for name in inputs:
-                if sequential and name in matrix_inputs:
-                    # The input as the layers before it, already quantized, produce it (GPTQ's order).
-                    hessians = {name: ctx.statistics(model, [name], xtx=[name])[name].xtx}
+                if name in chunks:
+                    gathered = ctx.statistics(model, chunks[name], xtx=chunks[name])
+                    if name == matrix_inputs[0]:
+                        _warn_if_few_rows(ctx, gathered, widths, "GPTQ" if uses_gptq else "EoRA")
+                    hessians = {n: s.xtx for n, s in gathered.items()}
                 for plan in plans:
                     if plan.linear.input.name == name:
                         layers.append(self._quantize_weight(graph, plan, hessians, rows))
@@ -549,6 +553,20 @@ def _notes(options: QuantizeOptions, plans: list[LayerPlan], layers: list[dict],
         notes.append(f"convolution weights under {', '.join(grouped_kernels)} are stored pre-dequantized (float32 "
                      "values exactly on the grid): DequantizeLinear has no layout for their scales on a kernel")
     return notes
+
+
+def _xtx_chunks(names: list[str], widths: dict[str, int], budget: int) -> list[list[str]]:
+    """Consecutive runs of ``names`` whose ``X^T X`` (``C^2`` float64 each) fit ``budget`` bytes together (at least one)."""
+    chunks: list[list[str]] = []
+    held = 0
+    for name in names:
+        size = widths[name] ** 2 * 8
+        if not chunks or held + size > budget:
+            chunks.append([])
+            held = 0
+        chunks[-1].append(name)
+        held += size
+    return chunks
 
 
 def _warn_if_few_rows(ctx: PassContext, stats: dict, channels: dict[str, int], user: str) -> None:

@@ -25,6 +25,7 @@ import click
 from rich.console import Console
 
 from qcompiler.backend import backend_names, make_backend, option_choices, parse_shapes
+from qcompiler.calibration.engine import parse_memory
 from qcompiler.errors import QCompilerBug, QCompilerError
 from qcompiler.pass_manager import DEFAULT_TOLERANCE
 
@@ -145,11 +146,13 @@ def _trial_runner(ray_address: str | None, no_ray: bool):
 @click.option("--budget", help="With --search: time for the compiles, e.g. 900, 90s, 20m, 1h (default: no limit).")
 @click.option("--best-effort", is_flag=True, help="With --search: when no candidate meets the target, write the "
               "closest one instead of refusing.")
+@click.option("--max-memory", help="What calibration holds at once (exposed activations, GPTQ's X^T X), e.g. 512M or "
+              "8G (default 2G): a smaller bound takes more runs over the data.")
 @_ray_options
 @_calibration_options
 def compile_command(model, passes, output, force, tolerance, no_verify, no_normalize, quiet, backend, artifact_format,
-                    target, shape, dialect, int8, search_target, budget, best_effort, ray_address, no_ray, calib,
-                    tokenizer, batch_size, max_length, debug) -> None:
+                    target, shape, dialect, int8, search_target, budget, best_effort, max_memory, ray_address, no_ray,
+                    calib, tokenizer, batch_size, max_length, debug) -> None:
     """Compile MODEL (ONNX file, Hugging Face folder, or 'minilm') through a pass pipeline."""
     from qcompiler.compiler import compile as run_compile
 
@@ -162,6 +165,8 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
                     {"dialect": dialect, "int8": int8, "target": target, "shape": shape}, budget, best_effort, calib,
                     tokenizer, batch_size, max_length, quiet, _trial_runner(ray_address, no_ray))
             return
+        if search_target is None and max_memory is not None:
+            parse_memory(max_memory)  # a bad size is refused before anything is loaded
         if budget is not None or best_effort or ray_address or no_ray:
             raise QCompilerError("--budget, --best-effort, --ray-address and --no-ray belong to --search, which was "
                                  "not given.")
@@ -176,7 +181,8 @@ def compile_command(model, passes, output, force, tolerance, no_verify, no_norma
         chosen = make_backend(chosen_backend, **{name: value for name, value in given.items() if value is not None})
         result = run_compile(model, passes, calib=calib, tokenizer=tokenizer, output=output, force=force,
                              normalize=not no_normalize, tolerance=tolerance, verify=not no_verify,
-                             batch_size=batch_size, max_length=max_length, progress=not quiet, backend=chosen)
+                             batch_size=batch_size, max_length=max_length, max_memory=max_memory, progress=not quiet,
+                             backend=chosen)
         if not quiet:
             result.report.print(stdout)
             for line in result.manifest.get("summary", []) if result.manifest else []:

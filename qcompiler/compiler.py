@@ -20,6 +20,7 @@ from qcompiler import artifact
 from qcompiler.backend import Backend, LowerContext, Lowering, make_backend
 from qcompiler.calibration import data as calib_data
 from qcompiler.calibration.data import CalibrationData
+from qcompiler.calibration.engine import DEFAULT_MEMORY_BUDGET, parse_memory
 from qcompiler.calibration.resolve import resolve_calibration
 from qcompiler.capture import load
 from qcompiler.errors import QCompilerBug, blame_qcompiler
@@ -63,6 +64,7 @@ def compile(
     verify: bool = True,
     batch_size: int = 8,
     max_length: int = 128,
+    max_memory: int | str | None = None,
     progress: bool = False,
     backend: str | Backend = "ort",
     log: Callable[[str], None] = logger.info,
@@ -81,8 +83,13 @@ def compile(
     that backend's options, e.g. ``dialect="qdq"`` for ``ort`` (standard ONNX Q/DQ instead
     of contrib ops), ``shape=(1, 128)`` or ``shape=[(1, 32), (1, 128)]`` and ``target`` for
     ``tvm``.
+
+    ``max_memory`` (bytes, or ``"8G"``) bounds what calibration holds at once: the
+    activations exposed per run over the data, and GPTQ's and EoRA's ``X^T X`` (gathered
+    in as many runs as the bound needs; default 2 GiB). The weights are not bounded yet.
     """
     chosen = make_backend(backend, **backend_options)
+    budget = DEFAULT_MEMORY_BUDGET if max_memory is None else parse_memory(max_memory)
     output_dir = Path(output) if output is not None else None
     if output_dir is not None:
         artifact.check_output_dir(output_dir, force)
@@ -95,8 +102,8 @@ def compile(
     source_bytes = weight_bytes(ir_model)
     data = resolve_calibration(calib, ir_model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
     trace = ChannelTrace(list(pipeline)) if output_dir is not None and data is not None else None
-    manager = PassManager(pipeline, calibration=data, tolerance=tolerance, verify=verify, progress=progress, log=log,
-                          after_pass=trace)
+    manager = PassManager(pipeline, calibration=data, tolerance=tolerance, verify=verify, memory_budget=budget,
+                          progress=progress, log=log, after_pass=trace)
     report = manager.run(ir_model, source=str(source))
     if data is not None and calib is None:
         report.notes.append("calibrated on qcompiler's built-in sentences (no calibration data given)")

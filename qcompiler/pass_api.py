@@ -104,6 +104,10 @@ class PassContext:
         """The calibration part's input batches (never the held-out ones), for searches that run the model."""
         return self._engine().data.batches
 
+    def memory_budget(self) -> int:
+        """Bytes the calibration engine may hold in exposed activations, and in ``X^T X`` statistics at once."""
+        return self._engine().memory_budget
+
     def _engine(self) -> CalibrationEngine:
         if self.engine is None:
             name = self.record.name if self.record else "this pass"

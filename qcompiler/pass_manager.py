@@ -17,7 +17,7 @@ from typing import Callable, Sequence
 import onnx_ir as ir
 
 from qcompiler.calibration.data import CalibrationData, real_token_runs
-from qcompiler.calibration.engine import CalibrationEngine
+from qcompiler.calibration.engine import DEFAULT_MEMORY_BUDGET, CalibrationEngine
 from qcompiler.errors import VerificationError, blame_qcompiler
 from qcompiler.pass_api import Pass, PassContext
 from qcompiler.pipeline import format_pipeline
@@ -40,6 +40,8 @@ class PassManager:
     tolerance: float = DEFAULT_TOLERANCE
     verify: bool = True
     holdout_fraction: float = 0.25
+    # What the calibration engine may hold at once: exposed activations per run, X^T X statistics.
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
     progress: bool = True
     log: Callable[[str], None] = logger.info
     # Called after every pass with (pass, model, context): observers such as the channel trace.
@@ -52,7 +54,8 @@ class PassManager:
     def __post_init__(self) -> None:
         if self.calibration is not None:
             calib_part, self.holdout = self.calibration.split(self.holdout_fraction)
-            self.engine = CalibrationEngine(calib_part, progress=self.progress, log=self.log)
+            self.engine = CalibrationEngine(calib_part, memory_budget=self.memory_budget, progress=self.progress,
+                                            log=self.log)
 
     def run(self, model: ir.Model, source: str = "") -> Report:
         """Apply every pass to ``model`` in place and return the report."""

@@ -7,13 +7,16 @@ tensor (O(C^2) with ``X^T X``). When the exposed tensors of one batch would exce
 the memory budget, they are split into blocks that each take their own pass over the
 data. Results are cached by the tensor's fingerprint (its computation cone) and the
 data's fingerprint, so a pass that rewrites the cone above a tensor invalidates exactly
-the statistics that came from it. Channels are a tensor's last axis, or axis 1 for the
+the statistics that came from it; ``X^T X`` (C^2 float64 per tensor, the bulk of the
+state for GPTQ) stays cached only within the memory budget, oldest dropped first, so
+the cache of a deep model's compile does not grow with depth. Channels are a tensor's last axis, or axis 1 for the
 tensors asked for ``channels_first`` (what a convolution reads). Token activations of padded text batches are reduced
 over real tokens only (the batch's ``attention_mask``).
 """
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
@@ -24,11 +27,26 @@ import onnx_ir as ir
 from qcompiler.analysis.fingerprint import value_fingerprints
 from qcompiler.calibration.data import CalibrationData, real_tokens, token_mask
 from qcompiler.calibration.stats import TensorStats
-from qcompiler.errors import CalibrationError
+from qcompiler.errors import CalibrationError, QCompilerError
 from qcompiler.progress import progress
 from qcompiler.runtime import make_session
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+
+
+def parse_memory(text: str | int) -> int:
+    """Bytes from ``2147483648``, ``512M``, ``8G`` or ``8GiB`` (binary units)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", text.lower())
+        if match is None:
+            raise QCompilerError(f"The memory budget '{text}' is not a size such as 512M, 8G or 2147483648.")
+        value = int(float(match.group(1)) * _UNITS[match.group(2)])
+    if value < 2**20:
+        raise QCompilerError(f"The memory budget {text} is below 1 MiB, too small to calibrate anything.")
+    return value
 
 
 @dataclass
@@ -39,6 +57,7 @@ class MemoryPlan:
     batch_bytes: dict[str, int]
     state_bytes: int
     unknown_dims: bool
+    xtx_bytes: int = 0  # the part of state_bytes that is X^T X
 
     @property
     def peak_bytes(self) -> int:
@@ -91,10 +110,12 @@ class CalibrationEngine:
         start = time.perf_counter()
         plan = self.plan(model, missing, want_xtx, axis_one) if missing else None
         if plan is not None:
+            self._evict_xtx(keep={keys[n] for n in tensors}, incoming=plan.xtx_bytes)
             if self.log:
                 self.log(f"calibrating {len(missing)} tensor(s) over {len(self.data)} batch(es); {plan.describe()}")
             for name, stats in self._run(model, plan, want_xtx, axis_one).items():
                 self._cache[keys[name]] = stats
+            self._evict_xtx(keep={keys[n] for n in tensors})
         self.records.append(CollectionRecord(
             tensors=len(set(tensors)), cached=len(set(tensors)) - len(missing), batches=len(self.data),
             blocks=len(plan.blocks) if plan else 0, seconds=time.perf_counter() - start,
@@ -119,6 +140,18 @@ class CalibrationEngine:
                 picked[name].append(flat[np.sort(take)].astype(np.float32))
         return {name: np.concatenate(parts)[:rows] for name, parts in picked.items()}
 
+    def _evict_xtx(self, keep: set, incoming: int = 0) -> None:
+        """Drop the oldest cached ``X^T X`` statistics until they and ``incoming`` bytes more fit the memory budget
+        (never those just asked for)."""
+        held = [(key, stats) for key, stats in self._cache.items() if stats.xtx is not None]
+        total = sum(stats.xtx.nbytes for _, stats in held) + incoming
+        for key, stats in held:
+            if total <= self.memory_budget:
+                break
+            if key not in keep:
+                del self._cache[key]
+                total -= stats.xtx.nbytes
+
     def examples(self, model: ir.Model, tensors: Sequence[str], count: int) -> dict[str, np.ndarray]:
         """The whole tensors of the first ``count`` samples (axis 0) of the calibration batches."""
         session = make_session(model, list(tensors))
@@ -139,7 +172,7 @@ class CalibrationEngine:
         values = _values_by_name(model.graph)
         sizes = _symbol_sizes(model.graph, self.data.batches[0])
         fallback = max((d for a in self.data.batches[0].values() for d in a.shape), default=1)
-        batch_bytes, state, unknown_dims = {}, 0, False
+        batch_bytes, state, xtx_bytes, unknown_dims = {}, 0, 0, False
         estimates = {}
         for name in tensors:
             value = values[name]
@@ -160,6 +193,7 @@ class CalibrationEngine:
             axis = 1 if name in axis_one else -1
             channels = shape[axis] if shape is not None and len(shape) > 1 and isinstance(shape[axis], int) else fallback
             state += TensorStats.projected_state_bytes(channels, name in xtx)
+            xtx_bytes += channels**2 * 8 if name in xtx else 0
         blocks: list[list[str]] = []
         current, current_bytes = [], 0
         for name in tensors:
@@ -170,7 +204,7 @@ class CalibrationEngine:
             current_bytes += batch_bytes[name]
         if current:
             blocks.append(current)
-        return MemoryPlan(blocks, batch_bytes, state, unknown_dims)
+        return MemoryPlan(blocks, batch_bytes, state, unknown_dims, xtx_bytes)
 
     # ------------------------------------------------------------------ running
     def _run(self, model: ir.Model, plan: MemoryPlan, xtx: set[str], axis_one: set[str]) -> dict[str, TensorStats]:

@@ -109,3 +109,17 @@ def test_channels_first_statistics_and_whole_examples_of_a_conv_input():
     assert last_axis.channels == 6 and by_channel.channels == 3
     examples = engine.examples(model, ["x"], 5)["x"]
     np.testing.assert_array_equal(examples, every[:5])
+
+
+def test_memory_budgets_parse_binary_sizes_and_refuse_nonsense():
+    import pytest
+
+    from qcompiler.calibration.engine import parse_memory
+    from qcompiler.errors import QCompilerError
+
+    assert parse_memory("8G") == parse_memory("8GiB") == 8 * 2**30
+    assert parse_memory("512m") == 512 * 2**20 and parse_memory("2147483648") == 2**31
+    with pytest.raises(QCompilerError, match="not a size such as 512M"):
+        parse_memory("lots")
+    with pytest.raises(QCompilerError, match="below 1 MiB"):
+        parse_memory("100K")

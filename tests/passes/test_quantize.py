@@ -385,3 +385,31 @@ def test_static_int8_on_a_static_3d_matmul_add_runs_in_onnxruntime(tmp_path):
     deployed = make_session(model, fuse_qdq=True).run(None, batches[0])[0]
     measured = make_session(model).run(None, batches[0])[0]
     np.testing.assert_allclose(deployed, measured, atol=1e-4 * np.abs(measured).max())
+
+
+def _quantized_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    return {name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items()
+            if value.const_value is not None and value.const_value.dtype != ir.DataType.FLOAT}
+
+
+def test_gptq_gathers_x_t_x_within_the_memory_budget(normalized_files):
+    """All Hessians in one run when they fit; one input per run when the budget holds one (then GPTQ's sequential)."""
+    from qcompiler.testing import zoo_calibration
+
+    def compile_with(pipeline: str, budget: int) -> tuple[dict, PassManager]:
+        model = ir.load(normalized_files("llama"))
+        manager = PassManager(parse_pipeline(pipeline), calibration=zoo_calibration(model), verify=False,
+                              memory_budget=budget, progress=False)
+        manager.run(model)
+        return _quantized_weights(model), manager
+
+    roomy, whole = compile_with("w4a16(weights=gptq)", 2**30)
+    tight, chunked = compile_with("w4a16(weights=gptq)", 1)  # no two X^T X fit: one input per run
+    sequential, _ = compile_with("w4a16(weights=gptq,sequential=true)", 2**30)
+    gathering = lambda manager: [r for r in manager.engine.records if r.tensors and r.cached < r.tensors]  # noqa: E731
+    assert len(gathering(chunked)) > len(gathering(whole))
+    assert sorted(tight) == sorted(sequential) == sorted(roomy)
+    assert all(np.array_equal(tight[name], sequential[name]) for name in tight)
+    assert any(not np.array_equal(roomy[name], sequential[name]) for name in roomy)
+    held = [s.xtx.nbytes for s in chunked.engine._cache.values() if s.xtx is not None]
+    assert len(held) == 1  # the cache keeps the last one only
