@@ -1,7 +1,7 @@
 """Scale: a sweep's cells on local Ray against the same cells one after another; compile memory per depth.
 
     .venv/bin/python benchmarks/scale.py sweep [--json]             # 8 cells, Ray vs serial, byte-for-byte check
-    .venv/bin/python benchmarks/scale.py depth [--layers 2,4] [--hidden 4096] [--json]
+    .venv/bin/python benchmarks/scale.py depth [--layers 2,4] [--hidden 4096] [--max-memory 128M,2G] [--json]
 
 ``sweep``: 2 models (the real MiniLM and a tiny random Llama) x 4 pipelines on the ORT
 backend, compiled once by `qcompiler.sweep` with ``map_trials`` serial (in this process)
@@ -12,7 +12,8 @@ bytes both ways.
 ``depth``: a random Llama at hidden ``--hidden`` (FFN 2.6875x, 32k vocabulary) with each
 number of layers, compiled with ``rotate,w4a16(weights=gptq)`` in a fresh process whose
 peak RSS (ru_maxrss) and wall time are reported beside the fp32 weight bytes: the baseline
-the layer-streamed compile must flatten.
+the layer-streamed compile must flatten. Each ``--max-memory`` bound (the calibration
+engine's: exposed activations and GPTQ's X^T X) gets its own rows.
 """
 
 from __future__ import annotations
@@ -84,30 +85,34 @@ def build_depth(layers: int, hidden: int, workdir: Path) -> None:
              attention_mask=np.ones((16, 64), np.int64))
 
 
-def compile_depth(layers: int, workdir: Path) -> dict:
+def compile_depth(layers: int, workdir: Path, max_memory: str) -> dict:
     """One depth's compile, in this fresh process: its peak RSS and wall time."""
     from qcompiler import compiler
 
     tick = time.perf_counter()
     result = compiler.compile(str(workdir / f"llama-{layers}"), DEPTH_PIPELINE, calib=str(workdir / "ids.npz"),
-                              verify=False, output=workdir / f"out-{layers}", log=lambda _: None)
-    return {"layers": layers, "fp32_weight_gib": result.manifest["weight_bytes"]["source"] / 2**30,
+                              verify=False, output=workdir / f"out-{layers}-{max_memory}", max_memory=max_memory,
+                              log=lambda _: None)
+    return {"layers": layers, "max_memory": max_memory,
+            "fp32_weight_gib": result.manifest["weight_bytes"]["source"] / 2**30,
             "compile_s": time.perf_counter() - tick,
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 
-def run_depths(layers: list[int], hidden: int, workdir: Path) -> list[dict]:
+def run_depths(layers: list[int], hidden: int, workdir: Path, budgets: list[str]) -> list[dict]:
     rows = []
     for depth in layers:
-        for step in ("depth-build", "depth-compile"):
-            run = subprocess.run([sys.executable, __file__, step, str(depth), str(hidden), str(workdir)],
-                                 capture_output=True, text=True)
+        build = subprocess.run([sys.executable, __file__, "depth-build", str(depth), str(hidden), str(workdir)],
+                               capture_output=True, text=True)
+        for budget in budgets:
+            run = build if build.returncode != 0 else subprocess.run(
+                [sys.executable, __file__, "depth-compile", str(depth), str(hidden), str(workdir), budget],
+                capture_output=True, text=True)
             if run.returncode != 0:
-                rows.append({"layers": depth, "hidden": hidden,
+                rows.append({"layers": depth, "hidden": hidden, "max_memory": budget,
                              "error": (run.stderr.strip().splitlines() or ["killed"])[-1][:300]})
-                break
-        else:
-            rows.append({"hidden": hidden, **json.loads(run.stdout.strip().splitlines()[-1])})
+            else:
+                rows.append({"hidden": hidden, **json.loads(run.stdout.strip().splitlines()[-1])})
     return rows
 
 
@@ -120,13 +125,14 @@ def sweep_table(result: dict) -> list[str]:
 
 def depth_table(rows: list[dict]) -> list[str]:
     lines = [f"`{DEPTH_PIPELINE}`, today's whole-model compile (not layer-streamed), each in a fresh process:", "",
-             "| layers | hidden | fp32 weights GiB | peak RSS GiB | peak / weights | compile s |",
-             "|---:|---:|---:|---:|---:|---:|"]
+             "| layers | hidden | --max-memory | fp32 weights GiB | peak RSS GiB | peak / weights | compile s |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
+        head = f"| {row['layers']} | {row['hidden']} | {row['max_memory']} |"
         if "error" in row:
-            lines.append(f"| {row['layers']} | {row['hidden']} | | | | failed: {row['error']} |")
+            lines.append(f"{head} | | | | failed: {row['error']} |")
             continue
-        lines.append(f"| {row['layers']} | {row['hidden']} | {row['fp32_weight_gib']:.2f} | {row['peak_rss_gib']:.2f} | "
+        lines.append(f"{head} {row['fp32_weight_gib']:.2f} | {row['peak_rss_gib']:.2f} | "
                      f"{row['peak_rss_gib'] / row['fp32_weight_gib']:.1f} | {row['compile_s']:.0f} |")
     return lines
 
@@ -136,12 +142,13 @@ def main() -> None:
         build_depth(int(sys.argv[2]), int(sys.argv[3]), Path(sys.argv[4]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "depth-compile":
-        print(json.dumps(compile_depth(int(sys.argv[2]), Path(sys.argv[4]))))
+        print(json.dumps(compile_depth(int(sys.argv[2]), Path(sys.argv[4]), sys.argv[5])))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=["sweep", "depth"])
     parser.add_argument("--layers", default="2,4", help="depth: numbers of layers, comma-separated")
     parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--max-memory", default="2G", help="depth: calibration memory bounds, comma-separated")
     parser.add_argument("--workdir", type=Path)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--write", action="store_true", help="also put the table into docs/benchmarks.md")
@@ -151,7 +158,7 @@ def main() -> None:
         result = run_sweeps(workdir)
         lines, heading = sweep_table(result), "Sweeps on local Ray (benchmarks/scale.py sweep)"
     else:
-        result = run_depths([int(n) for n in args.layers.split(",")], args.hidden, workdir)
+        result = run_depths([int(n) for n in args.layers.split(",")], args.hidden, workdir, args.max_memory.split(","))
         lines, heading = depth_table(result), "Compile memory per depth (benchmarks/scale.py depth)"
     if args.json:
         print(json.dumps(result))

@@ -153,3 +153,17 @@ def test_tvm_builds_dynamic_w8a8_on_2d_input_for_two_batch_sizes():
     case = tiny_case([helper.make_node("MatMul", ["x", "w"], ["y"])], ["y"], {"w": (16, 16)}, ["batch", 16])
     outcome = check_preset(case, "w8a8-dyn", "tvm")
     assert outcome.status == "ok", outcome
+
+
+@pytest.mark.xfail(strict=True, reason="affine's learned scale on a post-norm stream after an online transform of the "
+                   "input: float32 error 1.5e-4 (1.5x the pass tolerance) on the holdout; not diagnosed yet")
+def test_affine_on_an_input_projection_and_its_post_norm_stream_stays_within_tolerance():
+    """Found by benchmarks/fuzz.py (seed 7): either group alone stays within 6e-5, together they reach 1.5e-4."""
+    plan = BlockPlan(opset=11, hidden=8, ffn=8, heads=4, layers=1, pre_norm=False, norm="rmsnorm-div",
+                     activation="relu", gated=False, linear_form="matmul", bias=True, attention=True,
+                     attention_weights="shared-qk", share_layers=True, tied_mlp=True, input_projection=64,
+                     tied_head=False, final_norm=True, outliers=3, gamma="zero", gemm_scaled=False, noise=True,
+                     attention_bias=True, aux_output=None, dynamic_shapes=True, constant_nodes=True, batch="batch",
+                     seq="seq")
+    outcome = check_preserving(transformer_case(plan, seed=2798993), "affine(steps=2,rows=64)")
+    assert outcome.status == "ok", outcome
