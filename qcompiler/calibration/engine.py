@@ -9,9 +9,10 @@ data. Results are cached by the tensor's fingerprint (its computation cone) and 
 data's fingerprint, so a pass that rewrites the cone above a tensor invalidates exactly
 the statistics that came from it; ``X^T X`` (C^2 float64 per tensor, the bulk of the
 state for GPTQ) stays cached only within the memory budget, oldest dropped first, so
-the cache of a deep model's compile does not grow with depth. Channels are a tensor's last axis, or axis 1 for the
-tensors asked for ``channels_first`` (what a convolution reads). Token activations of padded text batches are reduced
-over real tokens only (the batch's ``attention_mask``).
+the cache of a deep model's compile does not grow with depth. Channels are a tensor's
+last axis, or axis 1 for the tensors asked for ``channels_first`` (what a convolution
+reads). Token activations of padded text batches are reduced over real tokens only (the
+batch's ``attention_mask``).
 """
 
 from __future__ import annotations
@@ -191,7 +192,8 @@ class CalibrationEngine:
             itemsize = value.dtype.itemsize if value.dtype is not None else 4
             batch_bytes[name] = elements * (itemsize + 4)  # onnxruntime's copy plus our float32 view
             axis = 1 if name in axis_one else -1
-            channels = shape[axis] if shape is not None and len(shape) > 1 and isinstance(shape[axis], int) else fallback
+            known_channels = shape is not None and len(shape) > max(axis, 0) and isinstance(shape[axis], int)
+            channels = shape[axis] if known_channels else fallback
             state += TensorStats.projected_state_bytes(channels, name in xtx)
             xtx_bytes += channels**2 * 8 if name in xtx else 0
         blocks: list[list[str]] = []
