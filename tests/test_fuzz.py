@@ -155,10 +155,12 @@ def test_tvm_builds_dynamic_w8a8_on_2d_input_for_two_batch_sizes():
     assert outcome.status == "ok", outcome
 
 
-@pytest.mark.xfail(strict=True, reason="affine's learned scale on a post-norm stream after an online transform of the "
-                   "input: float32 error 1.5e-4 (1.5x the pass tolerance) on the holdout; not diagnosed yet")
+@pytest.mark.xfail(strict=True, reason="float32 rounding of affine's five online transforms adds up to 1.5e-4 (cosine "
+                   "1.000000), above the 1e-4 pass tolerance; no algebra error, no fix yet")
 def test_affine_on_an_input_projection_and_its_post_norm_stream_stays_within_tolerance():
-    """Found by benchmarks/fuzz.py (seed 7): either group alone stays within 6e-5, together they reach 1.5e-4."""
+    """Found by benchmarks/fuzz.py (seed 7). Measured per online transform: each alone 2e-6 to 8e-5, x and add_3
+    together 1.5e-4; with add_3's scale forced to 1 it is 4.9e-5, with its factors the identity 8.2e-5: every piece
+    adds rounding, none is wrong. rotate on the same graph: 4.5e-5."""
     plan = BlockPlan(opset=11, hidden=8, ffn=8, heads=4, layers=1, pre_norm=False, norm="rmsnorm-div",
                      activation="relu", gated=False, linear_form="matmul", bias=True, attention=True,
                      attention_weights="shared-qk", share_layers=True, tied_mlp=True, input_projection=64,
