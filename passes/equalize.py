@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis.convolutions import Convolution, find_convolutions
 from qcompiler.analysis.linears import constant_array
-from qcompiler.graph import add_initializer, replace_node, unique_node_name
+from qcompiler.graph import add_initializer, release_if_unused, replace_node, unique_node_name
 from qcompiler.options import option
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.registry import register
@@ -178,8 +178,7 @@ def _set_input(graph: ir.Graph, conv: Convolution, index: int, array: np.ndarray
     old = conv.node.inputs[index]
     base = re.sub(r"_equalized(_bias)?(_\d+)?$", "", old.name or conv.name)
     conv.node.replace_input_with(index, add_initializer(graph, f"{base}_{label}", array))
-    if old.is_initializer() and not old.uses():
-        graph.initializers.pop(old.name)
+    release_if_unused(graph, old)
 
 
 def _per_channel_clip(graph: ir.Graph, clip: ir.Node, bound: np.ndarray) -> None:

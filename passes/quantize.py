@@ -54,7 +54,7 @@ import onnx_ir as ir
 from qcompiler.analysis.convolutions import Convolution, find_convolutions
 from qcompiler.analysis.linears import Linear, constant_array, find_linears
 from qcompiler.errors import QCompilerError
-from qcompiler.graph import redirect_uses
+from qcompiler.graph import redirect_uses, release_if_unused
 from qcompiler.options import option
 from qcompiler.pass_api import Pass, PassContext, PassOutcome
 from qcompiler.quant import awq, kv_cache, lowrank, outliers, weights
@@ -426,8 +426,7 @@ class Quantize(Pass):
         kernel_shape = linear.kernel_shape if plan.conv else None
         linear.node.replace_input_with(1, dequantized_weight(graph, quantized, _base_name(linear), linear.node,
                                                              kernel_shape))
-        if old.is_initializer() and not old.uses():
-            graph.initializers.pop(old.name)
+        release_if_unused(graph, old)
         weight_sqnr = round(sqnr_db(weight, quantized.dequantize()), 2)
         activation = plan.scheme.activation
         native = stores_codes(quantized, kernel_shape)

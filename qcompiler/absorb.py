@@ -26,7 +26,8 @@ import onnx_ir as ir
 
 from qcompiler.analysis.linears import Linear, constant_array
 from qcompiler.analysis.regions import OnlineAffine, Region, Sink
-from qcompiler.graph import add_initializer, insert_after_producer, interpose, redirect_uses, unique_node_name
+from qcompiler.graph import (add_initializer, insert_after_producer, interpose, redirect_uses, release_if_unused,
+                             unique_node_name)
 
 Notes = list[str]
 OUTPUT_TRANSFORMED = "qcompiler.output_transformed"
@@ -53,6 +54,7 @@ def rewrite_constant(graph: ir.Graph, node: ir.Node, index: int, change: Callabl
     if len(value.uses()) > 1:
         notes.append(f"weight '{value.name}' is shared outside {node.name or node.op_type}: duplicated before rewriting")
     node.replace_input_with(index, add_initializer(graph, value.name or f"{node.name}_const", new))
+    release_if_unused(graph, value)
 
 
 def mark_output_transformed(linear: Linear, pass_name: str) -> None:

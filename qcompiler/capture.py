@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from qcompiler.onnx_ir_workarounds import release_former_inputs
 from qcompiler.errors import QCompilerError, first_line
 
 TOKENIZER_KEY = "qcompiler.tokenizer"
@@ -196,6 +197,7 @@ def export_torch(
     except Exception as exc:
         raise QCompilerError(f"PyTorch export of {type(module).__name__} failed: {first_line(exc)}") from exc
     model = program.model
+    release_former_inputs(model.graph)  # the exporter's lifted parameters would keep every torch weight alive
     model.metadata_props.setdefault(SOURCE_KEY, f"torch:{type(module).__name__}")
     return model
 
@@ -352,6 +354,7 @@ def export_causal_lm(module: Any, *, opset: int = 18) -> ir.Model:
         raise QCompilerError(f"PyTorch export of {type(module).__name__} with its KV cache failed: "
                              f"{first_line(exc)}") from exc
     model = program.model
+    release_former_inputs(model.graph)  # the exporter's lifted parameters would keep every torch weight alive
     _unwrap_names(model, "inner")
     _name_total_length(model)
     if not takes_positions:

@@ -149,6 +149,21 @@ def value_named(graph: ir.Graph, name: str) -> ir.Value:
     raise ValueError(f"the graph has no value named '{name}'")
 
 
+def release_if_unused(graph: ir.Graph, value: ir.Value) -> None:
+    """Drop an initializer nothing reads any more, and let go of its tensor.
+
+    The tensor is released explicitly: onnx_ir 1.1's graph inputs keep a reference to every
+    value that was ever one of them (their reference counter keeps zero counts), and the
+    torch exporter's weights all were, so a dropped initializer would otherwise hold its
+    weight in memory for the life of the graph (measured: 0.44 GiB of a 0.57 GiB model
+    after `rotate`).
+    """
+    if (value.is_initializer() and not value.uses() and not value.is_graph_output()
+            and not value.is_graph_input()):
+        graph.initializers.pop(value.name)
+        value.const_value = None
+
+
 def drop_unused(graph: ir.Graph) -> None:
     """Remove nodes and initializers that nothing reads any more (what a lowering left behind)."""
     changed = True
@@ -158,5 +173,5 @@ def drop_unused(graph: ir.Graph) -> None:
             if all(not output.uses() and not output.is_graph_output() for output in node.outputs):
                 graph.remove(node, safe=True)
                 changed = True
-    for name in [n for n, v in graph.initializers.items() if not v.uses() and not v.is_graph_output()]:
-        graph.initializers.pop(name)
+    for value in list(graph.initializers.values()):
+        release_if_unused(graph, value)

@@ -11,6 +11,7 @@ Above the tolerance it stops with an error that names the pass. Every pass gets 
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -140,13 +141,18 @@ def _target_after(passes: Sequence[Pass], index: int) -> Scheme | None:
 @dataclass
 class _Snapshot:
     nodes: dict[int, ir.Node]
-    initializers: dict[str, object]
+    initializers: dict[str, Callable[[], object]]  # weak references to the tensors
 
 
 def _snapshot(model: ir.Model) -> _Snapshot:
-    # Objects are kept referenced so their ids cannot be reused while comparing.
+    """Nodes are kept referenced (so their ids cannot be reused while comparing); tensors only weakly: a pass that
+    rewrites every weight must be able to free each old one as it goes, or it holds the model's weights twice."""
     return _Snapshot({id(n): n for n in model.graph},
-                     {name: v.const_value for name, v in model.graph.initializers.items()})
+                     {name: _weak(v.const_value) for name, v in model.graph.initializers.items()})
+
+
+def _weak(tensor: object) -> Callable[[], object]:
+    return (lambda: None) if tensor is None else weakref.ref(tensor)
 
 
 def _record_changes(record: PassRecord, before: _Snapshot, after: _Snapshot) -> None:
@@ -157,5 +163,5 @@ def _record_changes(record: PassRecord, before: _Snapshot, after: _Snapshot) -> 
     record.initializers_removed = len(before.initializers.keys() - after.initializers.keys())
     record.initializers_changed = sum(
         1 for name in before.initializers.keys() & after.initializers.keys()
-        if before.initializers[name] is not after.initializers[name]
+        if before.initializers[name]() is not after.initializers[name]()
     )

@@ -51,3 +51,19 @@ def test_rms_fusion_still_fuses_what_hugging_face_exports():
     feeds = [{"x": np.random.default_rng(0).standard_normal((2, 4, 8)).astype(np.float32)}]
     assert_function_preserved(before, model, feeds)
     assert fuse_layer_normalization(model) == 0  # nothing left to fuse
+
+
+def test_onnx_ir_still_keeps_former_graph_inputs_and_the_workaround_releases_them():
+    """When this fails on the first assert, onnx_ir fixed the leak: delete qcompiler/onnx_ir_workarounds.py."""
+    import onnx_ir as ir
+
+    from qcompiler.onnx_ir_workarounds import release_former_inputs
+
+    graph = ir.Graph([], [], nodes=[], name="g")
+    weight = ir.Value(name="w")
+    weight.const_value = ir.tensor(np.zeros(3, np.float32))
+    graph.inputs.append(weight)
+    graph.inputs.remove(weight)
+    assert weight in graph.inputs._ref_counter, "onnx_ir no longer keeps former inputs: remove the workaround"
+    assert release_former_inputs(graph) == 1
+    assert weight not in graph.inputs._ref_counter and weight.const_value is None
