@@ -152,11 +152,9 @@ def value_named(graph: ir.Graph, name: str) -> ir.Value:
 def release_if_unused(graph: ir.Graph, value: ir.Value) -> None:
     """Drop an initializer nothing reads any more, and let go of its tensor.
 
-    The tensor is released explicitly: onnx_ir 1.1's graph inputs keep a reference to every
-    value that was ever one of them (their reference counter keeps zero counts), and the
-    torch exporter's weights all were, so a dropped initializer would otherwise hold its
-    weight in memory for the life of the graph (measured: 0.44 GiB of a 0.57 GiB model
-    after `rotate`).
+    The tensor is released explicitly: something may still hold the value itself (onnx_ir
+    1.1's graph inputs keep every former input, see `qcompiler.onnx_ir_workarounds`; a
+    region analysed before the rewrite), and with it the old weight.
     """
     if (value.is_initializer() and not value.uses() and not value.is_graph_output()
             and not value.is_graph_input()):
