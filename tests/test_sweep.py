@@ -53,7 +53,10 @@ def test_every_cell_equals_the_same_compile_run_alone(swept, workspace, tmp_path
         assert _numbers(manifest["fidelity"]) == pytest.approx(_numbers(alone.manifest["fidelity"]), rel=1e-5, abs=1e-7)
         assert manifest["pipeline"] == alone.manifest["pipeline"]
     assert {r.metric for r in swept.rows} == {"top1", "cos"}  # each model scored by what fits it
-    assert all(0 < r.latency_ratio < 10 and r.weight_bytes < r.source_bytes for r in swept.rows)
+    assert all(r.weight_bytes < r.source_bytes for r in swept.rows)
+    # Timed, but not bounded: the suite runs tests side by side, and a bound on a loaded 2-core machine is a coin toss
+    # (a CI run failed `< 10` here once); speed belongs to benchmarks/scale.py.
+    assert all(np.isfinite(r.latency_ratio) and r.latency_ratio > 0 for r in swept.rows)
 
 
 def _numbers(tree) -> list[float]:
