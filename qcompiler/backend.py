@@ -154,13 +154,15 @@ def make_backend(backend: str | Backend, **options: Any) -> Backend:
     return BACKENDS[backend](**options)
 
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """``"1x128,8x128"`` as (batch, sequence) pairs; anything else is one sentence."""
+def parse_shapes(text: str) -> list[tuple[int, int]] | str:
+    """``"1x128,8x128"`` as (batch, sequence) pairs, or ``"any"`` as itself; anything else is one sentence."""
+    if text.strip().lower() == "any":
+        return "any"
     shapes = []
     for item in text.split(","):
         parts = item.strip().lower().split("x")
         if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-            raise QCompilerError(f"'{item}' is not BATCHxSEQUENCE with positive integers (e.g. 1x128).")
+            raise QCompilerError(f"'{item}' is not BATCHxSEQUENCE with positive integers (e.g. 1x128), nor 'any'.")
         shapes.append((int(parts[0]), int(parts[1])))
     return shapes
 

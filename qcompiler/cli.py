@@ -87,7 +87,7 @@ def _calibration_options(func):
     return func
 
 
-def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -> list[tuple[int, int]] | None:
+def _parse_shape(ctx: click.Context, param: click.Parameter, text: str | None) -> list[tuple[int, int]] | str | None:
     if text is None:
         return None
     try:
@@ -131,9 +131,10 @@ def _trial_runner(ray_address: str | None, no_ray: bool):
               show_default=True, help="compressed-tensors: also write a Hugging Face checkpoint (config.json, "
               "safetensors) that vLLM and transformers load; for models captured from a Hugging Face folder.")
 @click.option("--target", help="With --backend tvm: the TVM target (default llvm: this CPU).")
-@click.option("--shape", callback=_parse_shape, help="With --backend tvm: BATCHxSEQUENCE, the static shape the library "
-              "is built for (default 1x128); several, comma-separated (1x32,1x128), give one library with an entry per "
-              "shape. With --search on another backend: the shape candidates are timed at (default 8x128).")
+@click.option("--shape", callback=_parse_shape, help="With --backend tvm: 'any' (the default), one library for every "
+              "batch, sequence and past length; or BATCHxSEQUENCE, a static shape the library is built for; several, "
+              "comma-separated (1x32,1x128), give one library with an entry per shape. With --search on another "
+              "backend: the shape candidates are timed at (default 8x128).")
 @click.option("--dialect", type=click.Choice(option_choices("ort", "dialect")),
               help="With --backend ort: ort (contrib kernels such as MatMulNBits, the default) or qdq (standard ONNX "
                    "Q/DQ, opset 21).")
@@ -217,7 +218,7 @@ def _search(model, target, passes, output, force, no_normalize, artifact_format,
     timed = {}
     if backend != "tvm" and "shape" in options:  # a library's shape for TVM; elsewhere the shape to time at
         shapes = options.pop("shape")
-        if len(shapes) != 1:
+        if shapes == "any" or len(shapes) != 1:
             raise QCompilerError(f"--search with --backend {backend} times one shape; give --shape BATCHxSEQUENCE once.")
         timed["shape"] = shapes[0]
     try:

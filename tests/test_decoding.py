@@ -55,17 +55,17 @@ def _artifact_session(folder):
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory, normalized_files):
-    """Factory: the ORT artifact of (family, pipeline), built once per module."""
+    """Factory: the artifact of (family, pipeline, backend: ORT by default), built once per module."""
     built = {}
 
-    def get(name: str, passes: str):
-        if (name, passes) not in built:
+    def get(name: str, passes: str, backend: str = "ort"):
+        if (name, passes, backend) not in built:
             source = ir.load(normalized_files(name))
-            out = tmp_path_factory.mktemp(f"{name}_{passes.replace(',', '_')}")
+            out = tmp_path_factory.mktemp(f"{name}_{passes.replace(',', '_')}_{backend}")
             compiler.compile(normalized_files(name), passes, calib=zoo_calibration(source), output=out, force=True,
-                             backend="ort")
-            built[name, passes] = out
-        return built[name, passes]
+                             backend=backend)
+            built[name, passes, backend] = out
+        return built[name, passes, backend]
 
     return get
 
@@ -142,10 +142,28 @@ def test_quantized_artifacts_generate_in_onnxruntime_genai_as_in_qcompiler(compi
     assert _genai_generate(folder, ids[:1], NEW_TOKENS) == list(ours.tokens[0])
 
 
-@pytest.mark.parametrize("name, passes", [("llama", "smooth,rotate,w4a8"), ("qwen2", "rotate,w8a8"),
-                                          ("gpt2", "smooth,w8a8"), ("opt", "rotate,w4a16")])
-def test_quantized_decoding_with_the_cache_equals_recomputing_the_sequence(name, passes, compiled):
-    folder = compiled(name, passes)
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_fp32_tvm_library_generates_what_transformers_generates(name, zoo_folder, compiled):
+    """One TVM library for any batch, sequence and past length serves the prompt and every decode step."""
+    folder = compiled(name, "normalize", "tvm")
+    entries = json.loads((folder / "manifest.json").read_text())["tvm"]["entries"]
+    assert list(entries) == ["any"] and entries["any"]["inputs"]["past_key_values.0.key"]["shape"][2] == "past_sequence"
+    ids, mask = _prompts()
+    ours = decoding.generate(_artifact_session(folder), decoding.cache_layout(ir.load(folder / "model.onnx")), ids,
+                             mask=mask, max_new_tokens=NEW_TOKENS)
+    np.testing.assert_array_equal(ours.tokens, _transformers_generate(zoo_folder(name), ids, mask, NEW_TOKENS))
+
+
+@pytest.mark.parametrize("name, passes, backend", [
+    ("llama", "smooth,rotate,w4a8", "ort"), ("qwen2", "rotate,w8a8", "ort"), ("gpt2", "smooth,w8a8", "ort"),
+    ("opt", "rotate,w4a16", "ort"), ("llama", "smooth,rotate,w4a8", "tvm"), ("opt", "rotate,w4a16", "tvm"),
+    ("gpt2", "w8a8-dyn(kv=int4)", "tvm")])
+def test_quantized_decoding_with_the_cache_equals_recomputing_the_sequence(name, passes, backend, compiled):
+    folder = compiled(name, passes, backend)
+    if backend == "tvm":  # the linears run on qcompiler's kernels, the decode steps on their M = 1 variants
+        layers = json.loads((folder / "manifest.json").read_text())["layers"]
+        on_kernels = [layer for layer, info in layers.items() if info.get("kernel", "").startswith("TVM")]
+        assert len(on_kernels) >= len(layers) - 1, layers  # w4a16 keeps lm_head in int8 weight-only: Q/DQ
     model = ir.load(folder / "model.onnx")
     layout = decoding.cache_layout(model)
     session = _artifact_session(folder)

@@ -1,4 +1,4 @@
-"""The TVM backend: ``model.so`` with qcompiler's TIR kernels for the quantized linears, for static shapes.
+"""The TVM backend: ``model.so`` with qcompiler's TIR kernels for the quantized linears, for any shape or static ones.
 
 TVM is imported only when a library is built or run, so listing backends stays cheap.
 """
@@ -18,19 +18,23 @@ from qcompiler.options import option
 
 LIBRARY = "model.so"
 TARGETS = ("llvm",)
+ANY = "any"  # the shape option of a library for every shape
 
 
 @dataclass
 class TVMOptions:
     target: str = option("llvm", "llvm: this CPU (kernels written for x86 with AVX-512 VNNI; CUDA codegen is not "
                                  "wired yet)")
-    shape: Sequence[tuple[int, int]] = option(((1, 128),), "(batch, sequence) per library entry; one library serves "
-                                                           "every shape listed, weights stored once")
+    shape: Sequence[tuple[int, int]] | str = option(ANY, "'any': one library entry for every batch, sequence and "
+                                                     "past length (symbolic); or (batch, sequence) per static entry, "
+                                                     "one library for every shape listed, weights stored once")
 
     def __post_init__(self) -> None:
         if self.target not in TARGETS:
             raise ValueError(f"TVM target '{self.target}' is not supported yet; the TVM backend's kernels are written "
                              f"for CPUs ({', '.join(TARGETS)})")
+        if self.shape == ANY:
+            return
         shapes = [tuple(self.shape)] if self.shape and isinstance(self.shape[0], int) else [tuple(s) for s in self.shape]
         if not shapes or any(len(s) != 2 or not all(isinstance(d, int) and d > 0 for d in s) for s in shapes):
             raise ValueError(f"shape must be (batch, sequence) pairs of positive integers, not {self.shape!r}")
@@ -48,15 +52,20 @@ class TVMBackend(Backend):
         from qcompiler.backends.tvm.build import compile_model
         from qcompiler.benchmarking import synthetic_feeds
 
-        shape_sets = [{name: array.shape for name, array in synthetic_feeds(model, *rows).items()}
-                      for rows in self.options.shape]
-        built = compile_model(model, shape_sets, self.options.target)
-        note = f"TVM library built for {self.options.target} and inputs " + "; ".join(
-            ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items()) for shapes in shape_sets)
-        notes = [note]
-        if cache_layout(model) is not None:
-            notes.append("the TVM library runs the prompt only (an empty KV cache at the built shapes): decoding needs "
-                         "symbolic past lengths, which the TVM backend does not build yet; generate from an ORT artifact")
+        if self.options.shape == ANY:
+            built = compile_model(model, None, self.options.target)
+            inputs = next(iter(built.signature["entries"].values()))["inputs"]
+            notes = [f"TVM library built for {self.options.target}, for any shape: inputs " + ", ".join(
+                f"{name} {spec['shape']}" for name, spec in inputs.items())]
+        else:
+            shape_sets = [{name: array.shape for name, array in synthetic_feeds(model, *rows).items()}
+                          for rows in self.options.shape]
+            built = compile_model(model, shape_sets, self.options.target)
+            notes = [f"TVM library built for {self.options.target} and inputs " + "; ".join(
+                ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items()) for shapes in shape_sets)]
+            if cache_layout(model) is not None:
+                notes.append("the TVM library runs the prompt only (an empty KV cache at the built shapes): decoding "
+                             "needs the library for any shape (--shape any, the default)")
         return Lowered(model, built.lowering, files={LIBRARY: lambda path: built.executable.export_library(str(path))},
                        manifest={"tvm": built.signature}, notes=notes)
 
@@ -68,10 +77,12 @@ class TVMBackend(Backend):
 
         return TVMSession(Path(folder) / LIBRARY, manifest["tvm"], threads)
 
-    def bench_shape(self, manifest: dict) -> tuple[int, int]:
-        """The first shape the library was built for: it runs no other."""
+    def bench_shape(self, manifest: dict) -> tuple[int, int] | None:
+        """The first shape a static-shape library was built for (it runs no other); None for one that runs any."""
         from qcompiler.backends.tvm.build import entries
 
         first = next(iter(entries(manifest["tvm"]).values()))
         batch, sequence = next(iter(first["inputs"].values()))["shape"][:2]
+        if isinstance(batch, str) or isinstance(sequence, str):
+            return None
         return batch, sequence

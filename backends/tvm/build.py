@@ -4,10 +4,12 @@
 ``model.so``, with the weights inside it as constants; `TVMSession` loads it and runs it
 with the Relax VM behind the same ``run(names, feeds)`` interface as an onnxruntime
 session, so ``qcompile run`` and ``qcompile bench`` treat both artifacts alike. The
-library is specialized to static input shapes, one entry function per shape (several
-shapes, e.g. sequence-length buckets, share one library and one copy of the weights:
-TVM stores identical constants once). The shapes are recorded in the manifest; each call
-runs the entry its inputs match, and inputs that match none are refused in one sentence.
+library serves any shape (one entry, ``main``, with the model's dynamic dimensions
+symbolic: prompts and decode steps of a causal LM alike), or is specialized to static
+input shapes, one entry function per shape (several shapes, e.g. sequence-length buckets,
+share one library and one copy of the weights: TVM stores identical constants once). The
+shapes are recorded in the manifest; each call runs the entry its inputs match, and inputs
+that match none are refused in one sentence.
 """
 
 from __future__ import annotations
@@ -23,11 +25,10 @@ from tvm import relax
 
 from qcompiler.backend import Lowering
 from qcompiler.backends.tvm import cpu_schedule
-from qcompiler.backends.tvm.backend import TARGETS
+from qcompiler.backends.tvm.backend import ANY, TARGETS
 from qcompiler.backends.tvm.int4_matmul import default_target
-from qcompiler.backends.tvm.lower import fuse_quantized_linears, specialize, to_relax
+from qcompiler.backends.tvm.lower import fuse_quantized_linears, generalize, specialize, to_relax
 from qcompiler.errors import QCompilerError
-
 
 
 @dataclass
@@ -43,10 +44,23 @@ def check_target(target: str) -> None:
                              f"CPUs ({', '.join(TARGETS)}).")
 
 
-def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Sequence[Mapping[str, tuple[int, ...]]],
+def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Sequence[Mapping[str, tuple[int, ...]]] | None,
                   target: str = "llvm") -> Built:
-    """Lower and build a copy of ``model`` for static input ``shapes`` (one set, or several: one entry each)."""
+    """Lower and build a copy of ``model`` for static input ``shapes`` (one set, or several: one entry each).
+
+    ``shapes=None`` builds one entry for any shape: the model's dynamic dimensions stay
+    symbolic (`lower.generalize`), and the kernels branch on M at run time.
+    """
     check_target(target)
+    if shapes is None:
+        work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        lowering = fuse_quantized_linears(work)
+        dims = generalize(work)
+        module = to_relax(work, None)
+        entries = {ANY: {"function": "main", "inputs": {
+            v.name: {"shape": dims[v.name], "dtype": v.dtype.numpy().name}
+            for v in work.graph.inputs if v.name not in work.graph.initializers}}}
+        return _build(module, lowering, entries, [v.name for v in work.graph.outputs])
     shape_sets = [dict(shapes)] if isinstance(shapes, Mapping) else [dict(s) for s in shapes]
     module, entries, outputs = tvm.IRModule(), {}, []
     for shape_set in shape_sets:
@@ -65,6 +79,10 @@ def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Seque
                           "inputs": {v.name: {"shape": list(shape_set[v.name]), "dtype": v.dtype.numpy().name}
                                      for v in work.graph.inputs if v.name not in work.graph.initializers}}
         outputs = [v.name for v in work.graph.outputs]
+    return _build(module, lowering, entries, outputs)
+
+
+def _build(module: tvm.IRModule, lowering: Lowering, entries: dict, outputs: list[str]) -> Built:
     host = default_target()
     executable = tvm.compile(module, host, relax_pipeline=cpu_schedule.pipeline(host))
     return Built(executable, lowering, {"entries": entries, "outputs": outputs, "target": str(host)})
@@ -104,9 +122,7 @@ class TVMSession:
         if missing:
             raise QCompilerError(f"Input '{missing[0]}' is missing.")
         arrays = {name: np.asarray(feeds[name]) for name in self._inputs}
-        entry = next((e for e in self._entries.values() if all(
-            list(arrays[name].shape) == spec["shape"] and arrays[name].dtype.name == spec["dtype"]
-            for name, spec in e["inputs"].items())), None)
+        entry = next((e for e in self._entries.values() if _matches(arrays, e["inputs"])), None)
         if entry is None:
             given = _describe({name: {"dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()})
             built = " or ".join(_describe(e["inputs"]) for e in self._entries.values())
@@ -117,6 +133,22 @@ class TVMSession:
         values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
         by_name = {name: value.numpy() for name, value in zip(self._outputs, values)}
         return [by_name[name] for name in (names or self._outputs)]
+
+
+def _matches(arrays: Mapping[str, np.ndarray], inputs: Mapping[str, dict]) -> bool:
+    """Whether the arrays have the entry's dtypes and shapes; a named (symbolic) dimension is one size throughout."""
+    sizes: dict[str, int] = {}
+    for name, spec in inputs.items():
+        array = arrays[name]
+        if array.dtype.name != spec["dtype"] or array.ndim != len(spec["shape"]):
+            return False
+        for size, dim in zip(array.shape, spec["shape"]):
+            if isinstance(dim, str):
+                if sizes.setdefault(dim, size) != size:
+                    return False
+            elif size != dim:
+                return False
+    return True
 
 
 def _describe(inputs: Mapping[str, dict]) -> str:

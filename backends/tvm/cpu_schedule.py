@@ -35,6 +35,7 @@ from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
 from tvm.s_tir.schedule import ScheduleError
 from tvm.target.codegen import llvm_get_vector_width
 
+from qcompiler.backends.tvm import symbolic
 from qcompiler.backends.tvm.fast_math import fast_math
 
 ROWS = 4  # rows of a matmul register tile
@@ -69,6 +70,9 @@ class Elementwise(CPUScheduleRule):
             loops = sch.get_loops(info.block_rv)
             if not loops:
                 continue
+            if any(_extent(sch, loop) is None for loop in loops):
+                _schedule_symbolic(sch, loops, lanes)
+                continue
             flat = sch.fuse(*loops) if len(loops) > 1 else loops[0]
             total = _extent(sch, flat)
             if total is not None and total < lanes:
@@ -78,6 +82,25 @@ class Elementwise(CPUScheduleRule):
             if total is None or total >= PARALLEL_MIN:
                 sch.parallel(outer)
         return sch
+
+
+def _schedule_symbolic(sch: s_tir.Schedule, loops: list, lanes: int) -> None:
+    """A loop nest with symbolic extents: the static innermost loops vectorized, the rest fused and parallel.
+
+    Flattening everything (the static case) would divide the flat index by symbolic extents
+    for every element, and its vector loop would need a tail guard that stops vectorization:
+    a 1 x 128 MiniLM ran 4x slower that way.
+    """
+    static = 0
+    while static < len(loops) and _extent(sch, loops[len(loops) - 1 - static]) is not None:
+        static += 1
+    head, tail = loops[:len(loops) - static], loops[len(loops) - static:]
+    sch.parallel(sch.fuse(*head) if len(head) > 1 else head[0])
+    if not tail:
+        return
+    inner = sch.fuse(*tail) if len(tail) > 1 else tail[0]
+    if _extent(sch, inner) % lanes == 0:
+        sch.vectorize(sch.split(inner, factors=[None, lanes])[1])
 
 
 class Matmul(CPUScheduleRule):
@@ -100,7 +123,15 @@ class Matmul(CPUScheduleRule):
             return None  # a plain reduction (no i, j): dlight's Reduction rule's case
         *batch, i, j, k = loops
         lanes = vector_lanes(target)
-        rows = ROWS if (_extent(sch, i) or 0) % ROWS == 0 else 1
+        if _extent(sch, i) is None or _extent(sch, j) is None:
+            # Symbolic rows or columns: pad them to whole tiles, so the vector loop needs no tail guard
+            # (with one it is not vectorized; MiniLM's Q K^T at 1 x 128 took 10 ms that way).
+            sch.pad_einsum(main, [1] * len(batch) + [ROWS, lanes, 1])
+            for producer in sch.get_producers(main):
+                sch.parallel(sch.get_loops(producer)[0])
+            epilogues = [block for block in _consumers_in_order(sch, main)]
+            *batch, i, j, k = sch.get_loops(main)
+        rows = ROWS if (_extent(sch, i) or ROWS) % ROWS == 0 else 1
         i_outer, i_inner = sch.split(i, factors=[None, rows])
         j_outer, j_inner = sch.split(j, factors=[None, lanes])
         sch.reorder(*batch, i_outer, j_outer, k, i_inner, j_inner)
@@ -117,8 +148,19 @@ class Matmul(CPUScheduleRule):
         for block in (init, accumulator):
             *_, row, column = sch.get_loops(block)
             sch.vectorize(column)
-            sch.unroll(row)
+            if _extent(sch, row) is not None:  # a symbolic extent cannot be unrolled (the build fails)
+                sch.unroll(row)
         return sch
+
+
+def _consumers_in_order(sch: s_tir.Schedule, block) -> list:
+    """The chain of blocks after ``block`` (each the only consumer of the one before), first to last."""
+    chain = []
+    consumers = sch.get_consumers(block)
+    while len(consumers) == 1:
+        chain.append(consumers[0])
+        consumers = sch.get_consumers(consumers[0])
+    return chain
 
 
 class RowReduction(CPUScheduleRule):
@@ -195,12 +237,18 @@ class _Declining(CPUScheduleRule):
 
 
 def pipeline(target: tvm.target.Target) -> tvm.transform.Pass:
-    """TVM's default CPU pipeline with `fast_math` first and `apply_schedules` after legalization and fusion."""
+    """TVM's default CPU pipeline with `fast_math` first and `apply_schedules` after legalization and fusion.
+
+    `symbolic.keep_shape_tensors_apart` runs before fusion (symbolic-shape libraries need it).
+    """
 
     @tvm.transform.module_pass(opt_level=0, name="QCompilerCPUPipeline")
     def run(module: tvm.IRModule, _context: tvm.transform.PassContext) -> tvm.IRModule:
         with target:
-            passes = ([fast_math] + cpu_pipeline.library_dispatch_passes(target) + cpu_pipeline.legalize_passes(target)
+            legalize = cpu_pipeline.legalize_passes(target)
+            fuse = [p.info.name for p in legalize].index("FuseOps")
+            passes = ([fast_math] + cpu_pipeline.library_dispatch_passes(target) + legalize[:fuse]
+                      + [symbolic.keep_shape_tensors_apart] + legalize[fuse:]
                       + [apply_schedules(target)] + cpu_pipeline.dataflow_lower_passes(target)
                       + cpu_pipeline.finalize_passes(target))
             return tvm.transform.Sequential(passes)(module)

@@ -27,7 +27,9 @@ def _gelu(x: tvm.te.Tensor) -> tvm.te.Tensor:
 @mutator
 class _FastMathWithGelu(FastMathCodeGenerator._cls):
     def visit_call_(self, call: relax.Call) -> relax.Expr:
-        if isinstance(call.op, tvm.ir.Op) and call.op.name == "relax.nn.gelu":
+        if not isinstance(call.op, tvm.ir.Op):  # a call of another function (TVM's pass reads ``op.name``)
+            return call
+        if call.op.name == "relax.nn.gelu":
             return self.builder_.call_te(_gelu, call.args[0], primfunc_name_hint="gelu")
         return super().visit_call_(call)
 

@@ -131,11 +131,14 @@ class KernelPlan:
     b: int
 
 
-def plan(rows: int, a_matrix: np.ndarray, b_matrix: np.ndarray) -> KernelPlan:
-    """Pick the path from ``A`` and ``B`` and write the kernel for ``x`` of shape ``[rows, a * b]``."""
+def plan(rows: int | tvm.tirx.Var, a_matrix: np.ndarray, b_matrix: np.ndarray) -> KernelPlan:
+    """Pick the path from ``A`` and ``B`` and write the kernel for ``x`` of shape ``[rows, a * b]``.
+
+    ``rows`` is a number or a symbolic int64 variable (a kernel for any number of rows).
+    """
     a_matrix, b_matrix = np.asarray(a_matrix, np.float64), np.asarray(b_matrix, np.float64)
     a, b = a_matrix.shape[0], b_matrix.shape[0]
-    if rows < 1 or a_matrix.shape != (a, a) or b_matrix.shape != (b, b):
+    if (isinstance(rows, int) and rows < 1) or a_matrix.shape != (a, a) or b_matrix.shape != (b, b):
         raise ValueError(f"need rows >= 1 and square factors, got rows={rows}, {a_matrix.shape}, {b_matrix.shape}")
     n = a * b
     if is_sylvester(a_matrix) and is_sylvester(b_matrix):

@@ -60,6 +60,7 @@ UNROLL_K = 4  # inner-loop unroll along K in the large-M schedule
 GEMM_FROM_ROWS = 32  # M at which the decoded-tile schedule overtakes in-register decoding (measured)
 
 ScheduleName = Literal["gemv", "gemm"]
+Rows = int | tvm.tirx.Var  # M: a number, or a symbolic int64 variable
 
 
 def _groups(k: int, group: int) -> int:
@@ -96,51 +97,57 @@ def pack_weights(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: 
     return {"packed": packed, **per_tile}
 
 
-def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
-    """The unscheduled computation; the staging buffers are cut down to tiles by the schedules."""
+def kernel(m: Rows, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
+    """The unscheduled computation (``m`` a number or a symbolic int64 variable); the schedules cut the staging
+    buffers down to tiles."""
     g = _groups(k, group)
     pairs, tiles, width = -(-g * group // 2), _padded(n) // TILE, _padded(n)
+    # A symbolic M is int64 (Relax's shape type): the other extents follow, or the schedules' index
+    # expressions mix widths, and a cast index is not affine.
+    index = (lambda v: v) if isinstance(m, int) else T.int64
+    g_, group_, k_, n_, width_ = (index(v) for v in (g, group, k, n, width))
+    pairs_, tiles_, tile_ = index(pairs), index(tiles), index(TILE)
 
     @T.prim_func(s_tir=True)
-    def int4_matmul(X: T.Buffer((m, k), "float32"), packed: T.Buffer((tiles, pairs, TILE), "uint8"),
-                    scale: T.Buffer((tiles, g, TILE), "float32"), zero: T.Buffer((tiles, g, TILE), "uint8"),
-                    Y: T.Buffer((m, n), "float32")):
+    def int4_matmul(X: T.Buffer((m, k_), "float32"), packed: T.Buffer((tiles_, pairs_, tile_), "uint8"),
+                    scale: T.Buffer((tiles_, g_, tile_), "float32"), zero: T.Buffer((tiles_, g_, tile_), "uint8"),
+                    Y: T.Buffer((m, n_), "float32")):
         T.func_attr({"global_symbol": "main", "tirx.noalias": True})
         with T.sblock("root"):
-            xsum = T.sblock_alloc_buffer((m, g), "float32")  # sum of X over each group
-            code = T.sblock_alloc_buffer((g * group, width), "float32")  # codes as floats
-            dot = T.sblock_alloc_buffer((m, g, width), "float32")  # X . code within each group
-            acc = T.sblock_alloc_buffer((m, width), "float32")
+            xsum = T.sblock_alloc_buffer((m, g_), "float32")  # sum of X over each group
+            code = T.sblock_alloc_buffer((g_ * group_, width_), "float32")  # codes as floats
+            dot = T.sblock_alloc_buffer((m, g_, width_), "float32")  # X . code within each group
+            acc = T.sblock_alloc_buffer((m, width_), "float32")
             # X past K reads as 0 (the guard folds away when K is a multiple of the group).
-            for i, j, kk in T.grid(m, g, group):
+            for i, j, kk in T.grid(m, g_, group_):
                 with T.sblock("xsum"):
                     vi, vj, vkk = T.axis.remap("SSR", [i, j, kk])
                     with T.init():
                         xsum[vi, vj] = T.float32(0)
                     xsum[vi, vj] = xsum[vi, vj] + T.if_then_else(
                         vj * group + vkk < k, X[vi, vj * group + vkk], T.float32(0))
-            for kk, c in T.grid(g * group, width):
+            for kk, c in T.grid(g_ * group_, width_):
                 with T.sblock("decode"):
                     vk, vc = T.axis.remap("SS", [kk, c])
                     # (TVMScript has no local names inside a block: the byte is read inline.)
                     code[vk, vc] = T.Cast("float32", T.bitwise_and(
                         T.shift_right(packed[vc // TILE, vk // 2, vc % TILE], T.Cast("uint8", vk % 2 * 4)),
                         T.uint8(15)))
-            for i, j, c, kk in T.grid(m, g, width, group):
+            for i, j, c, kk in T.grid(m, g_, width_, group_):
                 with T.sblock("dot"):
                     vi, vj, vc, vkk = T.axis.remap("SSSR", [i, j, c, kk])
                     with T.init():
                         dot[vi, vj, vc] = T.float32(0)
                     dot[vi, vj, vc] = dot[vi, vj, vc] + T.if_then_else(
                         vj * group + vkk < k, X[vi, vj * group + vkk], T.float32(0)) * code[vj * group + vkk, vc]
-            for i, c, j in T.grid(m, width, g):
+            for i, c, j in T.grid(m, width_, g_):
                 with T.sblock("matmul"):
                     vi, vc, vj = T.axis.remap("SSR", [i, c, j])
                     with T.init():
                         acc[vi, vc] = T.float32(0)
                     acc[vi, vc] = acc[vi, vc] + scale[vc // TILE, vj, vc % TILE] * (
                         dot[vi, vj, vc] - T.Cast("float32", zero[vc // TILE, vj, vc % TILE]) * xsum[vi, vj])
-            for i, c in T.grid(m, n):
+            for i, c in T.grid(m, n_):
                 with T.sblock("store"):
                     vi, vc = T.axis.remap("SS", [i, c])
                     Y[vi, vc] = acc[vi, vc]
@@ -148,24 +155,27 @@ def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
     return int4_matmul
 
 
-def schedule_gemv(m: int, k: int, n: int, group: int) -> tvm.IRModule:
+def schedule_gemv(m: Rows, k: int, n: int, group: int, rows: int | None = None) -> tvm.IRModule:
     """Few rows (weight traffic and decoding dominate): decode codes in registers, where they are used.
 
     Threads split the 64-column tiles (and row blocks); per tile, a register tile of up to
     4 rows x 64 columns accumulates one group at a time, then the group's zero point and scale
-    are applied. The k loop is unrolled by two so each byte's two nibbles use constant shifts.
+    are applied (``rows`` of them: by default ``min(M, 4)``, 4 for a symbolic M). The k loop is
+    unrolled by two so each byte's two nibbles use constant shifts.
     """
     sch = tvm.s_tir.Schedule(tvm.IRModule({"main": kernel(m, k, n, group)}))
     matmul, dot = sch.get_sblock("matmul"), sch.get_sblock("dot")
     sch.set_scope(matmul, 0, "local")
     sch.set_scope(dot, 0, "local")
     sch.compute_inline(sch.get_sblock("decode"))
-    rows, cols, grp = sch.get_loops(matmul)
+    row_loop, cols, grp = sch.get_loops(matmul)
     col_tile, col = sch.split(cols, [None, TILE])
-    row_tile, row = sch.split(rows, [None, min(m, ROWS_GEMV)])
-    sch.reorder(col_tile, row_tile, grp, row, col)
+    row_tile, row = sch.split(row_loop, [None, _tile_rows(m, rows)])
+    # A symbolic row count goes outside: a fused index split by a symbolic extent is not affine.
+    outer = (col_tile, row_tile) if isinstance(m, int) else (row_tile, col_tile)
+    sch.reorder(*outer, grp, row, col)
     sch.compute_at(dot, grp, preserve_unit_loops=True)
-    task = sch.fuse(col_tile, row_tile)
+    task = sch.fuse(*outer)
     sch.parallel(task)
     sch.vectorize(col)
     sch.unroll(row)
@@ -176,12 +186,12 @@ def schedule_gemv(m: int, k: int, n: int, group: int) -> tvm.IRModule:
     sch.unroll(d_row)
     sch.unroll(d_nibble)
     sch.decompose_reduction(dot, d_pair)
-    _store(sch, task, n)
     sch.decompose_reduction(matmul, grp)
+    _store(sch, task, n)
     return sch.mod
 
 
-def schedule_gemm(m: int, k: int, n: int, group: int) -> tvm.IRModule:
+def schedule_gemm(m: Rows, k: int, n: int, group: int) -> tvm.IRModule:
     """Large M (compute bound): decode each group x 64-column tile once, reuse it for 128 rows.
 
     Threads split (column tile, row block) pairs. Per group, the tile's codes become a float
@@ -194,12 +204,13 @@ def schedule_gemm(m: int, k: int, n: int, group: int) -> tvm.IRModule:
         sch.set_scope(block, 0, "local")
     rows, cols, grp = sch.get_loops(matmul)
     col_tile, col = sch.split(cols, [None, TILE])
-    per_block = -(-min(m, ROW_BLOCK) // ROWS_GEMM)
+    per_block = -(-(min(m, ROW_BLOCK) if isinstance(m, int) else ROW_BLOCK) // ROWS_GEMM)
     row_block, row_tile, row = sch.split(rows, [None, per_block, ROWS_GEMM])
-    sch.reorder(col_tile, row_block, grp, row_tile, row, col)
+    outer = (col_tile, row_block) if isinstance(m, int) else (row_block, col_tile)  # as in `schedule_gemv`
+    sch.reorder(*outer, grp, row_tile, row, col)
     sch.compute_at(dot, row_tile, preserve_unit_loops=True)
     sch.compute_at(decode, grp, preserve_unit_loops=True)
-    task = sch.fuse(col_tile, row_block)
+    task = sch.fuse(*outer)
     sch.parallel(task)
     sch.vectorize(col)
     sch.unroll(row)
@@ -214,8 +225,8 @@ def schedule_gemm(m: int, k: int, n: int, group: int) -> tvm.IRModule:
     _, c_nibble = sch.split(c_k, [None, 2])
     sch.vectorize(c_col)
     sch.unroll(c_nibble)
-    _store(sch, task, n)
     sch.decompose_reduction(matmul, grp)
+    _store(sch, task, n)
     return sch.mod
 
 
@@ -250,12 +261,24 @@ class Int4Matmul(CompiledKernel):
         return {"packed": (tiles, -(-g * self.group // 2), TILE), "scale": (tiles, g, TILE), "zero": (tiles, g, TILE)}
 
 
-def scheduled(m: int, k: int, n: int, group: int, schedule: ScheduleName | None = None) -> tvm.tirx.PrimFunc:
-    """The scheduled kernel for one shape (``schedule`` defaults by M: gemv below 32 rows, else gemm)."""
-    if min(m, k, n, group) < 1:
+def scheduled(m: Rows, k: int, n: int, group: int, schedule: ScheduleName | None = None,
+              rows: int | None = None) -> tvm.tirx.PrimFunc:
+    """The scheduled kernel (``schedule`` defaults by M: gemv below 32 rows, else gemm; a symbolic M needs one).
+
+    ``rows`` is the gemv schedule's register tile height (see `schedule_gemv`).
+    """
+    if min(m if isinstance(m, int) else 1, k, n, group) < 1:
         raise ValueError(f"M, K, N and the group size must be positive, got {(m, k, n, group)}")
+    if schedule is None and not isinstance(m, int):
+        raise ValueError("a kernel for a symbolic M needs its schedule named")
     schedule = schedule or ("gemv" if m < GEMM_FROM_ROWS else "gemm")
-    return {"gemv": schedule_gemv, "gemm": schedule_gemm}[schedule](m, k, n, group)["main"]
+    if schedule == "gemv":
+        return schedule_gemv(m, k, n, group, rows)["main"]
+    return schedule_gemm(m, k, n, group)["main"]
+
+
+def _tile_rows(m: Rows, rows: int | None) -> int:
+    return rows or (min(m, ROWS_GEMV) if isinstance(m, int) else ROWS_GEMV)
 
 
 def build(m: int, k: int, n: int, group: int, target: tvm.target.Target | str | dict | None = None,

@@ -46,6 +46,7 @@ SERIAL_ROWS = 4  # fewer rows are quantized on the calling thread: a pool launch
 VNNI = "llvm.x86.avx512.vpdpbusd.512"
 
 Static = tuple[float, int]  # a static activation quantizer: scale and int8 zero point
+Rows = int | tvm.tirx.Var  # M: a number, or a symbolic int64 variable
 
 
 def quadruples(k: int) -> int:
@@ -119,15 +120,18 @@ def pack_weights(codes: np.ndarray, scale: np.ndarray, static: Static | None = N
     return result
 
 
-def kernel(m: int, k: int, n: int, static: bool = False) -> tvm.tirx.PrimFunc:
-    """The scheduled kernel for one shape: ``X`` float32 ``[M, K]`` in, ``Y`` float32 ``[M, N]`` out.
+def kernel(m: Rows, k: int, n: int, static: bool = False, rows: int | None = None) -> tvm.tirx.PrimFunc:
+    """The scheduled kernel: ``X`` float32 ``[M, K]`` in, ``Y`` float32 ``[M, N]`` out.
 
     With ``static`` the activation quantizer is an input (``activation``: scale, zero point,
     after the weights), so layers of one shape share the kernel; otherwise X is quantized per token.
+    ``m`` is a number, or a symbolic ``int64`` variable for a kernel that serves any M.
+    ``rows`` is the register tile's height: by default ``min(M, 4)``, so a one-row GEMV gets
+    a one-row tile and computes no discarded rows (a symbolic M gets 4).
     """
     q, width = quadruples(k), _width(n)
-    rows = min(m, ROWS)  # a one-row GEMV gets a one-row tile: no discarded rows
-    tiles, row_tiles = width // TILE, -(-m // rows)
+    rows = rows or (min(m, ROWS) if isinstance(m, int) else ROWS)
+    tiles, row_tiles = width // TILE, (m + rows - 1) // rows
     ragged = n % TILE != 0
 
     @T.macro

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextvars
 import hashlib
+from typing import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -41,7 +42,7 @@ from tvm import relax
 from tvm.relax.frontend.onnx import onnx_frontend
 
 from qcompiler.backend import Lowering
-from qcompiler.backends.tvm import frontend_hook, hadamard, int4_matmul, int8_matmul, w4a8_matmul
+from qcompiler.backends.tvm import frontend_hook, hadamard, int4_matmul, int8_matmul, symbolic, w4a8_matmul
 from qcompiler.errors import QCompilerError
 from qcompiler.graph import MS_DOMAIN, add_initializer, drop_unused, replace_node, unique_node_name, value_named
 from qcompiler.online_rotation import DOMAIN as HADAMARD_DOMAIN
@@ -265,8 +266,28 @@ def specialize(model: ir.Model, shapes: dict[str, tuple[int, ...]]) -> None:
     onnxscript.optimizer.optimize(model, inline=False)
 
 
-def to_relax(model: ir.Model, shapes: dict[str, tuple[int, ...]], suffix: str = "") -> tvm.IRModule:
-    """The Relax module of a fused, specialized model, for the static input ``shapes``.
+def generalize(model: ir.Model) -> dict[str, list[str | int]]:
+    """Name every dynamic input dimension and fold what is static (in place); the inputs' shapes as named.
+
+    For a library that serves any shape: TVM's importer turns each named dimension into one
+    symbolic variable (a dimension with the same name in two inputs is the same variable), and
+    needs a name for each, so an unnamed one becomes ``{input}_{axis}``.
+    """
+    shapes = {}
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        if value.shape is None:
+            raise QCompilerError(f"Input '{value.name}' has no rank in the model; the TVM backend needs one.")
+        dims = [d if isinstance(d, int) else (d.value or f"{value.name}_{axis}") for axis, d in enumerate(value.shape)]
+        value.shape = ir.Shape(dims)
+        shapes[value.name] = [d if isinstance(d, int) else str(d) for d in dims]
+    onnxscript.optimizer.optimize(model, inline=False)
+    return shapes
+
+
+def to_relax(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None, suffix: str = "") -> tvm.IRModule:
+    """The Relax module of a fused model, for the static input ``shapes`` (specialized) or symbolic ones (None).
 
     ``suffix`` is appended to every kernel's name, so that modules built for several shapes
     can be merged into one library without two kernels sharing a name.
@@ -275,36 +296,78 @@ def to_relax(model: ir.Model, shapes: dict[str, tuple[int, ...]], suffix: str = 
     dtypes = {v.name: v.dtype.numpy().name for v in model.graph.inputs if v.name not in model.graph.initializers}
     token = _KERNEL_SUFFIX.set(suffix)
     try:
-        with frontend_hook.extra_converters({INT4: _Int4Converter, INT8: _Int8Converter, W4A8: _W4A8Converter,
-                                             HADAMARD_OP: _HadamardConverter}):
-            return onnx_frontend.from_onnx(proto, shape_dict={k: list(v) for k, v in shapes.items()},
-                                           dtype_dict=dtypes)
+        with frontend_hook.extra_converters({**symbolic.CONVERTERS, INT4: _Int4Converter, INT8: _Int8Converter,
+                                             W4A8: _W4A8Converter, HADAMARD_OP: _HadamardConverter}):
+            return onnx_frontend.from_onnx(proto, shape_dict=None if shapes is None else {
+                k: list(v) for k, v in shapes.items()}, dtype_dict=dtypes)
     finally:
         _KERNEL_SUFFIX.reset(token)
 
 
-def _static_shape(x: relax.Expr, what: str) -> list[int]:
+def _rows(x: relax.Expr, what: str) -> tuple[list, tvm.ir.PrimExpr | int]:
+    """The dims of ``x`` and its row count M (their product but the last): a number, or an expression."""
     shape = x.ty.shape
-    if shape is None or not all(isinstance(d, tvm.tirx.IntImm) for d in shape.values):
-        raise QCompilerError(f"The TVM backend needs static shapes, but the input of {what} is {shape}; "
-                             "give every input a fixed shape.")
-    return [int(d) for d in shape.values]
+    if not isinstance(shape, relax.ShapeExpr):
+        raise QCompilerError(f"The TVM importer lost the shape of the input of {what}; give the inputs fixed shapes "
+                             "(--shape) for this model.")
+    dims = list(shape.values)
+    if all(isinstance(d, tvm.tirx.IntImm) for d in dims):
+        return [int(d) for d in dims], int(np.prod([int(d) for d in dims[:-1]], dtype=np.int64))
+    rows = tvm.tirx.IntImm("int64", 1)
+    for d in dims[:-1]:
+        rows = rows * d
+    return dims, tvm.sym.Analyzer().simplify(rows)
 
 
-def _kernel_call(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, args: list, shape: list[int]) -> relax.Var:
+def _kernel_call(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str, args: list, shape: list) -> relax.Var:
     """``call_tir`` of ``func``, added once per name (the kernels are specialized to their shapes).
 
     The kernel is marked opaque and scheduled, so that fusion neither merges it with its
     neighbours nor hands it to the CPU schedule rules: it is already scheduled by hand.
     """
-    name += _KERNEL_SUFFIX.get()
+    return bb.emit(relax.call_tir(_add_kernel(bb, func, name + _KERNEL_SUFFIX.get()), args,
+                                  relax.TensorType(shape, "float32")))
+
+
+def _add_kernel(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str) -> tvm.ir.GlobalVar:
     module = bb.get()
     if name in [g.name_hint for g in module.get_global_vars()]:
-        gvar = module.get_global_var(name)
-    else:
-        func = func.with_attrs({"global_symbol": name, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
-        gvar = bb.add_func(func, name)
-    return bb.emit(relax.call_tir(gvar, args, relax.TensorType(shape, "float32")))
+        return module.get_global_var(name)
+    return bb.add_func(func.with_attrs({"global_symbol": name, "op_pattern": OPAQUE, "tirx.is_scheduled": True}), name)
+
+
+Variant = tuple  # (condition on M or None for the last, kernel for a symbolic M): see `_matmul_call`
+
+
+def _matmul_call(bb: relax.BlockBuilder, name: str, m, k: int, n: int, static: Callable[[], tvm.tirx.PrimFunc],
+                 variants: list[Variant], args: list) -> relax.Var:
+    """``[M, K] @ W -> [M, N]`` on a kernel: specialized to M when it is a number, else chosen by M at run time.
+
+    A symbolic M gets one kernel per variant (``variants``: a condition on M and a kernel
+    builder taking the symbolic M; the last one's condition is None) and a Relax function that
+    branches on M between them, so a decode step (M = 1) runs the GEMV tile and a prompt the
+    large one, from one library.
+    """
+    if isinstance(m, int):
+        return _kernel_call(bb, static(), f"{name}_{m}x{k}x{n}", args, [m, n])
+    name = f"{name}_{k}x{n}_dyn{_KERNEL_SUFFIX.get()}"
+    module = bb.get()
+    if name not in [g.name_hint for g in module.get_global_vars()]:
+        rows = tvm.tirx.Var("m", "int64")
+        params = [relax.Var("x", relax.TensorType([rows, k], "float32"))] + [
+            relax.Var(f"w{i}", arg.ty) for i, arg in enumerate(args[1:])]
+        out = relax.TensorType([rows, n], "float32")
+        kernels = [_add_kernel(bb, make(tvm.tirx.Var("m", "int64")), f"{name}_{i}") for i, (_, make) in
+                   enumerate(variants)]
+        body = relax.call_tir(kernels[-1], params, out)
+        for (condition, _), kernel in reversed(list(zip(variants[:-1], kernels[:-1]))):
+            body = relax.If(condition(rows), relax.SeqExpr([], relax.call_tir(kernel, params, out)),
+                            relax.SeqExpr([], body))
+        builder = relax.BlockBuilder()
+        with builder.function(name, params, private=True):
+            builder.emit_func_output(builder.emit(body))
+        bb.add_func(builder.get()[name], name)
+    return bb.emit(relax.Call(bb.get().get_global_var(name), args))
 
 
 def _per_token(bb: relax.BlockBuilder, x: relax.Expr) -> tuple[relax.Expr, relax.Expr]:
@@ -315,21 +378,31 @@ def _per_token(bb: relax.BlockBuilder, x: relax.Expr) -> tuple[relax.Expr, relax
     return bb.emit(codes), scale
 
 
+def _one_row(m):
+    return m == 1
+
+
+def _gemv_rows(m):
+    return m < int4_matmul.GEMM_FROM_ROWS
+
+
 class _Int4Converter(onnx_frontend.OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         x, packed, scale, zero = inputs
         k, n, group, tokens = attr["k"], attr["n"], attr["group"], attr["tokens"]
-        shape = _static_shape(x, "an int4 matmul")
-        m = int(np.prod(shape[:-1]))
+        dims, m = _rows(x, "an int4 matmul")
         rows = bb.emit(relax.op.reshape(x, (m, k)))
         if tokens:
             rows, row_scale = _per_token(bb, rows)
-        y = _kernel_call(bb, int4_matmul.scheduled(m, k, n, group), f"int4_matmul_{m}x{k}x{n}_g{group}",
-                         [rows, packed, scale, zero], [m, n])
+        variants = [(_one_row, lambda v: int4_matmul.scheduled(v, k, n, group, "gemv", rows=1)),
+                    (_gemv_rows, lambda v: int4_matmul.scheduled(v, k, n, group, "gemv")),
+                    (None, lambda v: int4_matmul.scheduled(v, k, n, group, "gemm"))]
+        y = _matmul_call(bb, f"int4_matmul_g{group}", m, k, n, lambda: int4_matmul.scheduled(m, k, n, group),
+                         variants, [rows, packed, scale, zero])
         if tokens:
             y = relax.op.multiply(y, row_scale)
-        return relax.op.reshape(y, (*shape[:-1], n))
+        return relax.op.reshape(y, (*dims[:-1], n))
 
 
 class _Int8Converter(onnx_frontend.OnnxOpConverter):
@@ -337,12 +410,12 @@ class _Int8Converter(onnx_frontend.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         x, *weights = inputs  # packed, zcorr, scale and, for static activations, their quantizer
         k, n, static = attr["k"], attr["n"], len(weights) == 4
-        shape = _static_shape(x, "an int8 matmul")
-        m = int(np.prod(shape[:-1]))
-        rows = bb.emit(relax.op.reshape(x, (m, k)))
-        y = _kernel_call(bb, int8_matmul.kernel(m, k, n, static), f"int8_matmul_{m}x{k}x{n}" + "_static" * static,
-                         [rows, *weights], [m, n])
-        return relax.op.reshape(y, (*shape[:-1], n))
+        dims, m = _rows(x, "an int8 matmul")
+        variants = [(_one_row, lambda v: int8_matmul.kernel(v, k, n, static, rows=1)),
+                    (None, lambda v: int8_matmul.kernel(v, k, n, static))]
+        y = _matmul_call(bb, "int8_matmul" + "_static" * static, m, k, n, lambda: int8_matmul.kernel(m, k, n, static),
+                         variants, [bb.emit(relax.op.reshape(x, (m, k))), *weights])
+        return relax.op.reshape(y, (*dims[:-1], n))
 
 
 class _W4A8Converter(onnx_frontend.OnnxOpConverter):
@@ -350,11 +423,12 @@ class _W4A8Converter(onnx_frontend.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         x, packed, scale, zero = inputs
         k, n, group = attr["k"], attr["n"], attr["group"]
-        shape = _static_shape(x, "a W4A8 matmul")
-        m = int(np.prod(shape[:-1]))
-        y = _kernel_call(bb, w4a8_matmul.kernel(m, k, n, group), f"w4a8_matmul_{m}x{k}x{n}_g{group}",
-                         [bb.emit(relax.op.reshape(x, (m, k))), packed, scale, zero], [m, n])
-        return relax.op.reshape(y, (*shape[:-1], n))
+        dims, m = _rows(x, "a W4A8 matmul")
+        variants = [(_one_row, lambda v: w4a8_matmul.kernel(v, k, n, group, rows=1)),
+                    (None, lambda v: w4a8_matmul.kernel(v, k, n, group))]
+        y = _matmul_call(bb, f"w4a8_matmul_g{group}", m, k, n, lambda: w4a8_matmul.kernel(m, k, n, group), variants,
+                         [bb.emit(relax.op.reshape(x, (m, k))), packed, scale, zero])
+        return relax.op.reshape(y, (*dims[:-1], n))
 
 
 class _HadamardConverter(onnx_frontend.OnnxOpConverter):
@@ -363,12 +437,15 @@ class _HadamardConverter(onnx_frontend.OnnxOpConverter):
         x, a_matrix, b_matrix = inputs
         if not all(isinstance(f, tvm.ir.expr.GenericConst) for f in (a_matrix, b_matrix)):
             raise QCompilerError("A qcompiler.Hadamard node has runtime factors; the TVM backend needs constant ones.")
-        shape = _static_shape(x, "an online Hadamard rotation")
-        rows, n = int(np.prod(shape[:-1])), shape[-1]
-        chosen = hadamard.plan(rows, a_matrix.value.numpy(), b_matrix.value.numpy())
+        shape, rows = _rows(x, "an online Hadamard rotation")
+        n = int(shape[-1])
+        dynamic = not isinstance(rows, int)
+        chosen = hadamard.plan(tvm.tirx.Var("m", "int64") if dynamic else rows, a_matrix.value.numpy(),
+                               b_matrix.value.numpy())
         factors = [relax.const(np.ascontiguousarray(f, np.float32)) for f in chosen.factors]
         # Same shape, different factors (random rotations, other seeds): one kernel each, named by digest.
         digest = hashlib.sha1(b"".join(f.tobytes() for f in chosen.factors)).hexdigest()[:8]
-        y = _kernel_call(bb, chosen.func, f"hadamard_{rows}x{chosen.a}x{chosen.b}_{chosen.path}_{digest}",
+        label = "dyn" if dynamic else rows
+        y = _kernel_call(bb, chosen.func, f"hadamard_{label}x{chosen.a}x{chosen.b}_{chosen.path}_{digest}",
                          [bb.emit(relax.op.reshape(x, (rows, n))), *factors], [rows, n])
         return relax.op.reshape(y, shape)

@@ -76,12 +76,16 @@ def pack_weights(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: 
     return {"packed": np.ascontiguousarray(packed), **per_tile}
 
 
-def kernel(m: int, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
-    """The scheduled kernel for one shape: ``X`` float32 ``[M, K]`` in, ``Y`` float32 ``[M, N]`` out."""
+def kernel(m: Rows, k: int, n: int, group: int, rows: int | None = None) -> tvm.tirx.PrimFunc:
+    """The scheduled kernel: ``X`` float32 ``[M, K]`` in, ``Y`` float32 ``[M, N]`` out.
+
+    ``m`` and ``rows`` as in the int8 kernel: a number or a symbolic variable, and the register
+    tile's height (default ``min(M, 4)``; 4 for a symbolic M).
+    """
     groups, width = -(-k // group), _width(n)
     q, per_group = groups * group // 4, group // 4
-    rows = min(m, ROWS)
-    tiles, row_tiles = width // TILE, -(-m // rows)
+    rows = rows or (min(m, ROWS) if isinstance(m, int) else ROWS)
+    tiles, row_tiles = width // TILE, (m + rows - 1) // rows
 
     @T.macro
     def quantize(X, r, codes, xsum, step):
