@@ -149,9 +149,15 @@ def test_fp32_tvm_library_generates_what_transformers_generates(name, zoo_folder
     entries = json.loads((folder / "manifest.json").read_text())["tvm"]["entries"]
     assert list(entries) == ["any"] and entries["any"]["inputs"]["past_key_values.0.key"]["shape"][2] == "past_sequence"
     ids, mask = _prompts()
-    ours = decoding.generate(_artifact_session(folder), decoding.cache_layout(ir.load(folder / "model.onnx")), ids,
-                             mask=mask, max_new_tokens=NEW_TOKENS)
+    session, layout = _artifact_session(folder), decoding.cache_layout(ir.load(folder / "model.onnx"))
+    ours = decoding.generate(session, layout, ids, mask=mask, max_new_tokens=NEW_TOKENS)
     np.testing.assert_array_equal(ours.tokens, _transformers_generate(zoo_folder(name), ids, mask, NEW_TOKENS))
+    # The graph never checks the mask against the cache, and TVM would read past the end of a tensor.
+    feeds = decoding.complete_feeds(layout, {"input_ids": ids, "attention_mask": mask})
+    from qcompiler.errors import QCompilerError
+
+    with pytest.raises(QCompilerError, match="The attention mask covers 9 tokens, but the cache holds 0"):
+        session.run(None, {**feeds, "attention_mask": np.ones((2, 9), np.int64)})
 
 
 @pytest.mark.parametrize("name, passes, backend", [

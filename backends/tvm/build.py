@@ -28,6 +28,7 @@ from qcompiler.backends.tvm import cpu_schedule
 from qcompiler.backends.tvm.backend import ANY, TARGETS
 from qcompiler.backends.tvm.int4_matmul import default_target
 from qcompiler.backends.tvm.lower import fuse_quantized_linears, generalize, specialize, to_relax
+from qcompiler.decoding import MASK, TOKENS, cache_layout
 from qcompiler.errors import QCompilerError
 
 
@@ -59,7 +60,7 @@ def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Seque
         module = to_relax(work, None)
         entries = {ANY: {"function": "main", "inputs": {
             v.name: {"shape": dims[v.name], "dtype": v.dtype.numpy().name}
-            for v in work.graph.inputs if v.name not in work.graph.initializers}}}
+            for v in work.graph.inputs if v.name not in work.graph.initializers}, "totals": _totals(model, dims)}}
         return _build(module, lowering, entries, [v.name for v in work.graph.outputs])
     shape_sets = [dict(shapes)] if isinstance(shapes, Mapping) else [dict(s) for s in shapes]
     module, entries, outputs = tvm.IRModule(), {}, []
@@ -80,6 +81,19 @@ def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Seque
                                      for v in work.graph.inputs if v.name not in work.graph.initializers}}
         outputs = [v.name for v in work.graph.outputs]
     return _build(module, lowering, entries, outputs)
+
+
+def _totals(model: ir.Model, dims: Mapping[str, list]) -> dict[str, list[str]]:
+    """A decoder's mask length as the sum it must be: ``{total: [past, sequence]}`` (empty for other models).
+
+    The graph never checks it, and TVM reads past the end of a tensor that is shorter than
+    the sum, so the session checks it before a call.
+    """
+    layout = cache_layout(model)
+    if layout is None or not layout.has_mask:
+        return {}
+    total, past, sequence = dims[MASK][1], dims[layout.past(0, "key")][2], dims[TOKENS][1]
+    return {total: [past, sequence]} if all(isinstance(d, str) for d in (total, past, sequence)) else {}
 
 
 def _build(module: tvm.IRModule, lowering: Lowering, entries: dict, outputs: list[str]) -> Built:
@@ -123,6 +137,8 @@ class TVMSession:
             raise QCompilerError(f"Input '{missing[0]}' is missing.")
         arrays = {name: np.asarray(feeds[name]) for name in self._inputs}
         entry = next((e for e in self._entries.values() if _matches(arrays, e["inputs"])), None)
+        if entry is not None:
+            _check_totals(arrays, entry)
         if entry is None:
             given = _describe({name: {"dtype": a.dtype.name, "shape": list(a.shape)} for name, a in arrays.items()})
             built = " or ".join(_describe(e["inputs"]) for e in self._entries.values())
@@ -149,6 +165,16 @@ def _matches(arrays: Mapping[str, np.ndarray], inputs: Mapping[str, dict]) -> bo
             elif size != dim:
                 return False
     return True
+
+
+def _check_totals(arrays: Mapping[str, np.ndarray], entry: dict) -> None:
+    sizes = {dim: size for name, spec in entry["inputs"].items() for dim, size in zip(spec["shape"], arrays[name].shape)
+             if isinstance(dim, str)}
+    for total, parts in entry.get("totals", {}).items():
+        if sizes[total] != sum(sizes[part] for part in parts):
+            raise QCompilerError(f"The attention mask covers {sizes[total]} tokens, but the cache holds "
+                                 f"{sizes[parts[0]]} and the input {sizes[parts[1]]} new ones; give a mask for "
+                                 f"all {sum(sizes[part] for part in parts)}.")
 
 
 def _describe(inputs: Mapping[str, dict]) -> str:

@@ -54,36 +54,41 @@ def _quantized(normalized_files, calibration, pipeline: str) -> ir.Model:
 # Weight-only kernels compute the simulate arithmetic (float accumulation order aside): outputs agree
 # to 1e-4. With quantized activations a 1e-7 difference flips a rounding tie now and then, and later
 # layers amplify it, so the check there is what a user sees: fidelity to FP32 within 0.003 of simulate's.
-@pytest.mark.parametrize("pipeline, kernel, exact", [
-    ("w4a16(eora=4,lowrank_dtype=int8)", "TVM int4 matmul (W4A16)", True),  # the low-rank branch in float beside
-    ("rotate,w4a16", "TVM int4 matmul (W4A16)", True),
-    pytest.param("w4a8", "TVM W4A8 VNNI matmul (int8 per-token x int4)", False,
-                 marks=pytest.mark.skipif(not has_vnni(), reason="no AVX-512 VNNI on this CPU")),
+# Pipelines marked `any` are built as one library for any shape (symbolic dims, kernels chosen by M at
+# run time) and also run at a second shape; the others for the test's static shape.
+VNNI = pytest.mark.skipif(not has_vnni(), reason="no AVX-512 VNNI on this CPU")
+
+
+@pytest.mark.parametrize("pipeline, kernel, exact, shapes", [
+    ("w4a16(eora=4,lowrank_dtype=int8)", "TVM int4 matmul (W4A16)", True, "static"),  # low-rank branch in float
+    ("rotate,w4a16", "TVM int4 matmul (W4A16)", True, "any"),
+    pytest.param("w4a8", "TVM W4A8 VNNI matmul (int8 per-token x int4)", False, "any", marks=VNNI),
     # groups of 66 are not whole VNNI quadruples: W4A8 falls back to the float int4 kernel on the int8 codes
-    ("w4a8(group_size=66)", "TVM int4 matmul (W4A8: int8 per-token codes)", False),
+    ("w4a8(group_size=66)", "TVM int4 matmul (W4A8: int8 per-token codes)", False, "static"),
     # LLM.int8()'s outlier channels in a float MatMul beside the int8 kernel
-    pytest.param("w8a8(outliers=6)", "TVM int8 VNNI matmul (static per-tensor)", False,
-                 marks=pytest.mark.skipif(not has_vnni(), reason="no AVX-512 VNNI on this CPU")),
-    pytest.param("w8a8-dyn", "TVM int8 VNNI matmul (per-token)", False,
-                 marks=pytest.mark.skipif(not has_vnni(), reason="no AVX-512 VNNI on this CPU")),
-    pytest.param("rotate,w8a8", "TVM int8 VNNI matmul (static per-tensor)", False,
-                 marks=pytest.mark.skipif(not has_vnni(), reason="no AVX-512 VNNI on this CPU")),
+    pytest.param("w8a8(outliers=6)", "TVM int8 VNNI matmul (static per-tensor)", False, "static", marks=VNNI),
+    pytest.param("w8a8-dyn", "TVM int8 VNNI matmul (per-token)", False, "any", marks=VNNI),
+    pytest.param("rotate,w8a8", "TVM int8 VNNI matmul (static per-tensor)", False, "static", marks=VNNI),
 ])
 def test_minilm_on_tvm_kernels_matches_simulate(normalized_files, minilm_calibration, feeds, fp32_embeddings,
-                                                pipeline, kernel, exact):
+                                                pipeline, kernel, exact, shapes):
     model = _quantized(normalized_files, minilm_calibration, pipeline)
-    simulated = make_session(model).run(None, feeds)[0]
-    built = compile_model(model, {name: array.shape for name, array in feeds.items()})
+    simulate = make_session(model)
+    built = compile_model(model, None if shapes == "any" else {name: array.shape for name, array in feeds.items()})
     assert len(built.lowering.kernels) == 37 and not built.lowering.simulated
     assert set(built.lowering.kernels.values()) == {kernel}
     assert built.lowering.rotations == (19 if "rotate" in pipeline else 0)
     session = TVMSession(built.executable, built.signature)
-    lowered = session.run(None, feeds)[0]
-    if exact:
-        assert np.abs(lowered - simulated).max() < 1e-4 * np.abs(simulated).max()
-    simulate_fidelity = _mean_cosine(fp32_embeddings, sentence_embeddings(simulated, feeds["attention_mask"]))
-    tvm_fidelity = _mean_cosine(fp32_embeddings, sentence_embeddings(lowered, feeds["attention_mask"]))
-    assert abs(tvm_fidelity - simulate_fidelity) < 3e-3, (tvm_fidelity, simulate_fidelity)
+    second = {name: array[:3, :17] for name, array in feeds.items()}  # three rows of 17 tokens
+    for batch in [feeds] + ([second] if shapes == "any" else []):
+        simulated, lowered = simulate.run(None, batch)[0], session.run(None, batch)[0]
+        if exact:
+            assert np.abs(lowered - simulated).max() < 1e-4 * np.abs(simulated).max()
+        reference = fp32_embeddings[:len(batch["attention_mask"])] if batch is feeds else _embeddings(
+            make_session(ir.load(normalized_files("minilm"))), batch)
+        simulate_fidelity = _mean_cosine(reference, sentence_embeddings(simulated, batch["attention_mask"]))
+        tvm_fidelity = _mean_cosine(reference, sentence_embeddings(lowered, batch["attention_mask"]))
+        assert abs(tvm_fidelity - simulate_fidelity) < 3e-3, (tvm_fidelity, simulate_fidelity)
 
 
 @pytest.mark.skipif(has_vnni(), reason="this CPU runs the VNNI kernel (the test above)")
