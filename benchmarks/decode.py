@@ -1,14 +1,15 @@
-"""Decode speed of a causal LM with its KV cache: FP32 and quantized ORT artifacts, next to the bandwidth ceiling.
+"""Decode speed of a causal LM with its KV cache: FP32 and quantized artifacts, next to the bandwidth ceiling.
 
     .venv/bin/python benchmarks/decode.py [--layers 1] [--batches 1,8] [--prompt 128] [--new-tokens 64]
-                                          [--runs 3] [--workdir DIR] [--write-docs]
+                                          [--backends ort,tvm] [--runs 3] [--workdir DIR] [--write-docs]
 
 Decoding one token reads every weight once, so it is bound by memory bandwidth and its
 speed does not depend on the weight values: the model is a random Llama scaled to hidden
 4096 (FFN 11008, 32 heads, 8 kv heads, 32k vocabulary; ``--layers`` decoder blocks).
-Each pipeline is compiled for the ORT backend (round-to-nearest weights, calibrated on
-random ids: speed only, never accuracy), then every artifact generates greedily after the
-same random prompt, runs interleaved in one process. The ceiling is the machine's
+Each pipeline is compiled for each backend (round-to-nearest weights, calibrated on random
+ids: speed only, never accuracy; TVM: one library for any shape, and only the pipelines
+whose linears run on its kernels, `TVM_PIPELINES`), then every artifact generates greedily
+after the same random prompt, runs interleaved in one process against the FP32 ORT one. The ceiling is the machine's
 measured read bandwidth (one pass over a 1 GiB array) divided by the weight bytes a
 decode step reads (every initializer but the embedding table, of which it reads one row
 per token).
@@ -34,6 +35,8 @@ from docs_section import machine_stamp, replace_section  # noqa: E402
 
 PIPELINES = {"fp32": "normalize", "w8a8": "w8a8", "w8a8-dyn": "w8a8-dyn", "w4a16": "w4a16", "w4a8": "w4a8",
              "w4a8, kv=int4": "w4a8(kv=int4)"}
+# An FP32 TVM library would hold 1.9 GB of constants (weights are compiled into model.so).
+TVM_PIPELINES = ("w8a8-dyn", "w4a16", "w4a8", "w4a8, kv=int4")
 
 
 def read_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
@@ -71,6 +74,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--backends", default="ort", help="comma-separated: ort, tvm")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--write-docs", action="store_true", help="replace the decode section of docs/benchmarks.md")
     args = parser.parse_args()
@@ -97,25 +101,29 @@ def main() -> None:
         ir.save(load(folder), source, external_data="source.onnx.data")
     calib = workdir / "calib.npz"
     np.savez(calib, input_ids=np.random.default_rng(0).integers(0, 32000, (4, 32)))
-    artifacts = {}
-    for name, passes in PIPELINES.items():
-        out = workdir / name.replace(", ", "-").replace("=", "")
-        if not (out / "manifest.json").is_file():
-            tick = time.perf_counter()
-            compiler.compile(str(source), passes, calib=str(calib), output=out, force=True, backend="ort",
-                             verify=False, batch_size=2)
-            print(f"compiled {name} in {time.perf_counter() - tick:.0f} s", file=sys.stderr)
-        artifacts[name] = out
+    artifacts = {}  # label -> (backend, folder)
+    for backend in args.backends.split(","):
+        for name, passes in PIPELINES.items():
+            if backend == "tvm" and name not in TVM_PIPELINES:
+                continue
+            label = name if backend == "ort" else f"{name} (TVM)"
+            out = workdir / (name.replace(", ", "-").replace("=", "") + ("" if backend == "ort" else "-tvm"))
+            if not (out / "manifest.json").is_file():
+                tick = time.perf_counter()
+                compiler.compile(str(source), passes, calib=str(calib), output=out, force=True, backend=backend,
+                                 verify=False, batch_size=2)
+                print(f"compiled {label} in {time.perf_counter() - tick:.0f} s", file=sys.stderr)
+            artifacts[label] = (backend, out)
 
     bandwidth = read_bandwidth()
-    models = {name: ir.load(out / "model.onnx") for name, out in artifacts.items()}
+    models = {name: ir.load(out / "model.onnx") for name, (_, out) in artifacts.items()}
     step_bytes = {name: bytes_per_step(model) for name, model in models.items()}
     rows = []
     for batch in [int(b) for b in args.batches.split(",")]:
         sessions = {}
-        for name, out in artifacts.items():
+        for name, (backend, out) in artifacts.items():
             manifest = json.loads((out / "manifest.json").read_text())
-            session = make_backend("ort").session(out, manifest, models[name], threads=args.threads, timed=True)
+            session = make_backend(backend).session(out, manifest, models[name], threads=args.threads, timed=True)
             sessions[name] = (session, decoding.cache_layout(models[name]))
         measured = compare_decode(sessions, batch=batch, prompt_length=args.prompt, new_tokens=args.new_tokens,
                                   vocabulary=32000, runs=args.runs)
@@ -133,7 +141,7 @@ def main() -> None:
     command = "benchmarks/decode.py " + " ".join(sys.argv[1:])
     body = "\n".join([
         f"{machine_stamp(command.strip())} Random Llama, hidden 4096, {args.layers} layer(s), 32k vocabulary; "
-        f"prompt {args.prompt}, {args.new_tokens} new tokens, ORT backend, {args.runs} runs interleaved, "
+        f"prompt {args.prompt}, {args.new_tokens} new tokens, backends {args.backends}, {args.runs} runs interleaved, "
         f"read bandwidth {bandwidth / 1e9:.1f} GB/s.", "", *lines])
     print(body)
     if args.write_docs:

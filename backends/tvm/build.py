@@ -54,7 +54,7 @@ def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Seque
     """
     check_target(target)
     if shapes is None:
-        work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        work = _copy(model)
         lowering = fuse_quantized_linears(work)
         dims = generalize(work)
         module = to_relax(work, None)
@@ -68,7 +68,7 @@ def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Seque
         label = "x".join(str(d) for d in next(iter(shape_set.values())))
         if label in entries:
             raise QCompilerError(f"The shape {label} is given twice; give each shape once.")
-        work = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+        work = _copy(model)
         lowering = fuse_quantized_linears(work)
         specialize(work, shape_set)
         part = to_relax(work, shape_set, suffix=f"_{label}")
@@ -81,6 +81,16 @@ def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Seque
                                      for v in work.graph.inputs if v.name not in work.graph.initializers}}
         outputs = [v.name for v in work.graph.outputs]
     return _build(module, lowering, entries, outputs)
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    """A copy to lower, whose weights stored as external data are still readable (a serialized copy loses their folder)."""
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    for name, value in copy.graph.initializers.items():
+        original = model.graph.initializers[name].const_value
+        if isinstance(original, ir.ExternalTensor):
+            value.const_value = original
+    return copy
 
 
 def _totals(model: ir.Model, dims: Mapping[str, list]) -> dict[str, list[str]]:

@@ -25,7 +25,9 @@ Two steps, so the float part of the model keeps TVM's own ONNX importer:
 2. `to_relax` imports the result with TVM's ONNX frontend plus converters for those ops and
    for the rotate pass's ``qcompiler.Hadamard`` (the Walsh-Hadamard kernel), added for the
    duration of the import only (`qcompiler.backends.tvm.frontend_hook`: TVM 0.27's frontend
-   has no public registration hook). Shapes are static: every kernel is specialized to its M.
+   has no public registration hook). With static shapes every kernel is specialized to its M;
+   a library for any shape (`generalize`, `qcompiler.backends.tvm.symbolic`) keeps M symbolic
+   and picks a kernel variant by M at run time.
 """
 
 from __future__ import annotations
@@ -292,6 +294,9 @@ def to_relax(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None, suffix:
     ``suffix`` is appended to every kernel's name, so that modules built for several shapes
     can be merged into one library without two kernels sharing a name.
     """
+    for value in model.graph.initializers.values():  # TVM reads external data relative to the working directory
+        if isinstance(value.const_value, ir.ExternalTensor):
+            value.const_value = ir.Tensor(value.const_value.numpy(), name=value.name)
     proto = ir.serde.serialize_model(model)
     dtypes = {v.name: v.dtype.numpy().name for v in model.graph.inputs if v.name not in model.graph.initializers}
     token = _KERNEL_SUFFIX.set(suffix)
@@ -304,7 +309,7 @@ def to_relax(model: ir.Model, shapes: dict[str, tuple[int, ...]] | None, suffix:
         _KERNEL_SUFFIX.reset(token)
 
 
-def _rows(x: relax.Expr, what: str) -> tuple[list, tvm.ir.PrimExpr | int]:
+def _rows(x: relax.Expr, what: str) -> tuple[list, tvm.ir.Expr | int]:
     """The dims of ``x`` and its row count M (their product but the last): a number, or an expression."""
     shape = x.ty.shape
     if not isinstance(shape, relax.ShapeExpr):
@@ -336,7 +341,8 @@ def _add_kernel(bb: relax.BlockBuilder, func: tvm.tirx.PrimFunc, name: str) -> t
     return bb.add_func(func.with_attrs({"global_symbol": name, "op_pattern": OPAQUE, "tirx.is_scheduled": True}), name)
 
 
-Variant = tuple  # (condition on M or None for the last, kernel for a symbolic M): see `_matmul_call`
+# A kernel variant for a symbolic M: the condition on M it runs under (None for the last) and its builder.
+Variant = tuple[Callable[[tvm.tirx.Var], tvm.ir.Expr] | None, Callable[[tvm.tirx.Var], tvm.tirx.PrimFunc]]
 
 
 def _matmul_call(bb: relax.BlockBuilder, name: str, m, k: int, n: int, static: Callable[[], tvm.tirx.PrimFunc],

@@ -31,11 +31,11 @@ from tvm.relax.frontend.onnx import onnx_frontend
 OPAQUE = 8  # relax.transform's OpPatternKind.kOpaque
 
 
-def _dtype(value: tvm.ir.PrimExpr) -> str:
+def _dtype(value: tvm.ir.Expr) -> str:
     return str(getattr(value, "dtype", None) or value.ty)
 
 
-def _scalar(value) -> tvm.ir.PrimExpr | None:
+def _scalar(value) -> tvm.ir.Expr | None:
     """The integer expression a scalar input stands for (a symbolic size or a one-element constant)."""
     if tvm.ir.is_prim_expr(value):
         return value
@@ -81,11 +81,11 @@ class Reshape(onnx_frontend.OnnxOpConverter):
         return onnx_frontend.Reshape._impl_v13(bb, inputs, attr, params)
 
 
-def _is(value: tvm.ir.PrimExpr, number: int) -> bool:
+def _is(value: tvm.ir.Expr, number: int) -> bool:
     return isinstance(value, tirx.IntImm) and int(value) == number
 
 
-def _target_shape(shape) -> list[tvm.ir.PrimExpr] | None:
+def _target_shape(shape) -> list[tvm.ir.Expr] | None:
     if isinstance(shape, tvm.ir.GenericConst):
         return [tirx.IntImm("int64", int(v)) for v in shape.value.numpy().reshape(-1)]
     if isinstance(shape, relax.ShapeExpr):
@@ -93,13 +93,13 @@ def _target_shape(shape) -> list[tvm.ir.PrimExpr] | None:
     return None
 
 
-def _factors(value: tvm.ir.PrimExpr) -> list[tvm.ir.PrimExpr]:
+def _factors(value: tvm.ir.Expr) -> list[tvm.ir.Expr]:
     if isinstance(value, tirx.Mul):
         return _factors(value.a) + _factors(value.b)
     return [value]
 
 
-def infer_dimension(dims: list[tvm.ir.PrimExpr], known: list[tvm.ir.PrimExpr]) -> tvm.ir.PrimExpr | None:
+def infer_dimension(dims: list[tvm.ir.Expr], known: list[tvm.ir.Expr]) -> tvm.ir.Expr | None:
     """``prod(dims) / prod(known)`` as a product of what is left after cancelling, or None if it does not divide."""
     analyzer = tvm.sym.Analyzer()
     numerator = [factor for d in dims for factor in _factors(analyzer.simplify(d))]

@@ -174,3 +174,17 @@ def test_unsupported_target_and_bad_shape_are_one_sentence(tmp_path):
     assert result.exit_code == 2 and "not supported yet" in result.output and not (tmp_path / "cuda").exists()
     result = runner.invoke(main, ["minilm", "--backend", "tvm", "--shape", "8", "-o", str(tmp_path / "x")])
     assert result.exit_code == 2 and "BATCHxSEQUENCE" in result.output
+
+
+def test_weights_stored_as_external_data_are_read_from_their_own_folder(normalized_files, tmp_path, monkeypatch):
+    """Regression: TVM's importer read external data relative to the working directory (a large model's weights)."""
+    from qcompiler.testing import random_feeds
+
+    ir.save(ir.load(normalized_files("llama")), tmp_path / "model.onnx", external_data="model.onnx.data")
+    monkeypatch.chdir(tmp_path.parent)
+    model = ir.load(tmp_path / "model.onnx")
+    feeds = random_feeds(model, seed=3)[0]
+    built = compile_model(model, None)
+    lowered = TVMSession(built.executable, built.signature).run(None, feeds)
+    for expected, got in zip(make_session(model).run(None, feeds), lowered):
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
