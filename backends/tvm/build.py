@@ -45,8 +45,10 @@ def check_target(target: str) -> None:
                              f"CPUs ({', '.join(TARGETS)}).")
 
 
-def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Sequence[Mapping[str, tuple[int, ...]]] | None,
-                  target: str = "llvm") -> Built:
+Shapes = Mapping[str, tuple[int, ...]]
+
+
+def compile_model(model: ir.Model, shapes: Shapes | Sequence[Shapes] | None, target: str = "llvm") -> Built:
     """Lower and build a copy of ``model`` for static input ``shapes`` (one set, or several: one entry each).
 
     ``shapes=None`` builds one entry for any shape: the model's dynamic dimensions stay
@@ -84,7 +86,7 @@ def compile_model(model: ir.Model, shapes: Mapping[str, tuple[int, ...]] | Seque
 
 
 def _copy(model: ir.Model) -> ir.Model:
-    """A copy to lower, whose weights stored as external data are still readable (a serialized copy loses their folder)."""
+    """A copy to lower whose weights stored as external data stay readable (a serialized copy loses their folder)."""
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(model))
     for name, value in copy.graph.initializers.items():
         original = model.graph.initializers[name].const_value
