@@ -109,7 +109,7 @@ def model_table(runs: int) -> list[str]:
     shapes = ((1, 128), (8, 128))
     built: dict[str, dict] = {}
     for preset in ("w8a8", "w4a16", "w4a8"):
-        simulate = qcompile("minilm", preset, verify=False).model
+        simulate = qcompile("minilm", preset, backend="simulate", verify=False).model
         built[preset] = {"ort": qcompile("minilm", preset, backend="ort", verify=False).model,
                          "any": compile_model(simulate, None)}
         for rows in shapes:

@@ -142,9 +142,12 @@ def test_quantized_artifacts_generate_in_onnxruntime_genai_as_in_qcompiler(compi
     assert _genai_generate(folder, ids[:1], NEW_TOKENS) == list(ours.tokens[0])
 
 
-@pytest.mark.parametrize("name", ["llama", "gpt2"])
-def test_fp32_tvm_library_generates_what_transformers_generates(name, zoo_folder, compiled):
-    """One TVM library for any batch, sequence and past length serves the prompt and every decode step."""
+def test_fp32_tvm_library_generates_what_transformers_generates(zoo_folder, compiled):
+    """One TVM library for any batch, sequence and past length serves the prompt and every decode step.
+
+    (GPT-2's attention plumbing decodes on TVM in the decode-equals-recompute test below.)
+    """
+    name = "llama"
     folder = compiled(name, "normalize", "tvm")
     entries = json.loads((folder / "manifest.json").read_text())["tvm"]["entries"]
     assert list(entries) == ["any"] and entries["any"]["inputs"]["past_key_values.0.key"]["shape"][2] == "past_sequence"
