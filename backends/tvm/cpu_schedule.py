@@ -129,7 +129,7 @@ class Matmul(CPUScheduleRule):
             sch.pad_einsum(main, [1] * len(batch) + [ROWS, lanes, 1])
             for producer in sch.get_producers(main):
                 sch.parallel(sch.get_loops(producer)[0])
-            epilogues = [block for block in _consumers_in_order(sch, main)]
+            epilogues = _consumers_in_order(sch, main)
             *batch, i, j, k = sch.get_loops(main)
         rows = ROWS if (_extent(sch, i) or ROWS) % ROWS == 0 else 1
         i_outer, i_inner = sch.split(i, factors=[None, rows])

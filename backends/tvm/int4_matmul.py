@@ -98,8 +98,10 @@ def pack_weights(codes: np.ndarray, scale: np.ndarray, zero: np.ndarray, group: 
 
 
 def kernel(m: Rows, k: int, n: int, group: int) -> tvm.tirx.PrimFunc:
-    """The unscheduled computation (``m`` a number or a symbolic int64 variable); the schedules cut the staging
-    buffers down to tiles."""
+    """The unscheduled computation; the schedules cut the staging buffers down to tiles.
+
+    ``m`` is a number, or a symbolic int64 variable for a kernel that serves any M.
+    """
     g = _groups(k, group)
     pairs, tiles, width = -(-g * group // 2), _padded(n) // TILE, _padded(n)
     # A symbolic M is int64 (Relax's shape type): the other extents follow, or the schedules' index
