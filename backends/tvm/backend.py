@@ -19,6 +19,7 @@ from qcompiler.options import option
 LIBRARY = "model.so"
 TARGETS = ("llvm",)
 ANY = "any"  # the shape option of a library for every shape
+FALLBACK_SHAPE = (1, 128)  # (batch, sequence) of a model whose shapes TVM's importer cannot keep symbolic
 
 
 @dataclass
@@ -49,20 +50,25 @@ class TVMBackend(Backend):
 
     def lower(self, model: ir.Model, ctx: LowerContext) -> Lowered:
         """Build the library from a copy; ``model`` stays the simulate form, which model.onnx and eval read."""
-        from qcompiler.backends.tvm.build import compile_model
+        from qcompiler.backends.tvm.build import SymbolicImportError, compile_model
         from qcompiler.benchmarking import synthetic_feeds
 
-        if self.options.shape == ANY:
-            built = compile_model(model, None, self.options.target)
+        notes, shapes = [], self.options.shape
+        if shapes == ANY:
+            try:
+                built = compile_model(model, None, self.options.target)
+            except SymbolicImportError as exc:  # what the library could do before it served any shape
+                shapes, notes = (FALLBACK_SHAPE,), [f"{exc} Built for {'x'.join(map(str, FALLBACK_SHAPE))} instead."]
+        if shapes == ANY:
             inputs = next(iter(built.signature["entries"].values()))["inputs"]
             notes = [f"TVM library built for {self.options.target}, for any shape: inputs " + ", ".join(
                 f"{name} {spec['shape']}" for name, spec in inputs.items())]
         else:
             shape_sets = [{name: array.shape for name, array in synthetic_feeds(model, *rows).items()}
-                          for rows in self.options.shape]
+                          for rows in shapes]
             built = compile_model(model, shape_sets, self.options.target)
-            notes = [f"TVM library built for {self.options.target} and inputs " + "; ".join(
-                ", ".join(f"{name} {list(dims)}" for name, dims in shapes.items()) for shapes in shape_sets)]
+            notes += [f"TVM library built for {self.options.target} and inputs " + "; ".join(
+                ", ".join(f"{name} {list(dims)}" for name, dims in given.items()) for given in shape_sets)]
             if cache_layout(model) is not None:
                 notes.append("the TVM library runs the prompt only (an empty KV cache at the built shapes): decoding "
                              "needs the library for any shape (--shape any, the default)")

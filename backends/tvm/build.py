@@ -32,6 +32,10 @@ from qcompiler.decoding import MASK, TOKENS, cache_layout
 from qcompiler.errors import QCompilerError
 
 
+class SymbolicImportError(QCompilerError):
+    """TVM's importer lost a symbolic shape: the model builds only for fixed shapes."""
+
+
 @dataclass
 class Built:
     executable: tvm.runtime.Executable
@@ -59,7 +63,13 @@ def compile_model(model: ir.Model, shapes: Shapes | Sequence[Shapes] | None, tar
         work = _copy(model)
         lowering = fuse_quantized_linears(work)
         dims = generalize(work)
-        module = to_relax(work, None)
+        try:
+            module = to_relax(work, None)
+        except (tvm.error.InternalError, AttributeError, ValueError) as exc:  # TVM 0.27's converters on sizes
+            first = next(iter(str(exc).strip().splitlines()), type(exc).__name__)
+            raise SymbolicImportError(f"TVM's importer cannot keep this model's shapes symbolic ({first}), so it "
+                                      "cannot build one library for any shape; build it for fixed shapes with "
+                                      "--shape BATCHxSEQUENCE.") from exc
         entries = {ANY: {"function": "main", "inputs": {
             v.name: {"shape": dims[v.name], "dtype": v.dtype.numpy().name}
             for v in work.graph.inputs if v.name not in work.graph.initializers}, "totals": _totals(model, dims)}}

@@ -188,3 +188,17 @@ def test_weights_stored_as_external_data_are_read_from_their_own_folder(normaliz
     lowered = TVMSession(built.executable, built.signature).run(None, feeds)
     for expected, got in zip(make_session(model).run(None, feeds), lowered):
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_a_model_whose_shapes_the_importer_loses_is_built_for_a_fixed_shape_and_says_so(normalized_files, tmp_path):
+    """Mistral's sliding-window mask (max(0, past - window), slices by it) loses its shape in TVM 0.27's importer."""
+    from qcompiler import compiler
+    from qcompiler.backends.tvm.build import SymbolicImportError
+
+    with pytest.raises(SymbolicImportError, match="build it for fixed shapes with --shape BATCHxSEQUENCE"):
+        compile_model(ir.load(normalized_files("mistral")), None)
+    result = compiler.compile(normalized_files("mistral"), "normalize", backend="tvm", output=tmp_path / "out")
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert list(manifest["tvm"]["entries"]) == ["1x128"]
+    assert any("cannot keep this model's shapes symbolic" in note and "Built for 1x128 instead" in note
+               for note in result.report.notes), result.report.notes
